@@ -1,0 +1,256 @@
+"""``pixquery``: the command line. Parses arguments, calls the Engine, prints results.
+
+Only this module (and the app) turns :class:`PixqueryError` into messages and exit codes.
+Heavy libraries (torch, faiss, transformers) are imported inside the commands, never at start-up.
+
+Exit codes: 0 success; 1 runtime error; 2 bad usage or input (missing folder, empty query,
+unreadable query image); 3 no index here, or the index was built with another encoder;
+4 a model could not be loaded; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INDEX, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="DIR", help="index folder (default: $PIXQUERY_DB or ~/.local/share/pixquery/index)")
+    p.add_argument("--encoder", help="joint encoder, e.g. native:effl0-minilm-v1 or openclip:ViT-B-32/laion2b_s34b_b79k "
+                                     "(default: the index's own; native:effl0-minilm-v1 for a new index)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--cache-dir", help="model cache folder (default: $PIXQUERY_CACHE_DIR or ~/.cache/pixquery)")
+    p.add_argument("--offline", action="store_true", help="never download model weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixquery", description="Index a photo folder and search it in plain words.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("index", help="index a folder of images (incremental)")
+    p.add_argument("folder", help="folder to index, recursively")
+    p.add_argument("--rebuild", action="store_true", help="drop this index and embed everything again")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _common(p)
+
+    p = sub.add_parser("search", help="search the index with words or an example image")
+    p.add_argument("query", nargs="?", help='what to look for, e.g. "dog on a park bench"')
+    p.add_argument("--image", metavar="PATH", help="search by example image (combined with the text if both)")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--mode", default="image", help="ranking mode (default image)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    _common(p)
+
+    p = sub.add_parser("stats", help="what is in the index")
+    p.add_argument("--skipped", action="store_true", help="also list skipped files with reasons")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("demo", help="index the bundled sample photos and run example searches (offline)")
+    p.add_argument("queries", nargs="*", help="queries to run (default: a few examples)")
+    p.add_argument("-k", type=int, default=3)
+    _common(p)
+
+    p = sub.add_parser("eval", help="measure quality on a captioned image set")
+    esub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    e = esub.add_parser("retrieval", help="text->image and image->text recall on a fresh temporary index")
+    e.add_argument("--images", required=True, help="folder holding the images")
+    e.add_argument("--captions", required=True, help="file of 'file_name<TAB>caption' lines")
+    e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    e.add_argument("--batch-size", type=int, default=32)
+    _common(e)
+
+    p = sub.add_parser("train", help="train pixquery's native models")
+    tsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    t = tsub.add_parser("encoder", help="train the native encoder heads on Flickr8k (train split)")
+    t.add_argument("--data", required=True, help="Flickr8k folder (images/, captions.tsv, train.txt, dev.txt)")
+    t.add_argument("--out", default="runs/encoder/heads.pt", help="where to write the heads (default runs/encoder/heads.pt)")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--embed-dim", type=int, default=256, help="dimension of each ensemble member")
+    t.add_argument("--members", type=int, default=4, help="ensemble size (default 4)")
+    t.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal-flip augmentation")
+    t.add_argument("--seed", type=int, default=0)
+    _common(t)
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from indexer.config import EngineConfig
+
+    kwargs = {"encoder": args.encoder, "offline": args.offline, "progress": not args.quiet and sys.stderr.isatty()}
+    if args.db:
+        kwargs["index_dir"] = Path(args.db)
+    if args.device:
+        kwargs["device"] = args.device
+    if args.cache_dir:
+        kwargs["cache_dir"] = Path(args.cache_dir)
+    for name in ("batch_size", "workers"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return EngineConfig(**kwargs)
+
+
+def _print_summary(s, out=sys.stdout) -> None:
+    print(f"indexed {s.root}: {s.files_seen} image files, {s.total_images} in the index", file=out)
+    print(f"  new {s.new}, changed {s.changed}, moved {s.moved}, copies {s.copied}, unchanged {s.unchanged}, "
+          f"touched {s.touched}, deleted {s.deleted}, skipped {s.skipped}", file=out)
+    if s.skipped_reasons:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped_reasons.items()))
+        print(f"  skipped files by reason: {why} (list them with: pixquery stats --skipped)", file=out)
+    if s.embedded:
+        print(f"  embedded {s.embedded} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)", file=out)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.engine import Engine
+
+    with Engine(_config(args)) as engine:
+        summary = engine.index(args.folder, rebuild=args.rebuild)
+    if args.json:
+        print(summary.to_json())
+    else:
+        _print_summary(summary)
+    return EXIT_OK
+
+
+def _print_hits(hits, out=sys.stdout) -> None:
+    if not hits:
+        print("no results", file=out)
+    for rank, h in enumerate(hits, 1):
+        print(f"{rank:3d}  {h.score:.4f}  {h.path}", file=out)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from indexer.engine import Engine
+    from indexer.errors import InputError
+
+    if args.query is None and args.image is None:
+        raise InputError('give a query ("dog on a park bench") or --image PATH')
+    with Engine(_config(args)) as engine:
+        hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps({"query": args.query, "image": args.image, "mode": args.mode, "k": args.k,
+                          "results": [h.to_dict() for h in hits]}))
+    else:
+        _print_hits(hits)
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from indexer.engine import Engine
+
+    with Engine(_config(args)) as engine:
+        stats = engine.stats()
+        if args.skipped:
+            stats["skipped_files"] = engine.skipped_files()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return EXIT_OK
+    enc = stats["encoder"] or {}
+    print(f"index {stats['index_dir']}: {stats['images']} images, {stats['skipped']} skipped files, "
+          f"{stats['index_bytes'] / 1e6:.1f} MB")
+    print(f"encoder {enc.get('name')} (dim {enc.get('dim')}, weights {str(enc.get('weights_sha256'))[:12]})")
+    if stats["last_run"]:
+        lr = stats["last_run"]
+        print(f"last run {lr['started_at']} on {lr['root']}")
+    for item in stats.get("skipped_files", []):
+        print(f"  skipped {item['path']}: {item['reason']}")
+    return EXIT_OK
+
+
+DEMO_QUERIES = ("a dog", "a plate of food", "a city at night", "a person riding a bicycle")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from indexer.engine import Engine
+
+    photos = Path(str(resources.files("indexer") / "sample_photos"))
+    config = _config(args)
+    if not args.db:
+        config.index_dir = config.cache_dir / "demo-index"
+    print(f"indexing the {len(list(photos.glob('*.jpg')))} bundled sample photos in {photos}\n"
+          f"(index: {config.index_dir}; attribution: {photos / 'ATTRIBUTION.md'})")
+    with Engine(config) as engine:
+        _print_summary(engine.index(photos))
+        for query in args.queries or DEMO_QUERIES:
+            print(f'\nsearch "{query}"')
+            _print_hits(engine.search(query, k=args.k))
+    print(f"\nsearch it yourself: pixquery search --db {config.index_dir} \"your words\"")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from indexer.evaluate import evaluate_retrieval
+
+    report = evaluate_retrieval(Path(args.images), Path(args.captions), _config(args))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['n_images']} images, {report['n_queries']} caption queries, encoder {report['encoder']}")
+        for mode, r in report["text_to_image"].items():
+            print(f"text->image [{mode}]  R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}  medr {r['medr']:g}")
+        r = report["image_to_text"]
+        print(f"image->text          R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from indexer.config import EngineConfig
+    from retrieval.device import resolve_device
+    from retrieval.native.train import TrainEncoderConfig, train_encoder
+
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else EngineConfig().cache_dir
+    device = resolve_device(args.device or "auto")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = TrainEncoderConfig(data=Path(args.data), out=Path(args.out), cache_dir=cache / "features",
+                             device=str(device), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             embed_dim=args.embed_dim, members=args.members, flip_augment=args.flip, seed=args.seed,
+                             progress=not args.quiet)
+    meta = train_encoder(cfg)
+    dev = meta["dev"]
+    print(f"wrote {cfg.out} ({meta['model_choice']}, {meta['seconds']} s); log: {cfg.out.with_suffix('.json')}")
+    print(f"dev text->image {dev['text_to_image']}  image->text {dev['image_to_text']}")
+    return EXIT_OK
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo,
+            "eval": cmd_eval, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from retrieval.errors import PixqueryError
+
+    try:
+        return COMMANDS[args.command](args)
+    except PixqueryError as exc:
+        print(f"pixquery: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pixquery: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

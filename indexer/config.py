@@ -1,0 +1,59 @@
+"""Typed configuration of an engine, with its defaults and environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrieval.factory import DEFAULT_ENCODER
+
+ENV_DB = "PIXQUERY_DB"  # index folder
+ENV_ENCODER = "PIXQUERY_ENCODER"
+ENV_DEVICE = "PIXQUERY_DEVICE"
+ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
+
+
+def default_index_dir() -> Path:
+    """``$PIXQUERY_DB``, else ``$XDG_DATA_HOME/pixquery/index``, else ``~/.local/share/pixquery/index``."""
+    if os.environ.get(ENV_DB):
+        return Path(os.environ[ENV_DB]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "pixquery" / "index"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pixquery"
+
+
+@dataclass
+class EngineConfig:
+    index_dir: Path = field(default_factory=default_index_dir)
+    encoder: str | None = None  # None: the index's own encoder, or the default for a new index
+    device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
+    batch_size: int = 32
+    workers: int = 2  # decode threads
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.index_dir = Path(self.index_dir).expanduser()
+        self.cache_dir = Path(self.cache_dir).expanduser()
+        if self.encoder is None and os.environ.get(ENV_ENCODER):
+            self.encoder = os.environ[ENV_ENCODER]
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.index_dir / 'pixquery.sqlite'}"
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.index_dir / "images.faiss"
+
+    @property
+    def default_encoder(self) -> str:
+        return DEFAULT_ENCODER

@@ -1,0 +1,24 @@
+"""Errors of the index layer (all are :class:`retrieval.errors.PixqueryError`)."""
+
+from retrieval.errors import InputError, PixqueryError
+
+
+class IndexNotFoundError(PixqueryError):
+    """There is no index at the configured location yet."""
+
+    exit_code = 3
+
+
+class EncoderMismatchError(PixqueryError):
+    """The index was built with a different encoder than the one asked for."""
+
+    exit_code = 3
+
+
+class IndexCorruptError(PixqueryError):
+    """The index files exist but cannot be read or disagree with each other beyond repair."""
+
+    exit_code = 1
+
+
+__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError"]

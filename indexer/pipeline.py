@@ -1,0 +1,322 @@
+"""The incremental indexer: reader threads -> encoder -> writer, in bounded batches.
+
+Per file (see docs/ARCHITECTURE.md for the full decision table):
+
+* path known and size+mtime unchanged  -> nothing is read;
+* content hash unchanged (touched)     -> metadata only;
+* hash known elsewhere in the index    -> moved/renamed (row keeps id and vector) or copied
+                                          (vector copied, never re-embedded);
+* otherwise                            -> decoded once, embedded in a batch, stored.
+
+Rows under the root whose files are gone are deleted from the store and the vector index.
+Work is checkpointed: the vector file is saved first, then the buffered SQL changes commit in one
+transaction, so a crash loses at most the work since the last checkpoint and ``reconcile``
+(run at every open) repairs any difference between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from indexer.discover import FileEntry, discover, hash_bytes
+from indexer.errors import InputError
+from indexer.store import ImageRow, SkippedRow, Store, utcnow
+from indexer.vectors import VectorIndex
+from retrieval.encoder import JointEncoder
+from retrieval.errors import ImageDecodeError
+from retrieval.images import IMAGE_EXTENSIONS, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    root: str
+    files_seen: int = 0
+    new: int = 0
+    changed: int = 0
+    moved: int = 0
+    copied: int = 0
+    touched: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    embedded: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    total_images: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass
+class _ReadResult:
+    entry: FileEntry
+    content_hash: str | None = None
+    pixels: torch.Tensor | None = None  # (3, H, W), only when the file needs embedding
+    width: int = 0
+    height: int = 0
+    taken_at: object = None
+    error: str | None = None
+
+
+def _reason_kind(message: str) -> str:
+    return message.split("(", 1)[-1].split(":", 1)[0] if "(" in message else "unreadable"
+
+
+def reconcile(store: Store, vectors: VectorIndex) -> tuple[int, int]:
+    """Make the store and the vector index agree; returns (vectors removed, rows removed)."""
+    vec_ids = set(vectors.ids().tolist())
+    row_ids = {r.id for r in store.all_images()}
+    orphans = np.array(sorted(vec_ids - row_ids), dtype=np.int64)
+    missing = sorted(row_ids - vec_ids)
+    if len(orphans):
+        vectors.remove(orphans)
+    if missing:
+        with store.session() as s:
+            store.delete_images(s, missing)
+    if len(orphans) or missing:
+        log.warning("repaired index: %d stray vectors, %d rows without vectors", len(orphans), len(missing))
+    return len(orphans), len(missing)
+
+
+class Indexer:
+    """Runs one incremental indexing pass of a folder into a store and a vector index."""
+
+    def __init__(
+        self, store: Store, vectors: VectorIndex, vectors_path: Path, encoder: JointEncoder,
+        batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
+    ) -> None:
+        self.store, self.vectors, self.vectors_path, self.encoder = store, vectors, vectors_path, encoder
+        self.batch_size, self.workers = batch_size, max(1, workers)
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self._pending_rows: list[ImageRow] = []
+        self._pending_skips: list[SkippedRow] = []
+        self._pending_unskip: list[str] = []
+        self._pending_deletes: list[int] = []
+        self._since_checkpoint = 0
+
+    # --- reading (worker threads) -------------------------------------------------------------
+    def _read(self, entry: FileEntry, known_hashes: frozenset[str]) -> _ReadResult:
+        try:
+            with open(entry.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            return _ReadResult(entry, error=f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})")
+        result = _ReadResult(entry, content_hash=hash_bytes(data))
+        if result.content_hash in known_hashes:
+            return result  # its vector is already in the index: no decode
+        try:
+            decoded = load_image(data)
+            result.pixels = self.encoder.preprocess(decoded.image)
+        except ImageDecodeError as exc:
+            result.error = str(exc).replace("<bytes>: ", "")
+            return result
+        result.width, result.height, result.taken_at = decoded.width, decoded.height, decoded.taken_at
+        return result
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self, root: str | Path) -> IndexSummary:
+        root_path = Path(root).expanduser()
+        if not root_path.exists():
+            raise InputError(f"folder {root_path} does not exist")
+        if not root_path.is_dir():
+            raise InputError(f"{root_path} is not a folder")
+        root_path = root_path.resolve()
+        t0 = time.time()
+        summary = IndexSummary(root=str(root_path))
+        run_id = self.store.start_run(str(root_path))
+        files = discover(root_path)
+        summary.files_seen = len(files)
+        prefix = str(root_path).rstrip(os.sep) + os.sep
+
+        rows = self.store.all_images()
+        by_path = {r.path: r for r in rows}
+        under_root = {r.path: r for r in rows if r.path.startswith(prefix)}
+        on_disk = {f.path for f in files}
+        gone = {p: r for p, r in under_root.items() if p not in on_disk}
+        if not files and not under_root:
+            raise InputError(
+                f"no image files found under {root_path} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        move_sources: dict[str, list[ImageRow]] = {}
+        for r in gone.values():
+            move_sources.setdefault(r.content_hash, []).append(r)
+        by_hash: dict[str, ImageRow] = {}
+        for r in rows:
+            by_hash.setdefault(r.content_hash, r)
+        skipped_before = {s.path: s for s in self.store.skipped()}
+        stash: dict[str, np.ndarray] = {}  # vectors overwritten this run, by their old hash
+        next_id = max(self.store.next_id(), int(self.vectors.ids().max(initial=0)) + 1)
+
+        todo: list[FileEntry] = []
+        for f in files:
+            row = by_path.get(f.path)
+            if row is not None and row.byte_size == f.size and row.mtime == f.mtime:
+                summary.unchanged += 1
+                continue
+            prev_skip = skipped_before.get(f.path)
+            if row is None and prev_skip and prev_skip.byte_size == f.size and prev_skip.mtime == f.mtime:
+                summary.skipped += 1
+                kind = _reason_kind(prev_skip.reason)
+                summary.skipped_reasons[kind] = summary.skipped_reasons.get(kind, 0) + 1
+                continue
+            todo.append(f)
+
+        known = frozenset(by_hash)
+        batch: list[tuple[_ReadResult, int, ImageRow | None]] = []
+        reasons: Counter[str] = Counter(summary.skipped_reasons)
+        bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not self.progress or not todo)
+
+        def vector_of(h: str) -> np.ndarray:
+            if h in stash:
+                return stash[h]
+            return self.vectors.reconstruct(np.array([by_hash[h].id]))[0]
+
+        def row_for(res: _ReadResult, row_id: int) -> ImageRow:
+            e = res.entry
+            return ImageRow(
+                id=row_id, path=e.path, content_hash=res.content_hash, byte_size=e.size, mtime=e.mtime,
+                width=res.width, height=res.height, file_type=e.file_type, taken_at=res.taken_at,
+                indexed_at=utcnow(), encoder=self.encoder.info.fingerprint, run_id=run_id,
+            )
+
+        def flush_batch() -> None:
+            if not batch:
+                return
+            vecs = self.encoder.encode_pixels(torch.stack([r.pixels for r, _, _ in batch]))  # (B, D)
+            ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
+            for (res, rid, old), vec in zip(batch, vecs):
+                if old is not None:
+                    stash.setdefault(old.content_hash, self.vectors.reconstruct(np.array([rid]))[0])
+                    self.vectors.remove(np.array([rid]))
+                self._queue_row(row_for(res, rid))
+            self.vectors.add(ids, vecs)
+            summary.embedded += len(batch)
+            bar.update(len(batch))
+            batch.clear()
+            self._maybe_checkpoint()
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                for res in self._ordered(pool, todo, known):
+                    e = res.entry
+                    old = by_path.get(e.path)
+                    if res.error is not None:
+                        reasons[_reason_kind(res.error)] += 1
+                        summary.skipped += 1
+                        self._pending_skips.append(SkippedRow(path=e.path, reason=res.error, byte_size=e.size,
+                                                              mtime=e.mtime, run_id=run_id, at=utcnow()))
+                        if old is not None:  # a once-good file became unreadable: drop it from the index
+                            gone[e.path] = old
+                        bar.update(1)
+                        continue
+                    self._pending_unskip.append(e.path)
+                    if old is not None and old.content_hash == res.content_hash:
+                        summary.touched += 1
+                        old.mtime, old.byte_size = e.mtime, e.size
+                        self._queue_row(old)
+                        bar.update(1)
+                        continue
+                    if res.pixels is None:  # content already indexed under another path
+                        sources = move_sources.get(res.content_hash)
+                        if old is None and sources:
+                            src = sources.pop()
+                            gone.pop(src.path, None)
+                            src.path, src.mtime, src.byte_size = e.path, e.mtime, e.size
+                            src.file_type, src.run_id = e.file_type, run_id
+                            self._queue_row(src)
+                            summary.moved += 1
+                        else:
+                            vec = vector_of(res.content_hash)
+                            src = by_hash[res.content_hash]
+                            rid = old.id if old is not None else next_id
+                            if old is None:
+                                next_id += 1
+                            else:
+                                stash.setdefault(old.content_hash, self.vectors.reconstruct(np.array([rid]))[0])
+                                self.vectors.remove(np.array([rid]))
+                                summary.changed += 1
+                            res.width, res.height, res.taken_at = src.width, src.height, src.taken_at
+                            self.vectors.add(np.array([rid]), vec[None])
+                            self._queue_row(row_for(res, rid))
+                            summary.copied += old is None
+                        bar.update(1)
+                        continue
+                    if old is not None:
+                        summary.changed += 1
+                        batch.append((res, old.id, old))
+                    else:
+                        summary.new += 1
+                        batch.append((res, next_id, None))
+                        next_id += 1
+                    if len(batch) >= self.batch_size:
+                        flush_batch()
+                flush_batch()
+            # files that disappeared (and were not moved) leave the index
+            gone_ids = [r.id for r in gone.values()]
+            self.vectors.remove(np.array(gone_ids, dtype=np.int64))
+            self._pending_deletes.extend(gone_ids)
+            summary.deleted = sum(1 for r in gone.values() if r.path not in on_disk)
+            vanished_skips = [p for p in skipped_before if p.startswith(prefix) and p not in on_disk]
+            self._pending_unskip.extend(vanished_skips)
+            self._checkpoint()
+        finally:
+            bar.close()
+        summary.skipped_reasons = dict(reasons)
+        summary.seconds = round(time.time() - t0, 3)
+        summary.images_per_second = round(summary.embedded / summary.seconds, 2) if summary.seconds else 0.0
+        summary.total_images = len(self.vectors)
+        self.store.finish_run(run_id, summary.to_json())
+        return summary
+
+    def _ordered(self, pool: ThreadPoolExecutor, todo: list[FileEntry], known: frozenset[str]) -> Iterator[_ReadResult]:
+        """Read files on the pool, yielding results in order with a bounded number in flight."""
+        window = max(self.batch_size * 2, self.workers * 4)
+        futures = []
+        for entry in todo:
+            futures.append(pool.submit(self._read, entry, known))
+            if len(futures) >= window:
+                yield futures.pop(0).result()
+        for fut in futures:
+            yield fut.result()
+
+    # --- writing ------------------------------------------------------------------------------
+    def _queue_row(self, row: ImageRow) -> None:
+        self._pending_rows.append(row)
+        self._since_checkpoint += 1
+
+    def _maybe_checkpoint(self) -> None:
+        if self._since_checkpoint >= self.checkpoint_every:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Vectors to disk first, then every buffered SQL change in one transaction."""
+        self.vectors.save(self.vectors_path)
+        with self.store.session() as s:
+            self.store.delete_images(s, self._pending_deletes)
+            self.store.clear_skipped(s, self._pending_unskip)
+            # rows whose path is about to be taken by another row (swaps, moves onto a changed path)
+            for row in self._pending_rows:
+                s.merge(row)
+            for skip in self._pending_skips:
+                s.merge(skip)
+        self._pending_rows.clear()
+        self._pending_skips.clear()
+        self._pending_unskip.clear()
+        self._pending_deletes.clear()
+        self._since_checkpoint = 0

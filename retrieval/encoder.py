@@ -1,0 +1,69 @@
+"""The one interface every joint image-text encoder implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Provenance of an encoder, recorded with every index it builds.
+
+    Two encoders produce compatible vectors exactly when their ``fingerprint`` is equal.
+    """
+
+    name: str  # the factory name, e.g. "native:effl0-minilm-v1" or "openclip:ViT-B-32/laion2b_s34b_b79k"
+    weights_sha256: str  # hash of the weights that decide the embedding space
+    dim: int
+    normalized: bool = True
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.name}|{self.weights_sha256[:16]}|{self.dim}|{'l2' if self.normalized else 'raw'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class JointEncoder(ABC):
+    """Maps images and texts into one space where cosine similarity means relevance.
+
+    ``preprocess`` runs on worker threads (PIL only); ``encode_*`` run the model on ``device``
+    and return L2-normalised float32 numpy arrays of shape (B, dim).
+    """
+
+    info: EncoderInfo
+    device: torch.device
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> (3, H, W) float tensor ready for :meth:`encode_pixels`."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) -> (B, dim) float32, L2-normalised."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """B strings -> (B, dim) float32, L2-normalised."""
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
+
+
+def l2_normalize(x: torch.Tensor) -> np.ndarray:
+    """(B, D) tensor -> float32 numpy with unit rows (zero rows stay zero)."""
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32, copy=False)

@@ -1,0 +1,107 @@
+"""Decode image files once, cheaply and safely, into RGB ``PIL`` images.
+
+Large JPEGs are decoded in draft mode (DCT scaling) so a 12-megapixel photo is never fully
+decoded just to be shrunk to 224 px; EXIF orientation is applied; palette, alpha, CMYK,
+16-bit and grayscale images all come out as 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retrieval.errors import ImageDecodeError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+MAX_PIXELS = 200_000_000  # refuse decompression bombs beyond this many pixels
+
+_EXIF_ORIENTATION = 0x0112
+_EXIF_IFD = 0x8769
+_EXIF_DATETIME_ORIGINAL = 0x9003
+_EXIF_DATETIME = 0x0132
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, possibly reduced by draft mode
+    width: int  # size of the stored picture as displayed (after EXIF rotation)
+    height: int
+    taken_at: datetime | None  # EXIF date taken, if the file has one
+
+
+def _exif_taken_at(exif: Image.Exif) -> datetime | None:
+    raw = exif.get_ifd(_EXIF_IFD).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.strptime(raw.strip("\x00 ").strip(), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() or 1.0
+        return Image.fromarray((arr / hi * 255.0).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(source: str | Path | bytes, draft_size: int = 448) -> DecodedImage:
+    """Decode ``source`` (a path or the file's bytes) into an RGB image.
+
+    ``draft_size``: JPEGs larger than this are DCT-downscaled while decoding (never below it).
+    Raises :class:`ImageDecodeError` for anything that is not a readable image.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageDecodeError(f"{name}: {im.width}x{im.height} pixels is too large to index")
+                exif = im.getexif()
+                orientation = exif.get(_EXIF_ORIENTATION, 1)
+                width, height = im.size
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width
+                if im.format == "JPEG" and min(im.size) > draft_size:
+                    im.draft("RGB", (draft_size, draft_size))
+                im.seek(0)  # first frame of animated GIF/WebP/TIFF
+                im.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
+                if rgb is im:
+                    rgb = im.copy()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageDecodeError(f"{name}: image has no pixels")
+    return DecodedImage(rgb, width, height, _exif_taken_at(exif))
+
+
+def to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Resize to ``size`` x ``size`` (whole picture, no crop) and normalise: -> (3, size, size) float32."""
+    im = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # (H, W, 3)
+    x = arr.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,1 @@
+"""pixquery's own offline encoder: PyPI-shipped towers plus heads trained on Flickr8k."""

@@ -1,0 +1,173 @@
+"""Native joint encoder: frozen PyPI towers + contrastively trained projection heads.
+
+image (B, 3, 224, 224) -> EfficientNet-Lite0 grid (B, 1280, 7, 7) -> mean pool (B, 1280)
+      -> linear head -> (B, D) -> L2 normalise
+text  B strings -> MiniLM mean pool (B, 384) -> L2 normalise -> linear head -> (B, D) -> L2 normalise
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from retrieval.encoder import EncoderInfo, JointEncoder, l2_normalize
+from retrieval.errors import ModelLoadError
+from retrieval.images import to_tensor
+from retrieval.native.towers import (
+    GRID_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, TEXT_DIM, ImageTower, TextTower,
+)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_HEADS = "effl0-minilm-v1"
+
+
+@dataclass
+class HeadsConfig:
+    embed_dim: int = 256
+    members: int = 1  # ensemble size: independently trained heads whose cosines are averaged
+    image_in: int = GRID_DIM
+    text_in: int = TEXT_DIM
+    init_temperature: float = 0.07
+
+
+class Heads(nn.Module):
+    """The trained part of the native encoder: linear projections of both towers into one space.
+
+    With ``members`` = M > 1 the heads are an ensemble: M independently trained projections of
+    size D each, every one L2-normalised, concatenated and scaled by 1/sqrt(M), so the dot product
+    of two outputs (dimension M*D) is the mean of the M members' cosines.
+    """
+
+    def __init__(self, cfg: HeadsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image = nn.Linear(cfg.image_in, cfg.members * cfg.embed_dim)
+        self.text = nn.Linear(cfg.text_in, cfg.members * cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.members * self.cfg.embed_dim
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        m, d = self.cfg.members, self.cfg.embed_dim
+        x = nn.functional.normalize(x.view(len(x), m, d), dim=-1)  # (B, M, D)
+        return x.reshape(len(x), m * d) / float(np.sqrt(m))  # (B, M*D), unit norm
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self._unit(self.image(pooled.float()))  # (B, 1280) -> (B, M*D)
+
+    def embed_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.embed_pooled(grid.float().mean(dim=(2, 3)))  # (B, 1280, 7, 7) -> (B, M*D)
+
+    def embed_text(self, text_feats: torch.Tensor) -> torch.Tensor:
+        t = nn.functional.normalize(text_feats.float(), dim=-1)  # (B, 384)
+        return self._unit(self.text(t))  # (B, M*D)
+
+
+def stack_members(members: list[Heads]) -> Heads:
+    """Merge independently trained single heads (same config) into one ensemble."""
+    cfg = HeadsConfig(**{**asdict(members[0].cfg), "members": len(members)})
+    merged = Heads(cfg)
+    with torch.no_grad():
+        for name in ("image", "text"):
+            getattr(merged, name).weight.copy_(torch.cat([getattr(h, name).weight for h in members]))
+            getattr(merged, name).bias.copy_(torch.cat([getattr(h, name).bias for h in members]))
+        merged.logit_scale.copy_(members[0].logit_scale)
+    return merged.eval()
+
+
+def save_heads(heads: Heads, path: Path, meta: dict) -> None:
+    """Store config, weights (float32) and training metadata in one ``weights_only``-loadable file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": "pixquery-native-heads/1",
+        "config": asdict(heads.cfg),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
+        "meta": meta,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def resolve_heads_path(spec: str) -> Path:
+    """``effl0-minilm-v1`` (shipped) or a path to a ``.pt`` file written by ``pixquery train encoder``."""
+    candidate = Path(spec).expanduser()
+    if candidate.suffix == ".pt" or candidate.is_file():
+        if not candidate.is_file():
+            raise ModelLoadError(f"native encoder weights {candidate} do not exist")
+        return candidate
+    shipped = WEIGHTS_DIR / f"{spec}.pt"
+    if not shipped.is_file():
+        known = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+        raise ModelLoadError(
+            f"unknown native encoder {spec!r}; shipped: {', '.join(known) or 'none'} "
+            f"(or give the path of a heads file made by 'pixquery train encoder')"
+        )
+    return shipped
+
+
+def load_heads(path: Path) -> tuple[Heads, str]:
+    """Load heads from ``path``; returns them with the file's sha256."""
+    data = path.read_bytes()
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        heads = Heads(HeadsConfig(**payload["config"]))
+        heads.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable weight file
+        raise ModelLoadError(f"{path} is not a pixquery native heads file: {exc}") from exc
+    return heads.eval(), hashlib.sha256(data).hexdigest()
+
+
+class NativeEncoder(JointEncoder):
+    """The offline default encoder (``native:<heads>``). Towers load lazily, on first use."""
+
+    def __init__(self, heads_spec: str = DEFAULT_HEADS, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        path = resolve_heads_path(heads_spec)
+        self.heads, sha = load_heads(path)
+        self.heads.to(self.device)
+        name = f"native:{heads_spec if path.parent == WEIGHTS_DIR else path.resolve()}"
+        self.info = EncoderInfo(name=name, weights_sha256=sha, dim=self.heads.out_dim)
+        self._image_tower: ImageTower | None = None
+        self._text_tower: TextTower | None = None
+
+    @property
+    def image_tower(self) -> ImageTower:
+        if self._image_tower is None:
+            tower = ImageTower().to(self.device)
+            self._image_tower = tower.to(memory_format=torch.channels_last).eval()
+        return self._image_tower
+
+    @property
+    def text_tower(self) -> TextTower:
+        if self._text_tower is None:
+            self._text_tower = TextTower().to(self.device).eval()
+        return self._text_tower
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return to_tensor(image, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
+
+    @torch.inference_mode()
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) -> (B, 1280, 7, 7) grid features (shared with the captioner)."""
+        x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.image_tower(x)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        return l2_normalize(self.heads.embed_grid(self.grid(pixels)))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(self.heads.embed_text(self.text_tower(list(texts))))

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny deterministic encoder, image factories, marker handling."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.encoder import EncoderInfo, JointEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+FLICKR8K = Path(os.environ.get("PIXQUERY_FLICKR8K", REPO.parent / "shared" / "data" / "flickr8k"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    have_data = (FLICKR8K / "captions.tsv").is_file()
+    have_gpu = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
+        if "data" in item.keywords and not have_data:
+            item.add_marker(pytest.mark.skip(reason=f"Flickr8k not found at {FLICKR8K} (set PIXQUERY_FLICKR8K)"))
+        if "gpu" in item.keywords and not have_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cache and index default points into a temporary folder, never the user's home."""
+    home = tmp_path_factory.mktemp("home")
+    for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"), ("HF_HOME", "hf")):
+        monkeypatch.setenv(var, str(home / sub))
+    for var in ("PIXQUERY_DB", "PIXQUERY_ENCODER", "PIXQUERY_DEVICE", "PIXQUERY_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+class TinyEncoder(JointEncoder):
+    """A deterministic 16-d encoder for pipeline tests.
+
+    Images: mean colour of a 4x4 grid (48 numbers) through a fixed random projection.
+    Texts: colour words map to the projection of a flat image of that colour, so "red" finds red images.
+    """
+
+    COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40),
+               "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 160), "orange": (240, 140, 20)}
+
+    def __init__(self, name: str = "test:tiny", seed: int = 0) -> None:
+        self.device = torch.device("cpu")
+        self.proj = torch.from_numpy(np.random.default_rng(seed).standard_normal((48, 16)).astype(np.float32))
+        digest = hashlib.sha256(self.proj.numpy().tobytes()).hexdigest()
+        self.info = EncoderInfo(name=name, weights_sha256=digest, dim=16)
+        self.encoded_images = 0
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        arr = np.asarray(image.convert("RGB").resize((4, 4), Image.Resampling.BOX), dtype=np.float32)
+        return torch.from_numpy(arr / 255.0 - 0.5).permute(2, 0, 1).contiguous()  # (3, 4, 4)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        self.encoded_images += len(pixels)
+        x = pixels.reshape(len(pixels), -1) @ self.proj  # (B, 16)
+        return torch.nn.functional.normalize(x, dim=-1).numpy()
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            words = [w for w in re.findall(r"[a-z]+", text.lower()) if w in self.COLOURS] or ["white"]
+            flat = [self.preprocess(Image.new("RGB", (8, 8), self.COLOURS[w])) for w in words]
+            rows.append(torch.stack(flat).mean(0))
+        x = torch.stack(rows).reshape(len(texts), -1) @ self.proj
+        return torch.nn.functional.normalize(x, dim=-1).numpy()
+
+
+@pytest.fixture
+def tiny_encoder() -> TinyEncoder:
+    return TinyEncoder()
+
+
+def make_image(path: Path, colour: tuple[int, int, int] | str, size: tuple[int, int] = (64, 48),
+               stripe: tuple[int, int, int] | None = None, fmt: str | None = None) -> Path:
+    """Write a flat-colour image (with an optional stripe to make it unique) and return its path."""
+    if isinstance(colour, str):
+        colour = TinyEncoder.COLOURS[colour]
+    im = Image.new("RGB", size, colour)
+    if stripe is not None:
+        for x in range(size[0]):
+            for y in range(size[1] // 4):
+                im.putpixel((x, y), stripe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """A small collection: 8 colours x 2 variants, in nested folders, jpg and png."""
+    root = tmp_path / "photos"
+    for i, name in enumerate(TinyEncoder.COLOURS):
+        make_image(root / "a" / f"{name}.png", name)
+        make_image(root / "b" / f"{name}-striped.jpg", name, stripe=(i * 30 % 255, 90, 200))
+    return root

@@ -1,0 +1,79 @@
+"""``pixquery eval retrieval``: the JSON contract and its numbers on a hand-checkable set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TinyEncoder, make_image
+from indexer.cli import main
+from indexer.config import EngineConfig
+from indexer.evaluate import evaluate_retrieval
+from retrieval.images import load_image
+
+
+def captioned_set(tmp_path):
+    images = tmp_path / "imgs"
+    caps = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        make_image(images / f"{colour}.jpg", colour, stripe=(i * 50, 0, 0))
+        caps += [f"{colour}.jpg\ta {colour} picture", f"{colour}.jpg\tsomething {colour}"]
+    caps.append("yellow.jpg\tred and black")  # a wrong caption
+    path = tmp_path / "caps.tsv"
+    path.write_text("\n".join(caps) + "\n")
+    return images, path
+
+
+def test_eval_report_matches_contract_and_hand_count(tmp_path):
+    images, caps = captioned_set(tmp_path)
+    cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False)
+    report = evaluate_retrieval(images, caps, cfg, encoder=TinyEncoder())
+    assert set(report) == {"n_images", "n_queries", "encoder", "text_to_image", "image_to_text"}
+    assert (report["n_images"], report["n_queries"], report["encoder"]) == (4, 9, "test:tiny")
+    assert set(report["text_to_image"]["image"]) == {"R@1", "R@5", "R@10", "medr"}
+    assert set(report["image_to_text"]) == {"R@1", "R@5", "R@10"}
+    assert report["text_to_image"]["image"]["R@5"] == 100.0  # only 4 images
+    # R@1 both ways against a brute-force oracle over the same encoder, one item at a time
+    enc = TinyEncoder()
+    lines = [l.split("\t") for l in caps.read_text().splitlines()]
+    names = sorted({n for n, _ in lines})
+    iv = {n: enc.encode_images([load_image(images / n).image])[0] for n in names}
+    tv = [enc.encode_texts([c])[0] for _, c in lines]
+    t2i = sum(max(names, key=lambda n: float(t @ iv[n])) == owner for t, (owner, _) in zip(tv, lines))
+    i2t = sum(lines[max(range(len(lines)), key=lambda j: float(tv[j] @ iv[n]))][0] == n for n in names)
+    assert t2i == 8  # the wrong caption cannot find its image first
+    assert report["text_to_image"]["image"]["R@1"] == pytest.approx(100 * t2i / len(lines), abs=0.01)
+    assert report["image_to_text"]["R@1"] == pytest.approx(100 * i2t / len(names))
+    assert not (tmp_path / "unused").exists()  # never touches the configured index
+
+
+def test_eval_cli_prints_exactly_one_json_object(tmp_path, capsys, monkeypatch):
+    images, caps = captioned_set(tmp_path)
+    monkeypatch.setattr("indexer.engine.Engine.encoder", property(lambda self: self._encoder or TinyEncoder()))
+    assert main(["eval", "retrieval", "--images", str(images), "--captions", str(caps), "--json", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["n_queries"] == 9 and out.count("\n") == 1
+
+
+def test_eval_refuses_missing_images(tmp_path):
+    images, caps = captioned_set(tmp_path)
+    (images / "red.jpg").unlink()
+    from indexer.errors import InputError
+
+    with pytest.raises(InputError, match="not in"):
+        evaluate_retrieval(images, caps, EngineConfig(progress=False), encoder=TinyEncoder())
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_native_encoder_reaches_issue_figures_on_flickr8k_dev(tmp_path):
+    from conftest import FLICKR8K
+
+    dev = set((FLICKR8K / "dev.txt").read_text().split())
+    lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]
+    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
+    report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False))
+    r = report["text_to_image"]["image"]
+    assert (report["n_images"], report["n_queries"]) == (1000, 5000)
+    assert r["R@1"] >= 21 and r["R@5"] >= 49 and r["R@10"] >= 63

@@ -1,0 +1,89 @@
+"""The shipped native encoder: real PyPI towers + shipped heads (no network, a few seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.errors import InputError, ModelLoadError
+from retrieval.factory import DEFAULT_ENCODER, create_encoder
+from retrieval.images import load_image
+from retrieval.native.model import Heads, HeadsConfig, WEIGHTS_DIR, load_heads, save_heads, stack_members
+
+SAMPLES = Path(__file__).resolve().parents[1] / "indexer" / "sample_photos"
+
+
+@pytest.fixture(scope="module")
+def native():
+    return create_encoder(DEFAULT_ENCODER)
+
+
+def test_shipped_heads_load_with_weights_only_and_are_small():
+    path = WEIGHTS_DIR / "effl0-minilm-v1.pt"
+    assert path.stat().st_size < 25_000_000
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["format"] == "pixquery-native-heads/1"
+    assert payload["meta"]["dev"]["text_to_image"]["R@1"] >= 21  # what the training log recorded
+
+
+def test_text_embeddings_are_unit_and_semantic(native):
+    v = native.encode_texts(["a black dog running in the snow", "a dark dog runs across a snowy field",
+                             "the stock market fell sharply on tuesday"])
+    assert v.shape == (3, native.dim) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    assert native.encode_texts([]).shape == (0, native.dim)
+
+
+@pytest.mark.parametrize("query,expected", [
+    ("a dog", {"beagle_dog_on_table_01.jpg", "woman_with_dog_on_grass_01.jpg"}),
+    ("a plate of food", {"burger_and_fries_01.jpg", "pizza_pepperoni_01.jpg", "burrito_on_board_01.jpg"}),
+    ("a person riding a bicycle", {"couple_riding_bicycles_01.jpg"}),
+    ("a surfer riding a wave", {"surfer_on_wave_01.jpg"}),
+])
+def test_finds_sample_photos_by_words(native, query, expected):
+    names = sorted(p.name for p in SAMPLES.glob("*.jpg"))
+    images = native.encode_images([load_image(SAMPLES / n).image for n in names])
+    top3 = {names[i] for i in np.argsort(-(images @ native.encode_texts([query])[0]))[:3]}
+    assert top3 & expected, f"{query!r} -> {top3}"
+
+
+def test_embedding_equals_heads_on_timm_pooled_features(native):
+    """Oracle: timm's own global-average-pooled pre-logits, through the image head."""
+    im = load_image(SAMPLES / "cat_tabby_chelsea_01.jpg").image
+    x = native.preprocess(im)[None]
+    assert native.grid(x).shape == (1, 1280, 7, 7)
+    net = native.image_tower.net
+    with torch.inference_mode():
+        pooled = net.forward_head(net.forward_features(x), pre_logits=True)  # (1, 1280)
+        expected = native.heads.embed_pooled(pooled).numpy()
+    np.testing.assert_allclose(native.encode_pixels(x), expected, atol=1e-5)
+
+
+def test_ensemble_is_mean_of_member_cosines(tmp_path):
+    torch.manual_seed(0)
+    members = [Heads(HeadsConfig(embed_dim=8, image_in=12, text_in=6)) for _ in range(3)]
+    merged = stack_members(members)
+    img, txt = torch.randn(5, 12), torch.randn(4, 6)
+    expected = torch.stack([h.embed_text(txt) @ h.embed_pooled(img).T for h in members]).mean(0)
+    torch.testing.assert_close(merged.embed_text(txt) @ merged.embed_pooled(img).T, expected)
+    save_heads(merged, tmp_path / "h.pt", {"note": "test"})
+    loaded, sha = load_heads(tmp_path / "h.pt")
+    assert len(sha) == 64 and loaded.out_dim == 24
+    torch.testing.assert_close(loaded.embed_pooled(img), merged.embed_pooled(img))
+
+
+def test_bad_names_and_files_are_typed_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown native encoder"):
+        create_encoder("native:does-not-exist")
+    with pytest.raises(ModelLoadError, match="do not exist"):
+        create_encoder(f"native:{tmp_path / 'missing.pt'}")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="not a pixquery native heads file"):
+        create_encoder(f"native:{tmp_path / 'junk.pt'}")
+    for bad in ("", "native", "native:", "clip:ViT-B-32"):
+        with pytest.raises(InputError):
+            create_encoder(bad)
