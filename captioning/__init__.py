@@ -1,0 +1,1 @@
+"""Image captioning: word tokenizer, attention decoder over the image tower's grid, beam search."""
