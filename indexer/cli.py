@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     _common(e)
 
+    p = sub.add_parser("bench", help="time indexing and searching (numbers for docs/BENCHMARKS.md)")
+    bsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    b = bsub.add_parser("index", help="index N images of FOLDER into a fresh temporary index")
+    b.add_argument("folder")
+    b.add_argument("--limit", type=int, default=1000)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--workers", type=int, default=2)
+    _common(b)
+    b = bsub.add_parser("search", help="time cold 'pixquery search' processes against an index")
+    b.add_argument("query", nargs="?", default="a dog running on the grass")
+    b.add_argument("--runs", type=int, default=5)
+    _common(b)
+
     p = sub.add_parser("train", help="train pixquery's native models")
     tsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     t = tsub.add_parser("encoder", help="train the native encoder heads on Flickr8k (train split)")
@@ -208,6 +221,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from indexer import bench
+
+    config = _config(args)
+    if args.what == "index":
+        report = bench.bench_index(Path(args.folder), args.limit, config)
+    else:
+        report = bench.bench_search(config.index_dir, args.query, args.runs)
+    print(json.dumps(report))
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -230,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo,
-            "eval": cmd_eval, "train": cmd_train}
+            "eval": cmd_eval, "bench": cmd_bench, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ def _reason_kind(message: str) -> str:
 def reconcile(store: Store, vectors: VectorIndex) -> tuple[int, int]:
     """Make the store and the vector index agree; returns (vectors removed, rows removed)."""
     vec_ids = set(vectors.ids().tolist())
-    row_ids = {r.id for r in store.all_images()}
+    row_ids = store.image_ids()
     orphans = np.array(sorted(vec_ids - row_ids), dtype=np.int64)
     missing = sorted(row_ids - vec_ids)
     if len(orphans):

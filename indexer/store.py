@@ -134,6 +134,10 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(ImageRow)))
 
+    def image_ids(self) -> set[int]:
+        with self.session() as s:
+            return set(s.scalars(select(ImageRow.id)))
+
     def images_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = list(ids)
         out: dict[int, ImageRow] = {}

@@ -87,3 +87,22 @@ def test_bad_names_and_files_are_typed_errors(tmp_path):
     for bad in ("", "native", "native:", "clip:ViT-B-32"):
         with pytest.raises(InputError):
             create_encoder(bad)
+
+
+def test_minibert_text_tower_matches_transformers_bert():
+    """Oracle: transformers' own BertModel on the same MiniLM files, same mean pooling."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from retrieval.native.towers import TextTower, minilm_path
+
+    texts = ["A black dog is running through the snow .", "hi",
+             "a long query about a man riding a bicycle down a steep mountain trail at sunset " * 4]
+    path = str(minilm_path())
+    tok, bert = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    with torch.inference_mode():
+        batch = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        hidden = bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = (hidden * mask).sum(1) / mask.sum(1)
+        got = TextTower()(texts)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

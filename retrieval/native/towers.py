@@ -9,7 +9,6 @@ See docs/MODELS.md for where the files live and the measured sanity checks.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -73,27 +72,29 @@ class TextTower(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
+        from tokenizers import Tokenizer
 
-        path = str(minilm_path())
+        from retrieval.native.minilm import MiniBert
+
+        path = minilm_path()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.bert = AutoModel.from_pretrained(path)
-        except (OSError, ValueError) as exc:
+            self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            self.bert = MiniBert.from_folder(path)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelLoadError(f"could not load MiniLM from {path}: {exc}") from exc
-        self.bert.eval()
+        self.tokenizer.enable_truncation(max_length=TEXT_MAX_LENGTH)
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
 
-    def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt"
-        )
-        return {k: v.to(device) for k, v in batch.items()}
+    def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> token ids (B, T) and attention mask (B, T), with [CLS]/[SEP] as BERT expects."""
+        batch = self.tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in batch], dtype=torch.long, device=device)
+        mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long, device=device)
+        return ids, mask
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        device = next(self.bert.parameters()).device
-        batch = self.tokenize(texts, device)
-        hidden = self.bert(**batch).last_hidden_state  # (B, T, 384)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, 384)
+        device = self.bert.embeddings.word_embeddings.weight.device
+        ids, mask = self.tokenize(texts, device)
+        hidden = self.bert(ids, mask)  # (B, T, 384)
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, 384)
