@@ -31,6 +31,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
 
 
+def _captioning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--captioner", help="captioner, e.g. native:effl0-sat-v1, hf:Salesforce/blip-image-captioning-base, "
+                                       "openclip:coca_ViT-B-32/mscoco_finetuned_laion2b_s13b_b90k, or none "
+                                       "(default: $PIXQUERY_CAPTIONER or the shipped native captioner)")
+    p.add_argument("--beam", type=int, default=3, help="beam size for captions (1 = greedy; default 3)")
+    p.add_argument("--max-words", type=int, default=20, help="longest caption in words (default 20)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixquery", description="Index a photo folder and search it in plain words.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -42,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _common(p)
+    _captioning(p)
+
+    p = sub.add_parser("recaption", help="caption every indexed image again (after a captioner change)")
+    p.add_argument("--batch-size", type=int, default=32)
+    _common(p)
+    _captioning(p)
+
+    p = sub.add_parser("caption", help="print a caption for each image (no index needed)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32)
+    _common(p)
+    _captioning(p)
 
     p = sub.add_parser("search", help="search the index with words or an example image")
     p.add_argument("query", nargs="?", help='what to look for, e.g. "dog on a park bench"')
@@ -69,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     e.add_argument("--batch-size", type=int, default=32)
     _common(e)
+    e = esub.add_parser("captions", help="BLEU, CIDEr and ROUGE-L of generated captions against references")
+    e.add_argument("--images", required=True, help="folder holding the images")
+    e.add_argument("--captions", required=True, help="file of 'file_name<TAB>caption' reference lines")
+    e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    e.add_argument("--batch-size", type=int, default=32)
+    _common(e)
+    _captioning(e)
 
     p = sub.add_parser("bench", help="time indexing and searching (numbers for docs/BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -96,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal-flip augmentation")
     t.add_argument("--seed", type=int, default=0)
     _common(t)
+    t = tsub.add_parser("captioner", help="train the native attention-decoder captioner on Flickr8k (train split)")
+    t.add_argument("--data", required=True, help="Flickr8k folder (images/, captions.tsv, train.txt, dev.txt)")
+    t.add_argument("--out", default="runs/captioner/captioner.pt", help="where to write the weights")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--d-model", type=int, default=384)
+    t.add_argument("--layers", type=int, default=3)
+    t.add_argument("--heads", type=int, default=6)
+    t.add_argument("--d-ff", type=int, default=1536)
+    t.add_argument("--dropout", type=float, default=0.3)
+    t.add_argument("--flip", action="store_true", help="augment with horizontally flipped images")
+    t.add_argument("--seed", type=int, default=0)
+    _common(t)
     return parser
 
 
@@ -112,6 +154,16 @@ def _config(args: argparse.Namespace):
     for name in ("batch_size", "workers"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
+    if getattr(args, "captioner", None) is not None:
+        kwargs["captioner"] = None if args.captioner.strip().lower() in ("", "none", "off") else args.captioner
+    if getattr(args, "beam", None) is not None:
+        from captioning.captioner import DecodeOptions
+
+        if args.beam < 1 or args.max_words < 1:
+            from retrieval.errors import InputError
+
+            raise InputError("--beam and --max-words must be at least 1")
+        kwargs["decode"] = DecodeOptions(beam_size=args.beam, max_len=args.max_words)
     return EngineConfig(**kwargs)
 
 
@@ -122,6 +174,8 @@ def _print_summary(s, out=sys.stdout) -> None:
     if s.skipped_reasons:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(s.skipped_reasons.items()))
         print(f"  skipped files by reason: {why} (list them with: pixquery stats --skipped)", file=out)
+    if s.captioned:
+        print(f"  captioned {s.captioned} images", file=out)
     if s.embedded:
         print(f"  embedded {s.embedded} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)", file=out)
 
@@ -143,6 +197,8 @@ def _print_hits(hits, out=sys.stdout) -> None:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h.score:.4f}  {h.path}", file=out)
+        if h.caption:
+            print(f"           {h.caption}", file=out)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -161,6 +217,48 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_recaption(args: argparse.Namespace) -> int:
+    from indexer.engine import Engine
+
+    with Engine(_config(args)) as engine:
+        counts = engine.recaption()
+    print(f"captioned {counts['captioned']} of {counts['images']} images; {counts['failed']} could not be read")
+    return EXIT_OK
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from captioning.captioner import create_captioner
+    from retrieval.device import resolve_device
+    from retrieval.errors import ImageDecodeError, InputError
+    from retrieval.images import load_image
+
+    config = _config(args)
+    if not config.captioner:
+        raise InputError("no captioner configured: pass --captioner NAME")
+    captioner = create_captioner(config.captioner, device=resolve_device(config.device),
+                                 cache_dir=config.cache_dir / "models", offline=config.offline)
+    results, failed = [], 0
+    for start in range(0, len(args.images), config.batch_size):
+        chunk, images = [], []
+        for path in args.images[start:start + config.batch_size]:
+            try:
+                images.append(load_image(Path(path)).image)
+                chunk.append(path)
+            except (ImageDecodeError, FileNotFoundError, IsADirectoryError) as exc:
+                failed += 1
+                results.append({"path": path, "caption": None, "error": str(exc)})
+        for path, caption in zip(chunk, captioner.caption_images(images, config.decode) if images else []):
+            results.append({"path": path, "caption": caption or None})
+    order = {p: i for i, p in enumerate(args.images)}
+    results.sort(key=lambda r: order[r["path"]])
+    if args.json:
+        print(json.dumps({"captioner": captioner.info.name, "results": results}))
+    else:
+        for r in results:
+            print(f"{r['path']}\t{r['caption'] if r['caption'] else '(skipped: ' + r.get('error', 'no caption') + ')'}")
+    return EXIT_USAGE if failed == len(args.images) else EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from indexer.engine import Engine
 
@@ -175,6 +273,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"index {stats['index_dir']}: {stats['images']} images, {stats['skipped']} skipped files, "
           f"{stats['index_bytes'] / 1e6:.1f} MB")
     print(f"encoder {enc.get('name')} (dim {enc.get('dim')}, weights {str(enc.get('weights_sha256'))[:12]})")
+    cap = stats["captioner"]
+    print(f"captions: {stats['captioned']} images" + (f", by {cap['name']} (weights {cap['weights_sha256'][:12]})" if cap else ""))
     if stats["last_run"]:
         lr = stats["last_run"]
         print(f"last run {lr['started_at']} on {lr['root']}")
@@ -207,8 +307,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from indexer.evaluate import evaluate_retrieval
+    from indexer.evaluate import evaluate_captions, evaluate_retrieval
 
+    if args.what == "captions":
+        report = evaluate_captions(Path(args.images), Path(args.captions), _config(args))
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print(f"{report['n_images']} images, captioner {report['captioner']}")
+            print("  ".join(f"{k} {v:.4f}" for k, v in report.items() if k not in ("n_images", "captioner")))
+        return EXIT_OK
     report = evaluate_retrieval(Path(args.images), Path(args.captions), _config(args))
     if args.json:
         print(json.dumps(report))
@@ -238,11 +346,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from indexer.config import EngineConfig
     from retrieval.device import resolve_device
-    from retrieval.native.train import TrainEncoderConfig, train_encoder
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else EngineConfig().cache_dir
     device = resolve_device(args.device or "auto")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.what == "captioner":
+        from captioning.train import TrainCaptionerConfig, train_captioner
+
+        ccfg = TrainCaptionerConfig(
+            data=Path(args.data), out=Path(args.out), cache_dir=cache / "features", device=str(device),
+            d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff, dropout=args.dropout,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, flip_augment=args.flip, seed=args.seed,
+            progress=not args.quiet)
+        meta = train_captioner(ccfg)
+        print(f"wrote {ccfg.out} ({meta['model_choice']}, {meta['seconds']} s); log: {ccfg.out.with_suffix('.json')}")
+        print(f"dev {meta['dev']}")
+        return EXIT_OK
+    from retrieval.native.train import TrainEncoderConfig, train_encoder
+
     cfg = TrainEncoderConfig(data=Path(args.data), out=Path(args.out), cache_dir=cache / "features",
                              device=str(device), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              embed_dim=args.embed_dim, members=args.members, flip_augment=args.flip, seed=args.seed,
@@ -254,7 +375,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo,
+COMMANDS = {"index": cmd_index, "recaption": cmd_recaption, "caption": cmd_caption, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo,
             "eval": cmd_eval, "bench": cmd_bench, "train": cmd_train}
 
 

@@ -6,12 +6,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captioning.captioner import DecodeOptions
 from retrieval.factory import DEFAULT_ENCODER
+
+DEFAULT_CAPTIONER: str | None = None  # set to the shipped native captioner once its weights ship
 
 ENV_DB = "PIXQUERY_DB"  # index folder
 ENV_ENCODER = "PIXQUERY_ENCODER"
 ENV_DEVICE = "PIXQUERY_DEVICE"
 ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
+ENV_CAPTIONER = "PIXQUERY_CAPTIONER"  # "none" switches captions off
 
 
 def default_index_dir() -> Path:
@@ -29,6 +33,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "pixquery"
 
 
+def _captioner_from_env() -> str | None:
+    value = os.environ.get(ENV_CAPTIONER, DEFAULT_CAPTIONER or "")
+    return None if value.strip().lower() in ("", "none", "off") else value.strip()
+
+
 @dataclass
 class EngineConfig:
     index_dir: Path = field(default_factory=default_index_dir)
@@ -36,6 +45,8 @@ class EngineConfig:
     device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
     cache_dir: Path = field(default_factory=default_cache_dir)
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
+    captioner: str | None = field(default_factory=lambda: _captioner_from_env())  # None: no captions
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
     batch_size: int = 32
     workers: int = 2  # decode threads
     progress: bool = True

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from indexer.config import EngineConfig
 from indexer.errors import EncoderMismatchError, IndexNotFoundError, InputError
-from indexer.pipeline import Indexer, IndexSummary, reconcile
-from indexer.store import ImageRow, Store
-from indexer.vectors import VectorIndex
+from indexer.models import ImageModels
+from indexer.pipeline import Indexer, IndexSummary, ReadResult, decode_into, reconcile
+from indexer.store import ImageRow, Store, utcnow
+from indexer.vectors_bundle import VectorBundle
+from captioning.captioner import Captioner
 from retrieval.encoder import EncoderInfo, JointEncoder
 
 log = logging.getLogger(__name__)
@@ -41,22 +44,26 @@ class SearchHit:
     width: int
     height: int
     file_type: str
+    caption: str | None = None
     scores: dict[str, float] = field(default_factory=dict)  # per signal, e.g. {"image": 0.31}
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "path": self.path, "score": round(self.score, 6), "width": self.width,
-                "height": self.height, "file_type": self.file_type,
+        return {"id": self.id, "path": self.path, "score": round(self.score, 6), "caption": self.caption,
+                "width": self.width, "height": self.height, "file_type": self.file_type,
                 "scores": {k: round(v, 6) for k, v in self.scores.items()}}
 
 
 class Engine:
     """One index (a folder with ``pixquery.sqlite`` and ``images.faiss``) and the models to use it."""
 
-    def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None,
+                 captioner: Captioner | None = None) -> None:
         self.config = config or EngineConfig()
-        self._encoder = encoder  # injected (tests, the app) or built lazily from the config
+        # injected (tests, the app) or built lazily from the config
+        self._encoder = encoder
+        self._captioner = captioner
         self._store: Store | None = None
-        self._vectors: VectorIndex | None = None
+        self._vectors: VectorBundle | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -106,6 +113,22 @@ class Engine:
                                            cache_dir=self.config.cache_dir / "models", offline=self.config.offline)
         return self._encoder
 
+    @property
+    def captioner(self) -> Captioner | None:
+        """The captioner for new images (None when captions are switched off)."""
+        if self._captioner is None and self.config.captioner:
+            from captioning.captioner import create_captioner
+            from retrieval.device import resolve_device
+
+            # a native captioner next to the native encoder never loads its own tower: ImageModels
+            # hands it the encoder's grid
+            self._captioner = create_captioner(self.config.captioner, device=resolve_device(self.config.device),
+                                               cache_dir=self.config.cache_dir / "models", offline=self.config.offline)
+        return self._captioner
+
+    def _models(self) -> ImageModels:
+        return ImageModels(self.encoder, self.captioner, self.config.decode)
+
     def _check_encoder(self, store: Store) -> None:
         raw = store.get_meta("encoder")
         if raw is None:
@@ -124,14 +147,14 @@ class Engine:
                 f"its vectors are not comparable. Rebuild with: pixquery index FOLDER --rebuild"
             )
 
-    def _vector_index(self, store: Store) -> VectorIndex:
+    def _vector_index(self, store: Store) -> VectorBundle:
         if self._vectors is None:
             info = self.index_info
             dim = info.dim if info else self.encoder.dim
-            self._vectors = VectorIndex.load(self.config.vectors_path, dim)
+            self._vectors = VectorBundle.load(self.config.index_dir, dim)
             removed = reconcile(store, self._vectors)
             if any(removed):
-                self._vectors.save(self.config.vectors_path)
+                self._vectors.save()
         return self._vectors
 
     # --- indexing ----------------------------------------------------------------------------
@@ -146,21 +169,70 @@ class Engine:
         self._check_encoder(store)
         if store.get_meta("encoder") is None:
             store.set_meta({"encoder": json.dumps(self.encoder.info.to_dict())})
+        if self.captioner is not None:
+            store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
         vectors = self._vector_index(store)
-        indexer = Indexer(store, vectors, self.config.vectors_path, self.encoder,
-                          batch_size=self.config.batch_size, workers=self.config.workers,
-                          progress=self.config.progress)
+        indexer = Indexer(store, vectors, self._models(), batch_size=self.config.batch_size,
+                          workers=self.config.workers, progress=self.config.progress)
         return indexer.run(root)
+
+    def recaption(self) -> dict:
+        """Caption every indexed image again with the configured captioner (image vectors untouched).
+
+        Returns counts: {"images", "captioned", "failed"}; unreadable files keep their old caption.
+        """
+        store, vectors = self._ready()
+        models = self._models()
+        if models.captioner is None:
+            raise InputError("no captioner is configured (--captioner NAME)")
+        fp = models.captioner.info.fingerprint
+        rows = store.all_images()
+        counts = {"images": len(rows), "captioned": 0, "failed": 0}
+        bar = tqdm(total=len(rows), desc="captioning", unit="img", disable=not self.config.progress)
+        for start in range(0, len(rows), self.config.batch_size):
+            chunk, ok = rows[start:start + self.config.batch_size], []
+            for row in chunk:
+                try:
+                    data = Path(row.path).read_bytes()
+                except OSError:
+                    counts["failed"] += 1
+                    continue
+                res = decode_into(ReadResult(entry=None), data, models)
+                if res.error is None:
+                    ok.append((row, res))
+                else:
+                    counts["failed"] += 1
+            if ok:
+                caps = models.caption_only(torch.stack([r.pixels for _, r in ok]),
+                                           None if ok[0][1].cap_pixels is None else
+                                           torch.stack([r.cap_pixels for _, r in ok]))
+                where, vecs = models.embed_captions(caps)
+                ids = np.array([row.id for row, _ in ok], dtype=np.int64)
+                vectors.captions.remove(ids)
+                if len(where):
+                    vectors.captions.add(ids[where], vecs)
+                for (row, _), cap in zip(ok, caps):
+                    row.caption, row.captioner = cap, fp if cap else None
+                    row.captioned_at = utcnow() if cap else None
+                    counts["captioned"] += cap is not None
+                vectors.save()
+                with store.session() as s:
+                    for row, _ in ok:
+                        s.merge(row)
+            bar.update(len(chunk))
+        bar.close()
+        store.set_meta({"captioner": json.dumps(models.captioner.info.to_dict())})
+        return counts
 
     def drop(self) -> None:
         """Delete this index's files (never any image)."""
         self.close()
         self._vectors = None
-        for name in ("pixquery.sqlite", "pixquery.sqlite-wal", "pixquery.sqlite-shm", "images.faiss"):
+        for name in ("pixquery.sqlite", "pixquery.sqlite-wal", "pixquery.sqlite-shm", "images.faiss", "captions.faiss"):
             (self.config.index_dir / name).unlink(missing_ok=True)
 
     # --- search ------------------------------------------------------------------------------
-    def _ready(self) -> tuple[Store, VectorIndex]:
+    def _ready(self) -> tuple[Store, VectorBundle]:
         store = self._open(create=False)
         self._check_encoder(store)
         return store, self._vector_index(store)
@@ -192,7 +264,7 @@ class Engine:
         if mode not in MODES:
             raise InputError(f"unknown ranking mode {mode!r}; this index offers: {', '.join(MODES)}")
         _, vectors = self._ready()
-        return vectors.search(queries, k)
+        return vectors.images.search(queries, k)
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10,
                mode: str = "image") -> list[SearchHit]:
@@ -207,7 +279,7 @@ class Engine:
 
     @staticmethod
     def _hit(row: ImageRow, score: float, mode: str) -> SearchHit:
-        return SearchHit(row.id, row.path, score, row.width, row.height, row.file_type, {mode: score})
+        return SearchHit(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, {mode: score})
 
     # --- inspection --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -216,11 +288,14 @@ class Engine:
         info = self.index_info
         size = sum(p.stat().st_size for p in self.config.index_dir.glob("*") if p.is_file())
         skipped = store.skipped()
+        captioner = store.get_meta("captioner")
         return {
             "index_dir": str(self.config.index_dir),
             "images": store.count_images(),
+            "captioned": len(store.captioned_ids()),
             "skipped": len(skipped),
             "encoder": info.to_dict() if info else None,
+            "captioner": json.loads(captioner) if captioner else None,
             "index_bytes": size,
             "last_run": None if last is None else {
                 "root": last.root, "started_at": last.started_at.isoformat(timespec="seconds"),
@@ -236,7 +311,7 @@ class Engine:
     def image_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Stored image embeddings of ``ids`` -> (n, dim)."""
         _, vectors = self._ready()
-        return vectors.reconstruct(np.asarray(ids, dtype=np.int64))
+        return vectors.images.reconstruct(np.asarray(ids, dtype=np.int64))
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._open(create=False).skipped()]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from indexer.config import EngineConfig
 from indexer.engine import MODES, Engine
 from indexer.errors import InputError
+from captioning.captioner import Captioner
 from retrieval.encoder import JointEncoder
 from retrieval.metrics import best_ranks_multi, recall_report
 from retrieval.native.data import read_captions
@@ -73,3 +74,35 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
             i2t = recall_report(best_ranks_multi(iv @ q.T, owner), medr=False)
             return {"n_images": len(names), "n_queries": len(texts), "encoder": engine.encoder.info.name,
                     "text_to_image": t2i, "image_to_text": i2t}
+
+
+def evaluate_captions(images: Path, captions_file: Path, config: EngineConfig,
+                      captioner: Captioner | None = None, batch: int = 32) -> dict:
+    """Caption every image named in ``captions_file`` and score against its reference captions.
+
+    Contract: {"n_images": N, "captioner": name, "BLEU-1".."BLEU-4", "CIDEr", "ROUGE-L"} (fractions,
+    as the COCO caption evaluation toolkit reports them).
+    """
+    from captioning.captioner import create_captioner
+    from captioning.metrics import caption_scores
+    from retrieval.device import resolve_device
+    from retrieval.images import load_image
+
+    if not images.is_dir():
+        raise InputError(f"image folder {images} does not exist")
+    references = read_captions(captions_file)
+    names = list(references)
+    missing = [n for n in names if not (images / n).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} images named in the caption file are not in {images} (first: {missing[0]})")
+    if captioner is None:
+        if not config.captioner:
+            raise InputError("no captioner configured: pass --captioner NAME")
+        captioner = create_captioner(config.captioner, device=resolve_device(config.device),
+                                     cache_dir=config.cache_dir / "models", offline=config.offline)
+    hypotheses: dict[str, str] = {}
+    for start in tqdm(range(0, len(names), batch), desc="captioning", unit="batch", disable=not config.progress):
+        chunk = names[start:start + batch]
+        caps = captioner.caption_images([load_image(images / n).image for n in chunk], config.decode)
+        hypotheses.update(zip(chunk, caps))
+    return {"n_images": len(names), "captioner": captioner.info.name, **caption_scores(references, hypotheses)}

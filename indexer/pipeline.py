@@ -33,8 +33,8 @@ from tqdm import tqdm
 from indexer.discover import FileEntry, discover, hash_bytes
 from indexer.errors import InputError
 from indexer.store import ImageRow, SkippedRow, Store, utcnow
-from indexer.vectors import VectorIndex
-from retrieval.encoder import JointEncoder
+from indexer.models import ImageModels
+from indexer.vectors_bundle import Payload, VectorBundle
 from retrieval.errors import ImageDecodeError
 from retrieval.images import IMAGE_EXTENSIONS, load_image
 
@@ -55,6 +55,7 @@ class IndexSummary:
     skipped: int = 0
     skipped_reasons: dict[str, int] = field(default_factory=dict)
     embedded: int = 0
+    captioned: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
     total_images: int = 0
@@ -64,10 +65,11 @@ class IndexSummary:
 
 
 @dataclass
-class _ReadResult:
-    entry: FileEntry
+class ReadResult:
+    entry: FileEntry | None  # None when a file is re-read for recaptioning
     content_hash: str | None = None
-    pixels: torch.Tensor | None = None  # (3, H, W), only when the file needs embedding
+    pixels: torch.Tensor | None = None  # (3, H, W) for the encoder, only when the file needs embedding
+    cap_pixels: torch.Tensor | None = None  # (3, H', W') for a captioner with its own preprocessing
     width: int = 0
     height: int = 0
     taken_at: object = None
@@ -78,32 +80,42 @@ def _reason_kind(message: str) -> str:
     return message.split("(", 1)[-1].split(":", 1)[0] if "(" in message else "unreadable"
 
 
-def reconcile(store: Store, vectors: VectorIndex) -> tuple[int, int]:
-    """Make the store and the vector index agree; returns (vectors removed, rows removed)."""
+def reconcile(store: Store, vectors: VectorBundle) -> tuple[int, int]:
+    """Make the store and the vector indexes agree; returns (vectors removed, rows removed).
+
+    Stray vectors (no row) are removed; rows without an image vector are deleted (their files are
+    indexed again on the next run); caption vectors of rows without a caption are removed.
+    """
     vec_ids = set(vectors.ids().tolist())
     row_ids = store.image_ids()
     orphans = np.array(sorted(vec_ids - row_ids), dtype=np.int64)
     missing = sorted(row_ids - vec_ids)
+    cap_orphans = np.array(sorted(set(vectors.captions.ids().tolist()) - store.captioned_ids()), dtype=np.int64)
     if len(orphans):
         vectors.remove(orphans)
+    if len(cap_orphans):
+        vectors.captions.remove(cap_orphans)
     if missing:
         with store.session() as s:
             store.delete_images(s, missing)
-    if len(orphans) or missing:
-        log.warning("repaired index: %d stray vectors, %d rows without vectors", len(orphans), len(missing))
-    return len(orphans), len(missing)
+    if len(orphans) or missing or len(cap_orphans):
+        log.warning("repaired index: %d stray vectors, %d rows without vectors, %d stray caption vectors",
+                    len(orphans), len(missing), len(cap_orphans))
+    return len(orphans) + len(cap_orphans), len(missing)
 
 
 class Indexer:
-    """Runs one incremental indexing pass of a folder into a store and a vector index."""
+    """Runs one incremental indexing pass of a folder into a store and its vector indexes."""
 
     def __init__(
-        self, store: Store, vectors: VectorIndex, vectors_path: Path, encoder: JointEncoder,
+        self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
     ) -> None:
-        self.store, self.vectors, self.vectors_path, self.encoder = store, vectors, vectors_path, encoder
+        self.store, self.vectors, self.models = store, vectors, models
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.encoder_fp = models.encoder.info.fingerprint
+        self.captioner_fp = models.captioner.info.fingerprint if models.captioner else None
         self._pending_rows: list[ImageRow] = []
         self._pending_skips: list[SkippedRow] = []
         self._pending_unskip: list[str] = []
@@ -111,23 +123,16 @@ class Indexer:
         self._since_checkpoint = 0
 
     # --- reading (worker threads) -------------------------------------------------------------
-    def _read(self, entry: FileEntry, known_hashes: frozenset[str]) -> _ReadResult:
+    def _read(self, entry: FileEntry, known_hashes: frozenset[str]) -> ReadResult:
         try:
             with open(entry.path, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
-            return _ReadResult(entry, error=f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})")
-        result = _ReadResult(entry, content_hash=hash_bytes(data))
+            return ReadResult(entry, error=f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})")
+        result = ReadResult(entry, content_hash=hash_bytes(data))
         if result.content_hash in known_hashes:
-            return result  # its vector is already in the index: no decode
-        try:
-            decoded = load_image(data)
-            result.pixels = self.encoder.preprocess(decoded.image)
-        except ImageDecodeError as exc:
-            result.error = str(exc).replace("<bytes>: ", "")
-            return result
-        result.width, result.height, result.taken_at = decoded.width, decoded.height, decoded.taken_at
-        return result
+            return result  # its vectors are already in the index: no decode
+        return decode_into(result, data, self.models)
 
     # --- the run ------------------------------------------------------------------------------
     def run(self, root: str | Path) -> IndexSummary:
@@ -160,7 +165,7 @@ class Indexer:
         for r in rows:
             by_hash.setdefault(r.content_hash, r)
         skipped_before = {s.path: s for s in self.store.skipped()}
-        stash: dict[str, np.ndarray] = {}  # vectors overwritten this run, by their old hash
+        stash: dict[str, Payload] = {}  # what rows held before this run overwrote them, by their old hash
         next_id = max(self.store.next_id(), int(self.vectors.ids().max(initial=0)) + 1)
 
         todo: list[FileEntry] = []
@@ -178,34 +183,44 @@ class Indexer:
             todo.append(f)
 
         known = frozenset(by_hash)
-        batch: list[tuple[_ReadResult, int, ImageRow | None]] = []
+        batch: list[tuple[ReadResult, int, ImageRow | None]] = []
         reasons: Counter[str] = Counter(summary.skipped_reasons)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not self.progress or not todo)
 
-        def vector_of(h: str) -> np.ndarray:
+        def payload_of(h: str) -> Payload:
             if h in stash:
                 return stash[h]
-            return self.vectors.reconstruct(np.array([by_hash[h].id]))[0]
+            src = by_hash[h]
+            return self.vectors.payload(src.id, src.caption, src.captioner)
 
-        def row_for(res: _ReadResult, row_id: int) -> ImageRow:
+        def keep_old(old: ImageRow) -> None:
+            """Remember what ``old`` held before its id gets new content (a later copy may need it)."""
+            if old.content_hash not in stash:
+                stash[old.content_hash] = self.vectors.payload(old.id, old.caption, old.captioner)
+
+        def row_for(res: ReadResult, row_id: int, caption: str | None, captioner: str | None) -> ImageRow:
             e = res.entry
             return ImageRow(
                 id=row_id, path=e.path, content_hash=res.content_hash, byte_size=e.size, mtime=e.mtime,
                 width=res.width, height=res.height, file_type=e.file_type, taken_at=res.taken_at,
-                indexed_at=utcnow(), encoder=self.encoder.info.fingerprint, run_id=run_id,
+                indexed_at=utcnow(), encoder=self.encoder_fp, run_id=run_id, caption=caption,
+                captioner=captioner if caption else None, captioned_at=utcnow() if caption else None,
             )
 
         def flush_batch() -> None:
             if not batch:
                 return
-            vecs = self.encoder.encode_pixels(torch.stack([r.pixels for r, _, _ in batch]))  # (B, D)
-            ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
-            for (res, rid, old), vec in zip(batch, vecs):
+            out = self.models.run(torch.stack([r.pixels for r, _, _ in batch]),
+                                  _stack_or_none([r.cap_pixels for r, _, _ in batch]))
+            where, cap_vecs = self.models.embed_captions(out.captions)
+            cap_of = dict(zip(where.tolist(), cap_vecs))
+            for pos, ((res, rid, old), vec) in enumerate(zip(batch, out.vectors)):
                 if old is not None:
-                    stash.setdefault(old.content_hash, self.vectors.reconstruct(np.array([rid]))[0])
-                    self.vectors.remove(np.array([rid]))
-                self._queue_row(row_for(res, rid))
-            self.vectors.add(ids, vecs)
+                    keep_old(old)
+                self.vectors.put(rid, vec, cap_of.get(pos))
+                caption = out.captions[pos]
+                summary.captioned += caption is not None
+                self._queue_row(row_for(res, rid, caption, self.captioner_fp))
             summary.embedded += len(batch)
             bar.update(len(batch))
             batch.clear()
@@ -242,19 +257,18 @@ class Indexer:
                             self._queue_row(src)
                             summary.moved += 1
                         else:
-                            vec = vector_of(res.content_hash)
+                            payload = payload_of(res.content_hash)
                             src = by_hash[res.content_hash]
-                            rid = old.id if old is not None else next_id
                             if old is None:
-                                next_id += 1
+                                rid, next_id = next_id, next_id + 1
+                                summary.copied += 1
                             else:
-                                stash.setdefault(old.content_hash, self.vectors.reconstruct(np.array([rid]))[0])
-                                self.vectors.remove(np.array([rid]))
+                                rid = old.id
+                                keep_old(old)
                                 summary.changed += 1
                             res.width, res.height, res.taken_at = src.width, src.height, src.taken_at
-                            self.vectors.add(np.array([rid]), vec[None])
-                            self._queue_row(row_for(res, rid))
-                            summary.copied += old is None
+                            self.vectors.put(rid, payload.image, payload.caption_vec)
+                            self._queue_row(row_for(res, rid, payload.caption, payload.captioner))
                         bar.update(1)
                         continue
                     if old is not None:
@@ -284,7 +298,7 @@ class Indexer:
         self.store.finish_run(run_id, summary.to_json())
         return summary
 
-    def _ordered(self, pool: ThreadPoolExecutor, todo: list[FileEntry], known: frozenset[str]) -> Iterator[_ReadResult]:
+    def _ordered(self, pool: ThreadPoolExecutor, todo: list[FileEntry], known: frozenset[str]) -> Iterator[ReadResult]:
         """Read files on the pool, yielding results in order with a bounded number in flight."""
         window = max(self.batch_size * 2, self.workers * 4)
         futures = []
@@ -306,11 +320,10 @@ class Indexer:
 
     def _checkpoint(self) -> None:
         """Vectors to disk first, then every buffered SQL change in one transaction."""
-        self.vectors.save(self.vectors_path)
+        self.vectors.save()
         with self.store.session() as s:
             self.store.delete_images(s, self._pending_deletes)
             self.store.clear_skipped(s, self._pending_unskip)
-            # rows whose path is about to be taken by another row (swaps, moves onto a changed path)
             for row in self._pending_rows:
                 s.merge(row)
             for skip in self._pending_skips:
@@ -320,3 +333,19 @@ class Indexer:
         self._pending_unskip.clear()
         self._pending_deletes.clear()
         self._since_checkpoint = 0
+
+
+def _stack_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(t is None for t in tensors) else torch.stack(tensors)
+
+
+def decode_into(result: ReadResult, data: bytes, models: ImageModels) -> ReadResult:
+    """Decode ``data`` once and preprocess it for every model; errors land in ``result.error``."""
+    try:
+        decoded = load_image(data)
+        result.pixels, result.cap_pixels = models.preprocess(decoded.image)
+    except ImageDecodeError as exc:
+        result.error = str(exc).replace("<bytes>: ", "")
+        return result
+    result.width, result.height, result.taken_at = decoded.width, decoded.height, decoded.taken_at
+    return result

@@ -20,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from indexer.errors import IndexCorruptError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: captions (images.caption, captioner, captioned_at)
 
 
 def utcnow() -> datetime:
@@ -52,6 +52,9 @@ class ImageRow(Base):
     taken_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # EXIF date taken
     indexed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     encoder: Mapped[str] = mapped_column(String(255))  # fingerprint of the encoder that made the vector
+    caption: Mapped[str | None] = mapped_column(Text, nullable=True)  # never an empty string
+    captioner: Mapped[str | None] = mapped_column(String(255), nullable=True)  # fingerprint of its captioner
+    captioned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
 
 
@@ -76,6 +79,14 @@ class RunRow(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     summary: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON of IndexSummary
+
+
+# schema version -> SQL that upgrades the previous version to it (portable SQL only)
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE images ADD COLUMN caption TEXT",
+        "ALTER TABLE images ADD COLUMN captioner VARCHAR(255)",
+        "ALTER TABLE images ADD COLUMN captioned_at DATETIME"),
+}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
@@ -114,10 +125,16 @@ class Store:
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta({"schema_version": str(SCHEMA_VERSION)})
-        elif int(version) > SCHEMA_VERSION:
+            return
+        if int(version) > SCHEMA_VERSION:
             raise IndexCorruptError(
                 f"the index was written by a newer pixquery (schema {version} > {SCHEMA_VERSION}); upgrade pixquery"
             )
+        for target in range(int(version) + 1, SCHEMA_VERSION + 1):
+            with self.engine.begin() as conn:
+                for statement in MIGRATIONS[target]:
+                    conn.exec_driver_sql(statement)
+            self.set_meta({"schema_version": str(target)})
 
     def get_meta(self, key: str) -> str | None:
         with self.session() as s:
@@ -137,6 +154,10 @@ class Store:
     def image_ids(self) -> set[int]:
         with self.session() as s:
             return set(s.scalars(select(ImageRow.id)))
+
+    def captioned_ids(self) -> set[int]:
+        with self.session() as s:
+            return set(s.scalars(select(ImageRow.id).where(ImageRow.caption.is_not(None))))
 
     def images_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = list(ids)

@@ -60,6 +60,13 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
+    def contains(self, row_id: int) -> bool:
+        try:
+            self.index.reconstruct(int(row_id))
+        except RuntimeError:
+            return False
+        return True
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
 from retrieval.encoder import EncoderInfo, JointEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +110,30 @@ def photo_dir(tmp_path: Path) -> Path:
         make_image(root / "a" / f"{name}.png", name)
         make_image(root / "b" / f"{name}-striped.jpg", name, stripe=(i * 30 % 255, 90, 200))
     return root
+
+
+class TinyCaptioner(Captioner):
+    """Names the nearest of TinyEncoder's colours: "a red picture". ``blank`` colours get an empty caption."""
+
+    def __init__(self, name: str = "test:tiny-captioner", template: str = "a {} picture",
+                 blank: tuple[str, ...] = ()) -> None:
+        self.device = torch.device("cpu")
+        self.template, self.blank = template, blank
+        self.info = CaptionerInfo(name=name, weights_sha256=hashlib.sha256(template.encode()).hexdigest())
+        self.captioned = 0
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        arr = np.asarray(image.convert("RGB").resize((1, 1), Image.Resampling.BOX), dtype=np.float32)
+        return torch.from_numpy(arr[0, 0])  # (3,) mean colour
+
+    def caption_pixels(self, pixels: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
+        self.captioned += len(pixels)
+        names = list(TinyEncoder.COLOURS)
+        ref = torch.tensor([TinyEncoder.COLOURS[n] for n in names], dtype=torch.float32)  # (C, 3)
+        nearest = torch.cdist(pixels.float(), ref).argmin(dim=1)
+        return ["" if names[i] in self.blank else self.template.format(names[i]) for i in nearest.tolist()]
+
+
+@pytest.fixture
+def tiny_captioner() -> TinyCaptioner:
+    return TinyCaptioner()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TinyEncoder, make_image
+from conftest import TinyCaptioner, TinyEncoder, make_image
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import EncoderMismatchError, IndexNotFoundError, InputError
@@ -17,8 +17,10 @@ from indexer.errors import EncoderMismatchError, IndexNotFoundError, InputError
 QUERIES = ["red", "green", "blue things", "yellow", "black", "purple orange"]
 
 
-def engine_at(tmp_path: Path, name: str, encoder: TinyEncoder | None = None) -> Engine:
-    return Engine(EngineConfig(index_dir=tmp_path / name, progress=False, batch_size=4), encoder=encoder or TinyEncoder())
+def engine_at(tmp_path: Path, name: str, encoder: TinyEncoder | None = None,
+              captioner: TinyCaptioner | None = None) -> Engine:
+    config = EngineConfig(index_dir=tmp_path / name, progress=False, batch_size=4, captioner=None)
+    return Engine(config, encoder=encoder or TinyEncoder(), captioner=captioner)
 
 
 def ranking(engine: Engine, k: int = 50) -> list[list[tuple[str, float]]]:

@@ -163,8 +163,13 @@ class NativeEncoder(JointEncoder):
         return self.image_tower(x)
 
     @torch.inference_mode()
+    def encode_grid(self, grid: torch.Tensor) -> np.ndarray:
+        """(B, 1280, 7, 7) grid features -> (B, dim) embeddings."""
+        return l2_normalize(self.heads.embed_grid(grid))
+
+    @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        return l2_normalize(self.heads.embed_grid(self.grid(pixels)))
+        return self.encode_grid(self.grid(pixels))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,74 @@
+"""The model stage of indexing: image embeddings and captions for one batch of decoded images.
+
+When the encoder and the captioner share the native image tower, the tower runs once per image
+and its 7x7 grid feeds both the embedding head and the caption decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioning.captioner import Captioner, DecodeOptions
+from retrieval.encoder import JointEncoder
+
+
+@dataclass
+class BatchOutput:
+    vectors: np.ndarray  # (B, D) image embeddings
+    captions: list[str | None]  # one per image; None where no captioner ran or it wrote nothing
+
+
+class ImageModels:
+    """Encoder plus optional captioner behind two calls: ``preprocess`` (threads) and ``run`` (batches)."""
+
+    def __init__(self, encoder: JointEncoder, captioner: Captioner | None = None,
+                 options: DecodeOptions = DecodeOptions()) -> None:
+        self.encoder, self.captioner, self.options = encoder, captioner, options
+        self.shared = (captioner is not None and hasattr(encoder, "encode_grid") and hasattr(encoder, "grid")
+                       and hasattr(captioner, "caption_grid"))
+
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (encoder pixels, captioner pixels or None when the backbone is shared or absent)."""
+        x = self.encoder.preprocess(image)
+        if self.captioner is None or self.shared:
+            return x, None
+        return x, self.captioner.preprocess(image)
+
+    def run(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> BatchOutput:
+        if self.captioner is None:
+            return BatchOutput(self.encoder.encode_pixels(enc_pixels), [None] * len(enc_pixels))
+        if self.shared:
+            grid = self.encoder.grid(enc_pixels)  # (B, 1280, 7, 7), one backbone pass for both
+            vectors = self.encoder.encode_grid(grid)
+            captions = self.captioner.caption_grid(grid, self.options)
+        else:
+            vectors = self.encoder.encode_pixels(enc_pixels)
+            captions = self.captioner.caption_pixels(cap_pixels, self.options)
+        return BatchOutput(vectors, [clean_caption(c) for c in captions])
+
+    def caption_only(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> list[str | None]:
+        """Captions without touching image embeddings (``recaption``)."""
+        if self.captioner is None:
+            return [None] * len(enc_pixels)
+        if self.shared:
+            return [clean_caption(c) for c in self.captioner.caption_grid(self.encoder.grid(enc_pixels), self.options)]
+        return [clean_caption(c) for c in self.captioner.caption_pixels(cap_pixels, self.options)]
+
+    def embed_captions(self, captions: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (positions of non-empty captions, their (n, D) text embeddings)."""
+        keep = np.array([i for i, c in enumerate(captions) if c], dtype=np.int64)
+        if not len(keep):
+            return keep, np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return keep, self.encoder.encode_texts([captions[i] for i in keep])
+
+
+def clean_caption(text: str | None) -> str | None:
+    """Collapse whitespace; an empty caption becomes None (never stored as '')."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text or None

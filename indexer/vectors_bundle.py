@@ -1,0 +1,66 @@
+"""The two vector indexes of one collection, kept in step: image embeddings and caption embeddings.
+
+Both are keyed by ``images.id``. Every image has an image vector; it has a caption vector only
+when it has a caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.vectors import VectorIndex
+
+
+@dataclass
+class Payload:
+    """Everything the index holds for one image besides its file facts."""
+
+    image: np.ndarray  # (D,)
+    caption_vec: np.ndarray | None  # (D,)
+    caption: str | None
+    captioner: str | None
+
+
+class VectorBundle:
+    def __init__(self, images: VectorIndex, captions: VectorIndex, image_path: Path, caption_path: Path) -> None:
+        self.images, self.captions = images, captions
+        self.image_path, self.caption_path = image_path, caption_path
+
+    @classmethod
+    def load(cls, folder: Path, dim: int) -> "VectorBundle":
+        ip, cp = folder / "images.faiss", folder / "captions.faiss"
+        return cls(VectorIndex.load(ip, dim), VectorIndex.load(cp, dim), ip, cp)
+
+    def save(self) -> None:
+        self.images.save(self.image_path)
+        self.captions.save(self.caption_path)
+
+    def ids(self) -> np.ndarray:
+        return self.images.ids()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def payload(self, row_id: int, caption: str | None, captioner: str | None) -> Payload:
+        ids = np.array([row_id], dtype=np.int64)
+        cap = self.captions.reconstruct(ids)[0] if caption and self.captions.contains(row_id) else None
+        return Payload(self.images.reconstruct(ids)[0], cap, caption, captioner)
+
+    def put(self, row_id: int, image: np.ndarray, caption_vec: np.ndarray | None) -> None:
+        """Set both vectors of ``row_id`` (replacing what it had)."""
+        ids = np.array([row_id], dtype=np.int64)
+        self.remove(ids)
+        self.images.add(ids, image[None])
+        if caption_vec is not None:
+            self.captions.add(ids, caption_vec[None])
+
+    def set_captions(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.captions.remove(ids)
+        self.captions.add(ids, vectors)
+
+    def remove(self, ids: np.ndarray) -> None:
+        self.images.remove(ids)
+        self.captions.remove(ids)

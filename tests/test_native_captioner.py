@@ -1,0 +1,64 @@
+"""Native captioner files, and one backbone pass shared by the native encoder and captioner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.captioner import DecodeOptions, create_captioner
+from captioning.model import CaptionDecoder, DecoderConfig
+from captioning.native import NativeCaptioner, save_captioner
+from captioning.tokenizer import WordTokenizer
+from indexer.models import ImageModels
+from retrieval.errors import InputError, ModelLoadError
+from retrieval.factory import DEFAULT_ENCODER, create_encoder
+from retrieval.images import load_image
+
+SAMPLES = Path(__file__).resolve().parents[1] / "indexer" / "sample_photos"
+
+
+@pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    torch.manual_seed(0)
+    tok = WordTokenizer.build(["a dog runs", "a cat sits", "the dog sits on grass"], min_count=1)
+    model = CaptionDecoder(DecoderConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=12))
+    for p in model.parameters():  # sharper random logits so decoding is not all ties
+        torch.nn.init.normal_(p, std=0.5)
+    path = tmp_path / "cap.pt"
+    save_captioner(model, tok, path, {"note": "tiny random test model"})
+    return path
+
+
+def test_weights_roundtrip_fp16_and_weights_only(tiny_weights):
+    payload = torch.load(tiny_weights, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
+    cap = create_captioner(f"native:{tiny_weights}")
+    assert cap.info.name == f"native:{tiny_weights.resolve()}" and len(cap.info.weights_sha256) == 64
+
+
+def test_shared_backbone_gives_same_vectors_and_captions(tiny_weights):
+    encoder = create_encoder(DEFAULT_ENCODER)
+    captioner = NativeCaptioner(str(tiny_weights))
+    models = ImageModels(encoder, captioner, DecodeOptions(beam_size=2, max_len=8))
+    assert models.shared
+    images = [load_image(SAMPLES / n).image for n in ("cat_tabby_chelsea_01.jpg", "surfer_on_wave_01.jpg")]
+    enc_px, cap_px = zip(*(models.preprocess(im) for im in images))
+    assert cap_px == (None, None)  # one preprocessing, one backbone pass
+    out = models.run(torch.stack(enc_px), None)
+    np.testing.assert_allclose(out.vectors, encoder.encode_images(images), atol=1e-5)
+    alone = captioner.caption_images(images, DecodeOptions(beam_size=2, max_len=8))  # its own tower
+    assert [c or "" for c in out.captions] == [" ".join(c.split()) for c in alone]
+
+
+def test_bad_captioner_names(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown native captioner"):
+        create_captioner("native:nope")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="not a pixquery native captioner"):
+        create_captioner(f"native:{tmp_path / 'junk.pt'}")
+    for bad in ("", "native", "foo:bar"):
+        with pytest.raises(InputError):
+            create_captioner(bad)
