@@ -2,6 +2,8 @@
 
 * ``bench index``: index N images of a folder into a fresh temporary index, end to end
   (discovery, hashing, decoding, embedding, writing), and report images/s and peak memory.
+* ``bench caption``: caption N images of a folder (decode + backbone + batched beam search) and
+  report images/s; no index involved.
 * ``bench search``: start ``pixquery search`` as a new process R times against an index and
   report the wall time until its results are printed (cold start: imports, model load, search).
 """
@@ -21,6 +23,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from indexer.config import EngineConfig
@@ -78,3 +81,37 @@ def bench_search(index_dir: Path, query: str, runs: int) -> dict:
     return {"query": query, "runs": runs, "cold_process_s_median": round(statistics.median(times), 3),
             "cold_process_s_min": round(min(times), 3), "cold_process_s_max": round(max(times), 3),
             "machine": machine()}
+
+
+def bench_caption(folder: Path, limit: int, config: EngineConfig) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from captioning.captioner import create_captioner
+    from retrieval.device import resolve_device
+    from retrieval.images import load_image
+
+    if not config.captioner:
+        raise InputError("no captioner configured: pass --captioner NAME")
+    files = (discover(folder.expanduser().resolve()) if folder.is_dir() else [])[:limit]
+    if not files:
+        raise InputError(f"no images to benchmark under {folder}")
+    device = resolve_device(config.device)
+    t0 = time.perf_counter()
+    captioner = create_captioner(config.captioner, device=device, cache_dir=config.cache_dir / "models",
+                                 offline=config.offline)
+    captioner.caption_images([Image.new("RGB", (8, 8))], config.decode)  # load every part before timing
+    load_s = time.perf_counter() - t0
+    prep = lambda f: captioner.preprocess(load_image(f.path).image)  # noqa: E731
+    t0 = time.perf_counter()
+    lengths = []
+    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+        for start in range(0, len(files), config.batch_size):
+            pixels = torch.stack(list(pool.map(prep, files[start:start + config.batch_size])))
+            lengths += [len(c.split()) for c in captioner.caption_pixels(pixels, config.decode)]
+    seconds = time.perf_counter() - t0
+    return {"images": len(files), "captioner": captioner.info.name, "beam": config.decode.beam_size,
+            "model_load_s": round(load_s, 2), "seconds": round(seconds, 2),
+            "images_per_s": round(len(files) / seconds, 2), "mean_words": round(float(np.mean(lengths)), 2),
+            "batch_size": config.batch_size, "device": str(device), "machine": machine()}

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=2)
     _common(b)
+    b = bsub.add_parser("caption", help="caption N images of FOLDER (decode + backbone + beam search)")
+    b.add_argument("folder")
+    b.add_argument("--limit", type=int, default=1000)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--workers", type=int, default=2)
+    _common(b)
+    _captioning(b)
     b = bsub.add_parser("search", help="time cold 'pixquery search' processes against an index")
     b.add_argument("query", nargs="?", default="a dog running on the grass")
     b.add_argument("--runs", type=int, default=5)
@@ -335,6 +342,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.what == "index":
         report = bench.bench_index(Path(args.folder), args.limit, config)
+    elif args.what == "caption":
+        report = bench.bench_caption(Path(args.folder), args.limit, config)
     else:
         report = bench.bench_search(config.index_dir, args.query, args.runs)
     print(json.dumps(report))
