@@ -9,6 +9,7 @@ import pytest
 from conftest import TinyEncoder, make_image
 from indexer.cli import main
 from indexer.config import EngineConfig
+from indexer.errors import InputError
 from indexer.evaluate import evaluate_retrieval
 from retrieval.images import load_image
 
@@ -77,3 +78,24 @@ def test_native_encoder_reaches_issue_figures_on_flickr8k_dev(tmp_path):
     r = report["text_to_image"]["image"]
     assert (report["n_images"], report["n_queries"]) == (1000, 5000)
     assert r["R@1"] >= 21 and r["R@5"] >= 49 and r["R@10"] >= 63
+
+
+def test_eval_captions_contract_and_perfect_unigrams(tmp_path):
+    from conftest import TinyCaptioner
+    from indexer.evaluate import evaluate_captions
+
+    images = tmp_path / "imgs"
+    lines = []
+    for colour in ["red", "green", "blue", "yellow"]:
+        make_image(images / f"{colour}.png", colour)
+        lines += [f"{colour}.png\ta {colour} picture", f"{colour}.png\tsomething {colour} and bright"]
+    (tmp_path / "refs.tsv").write_text("\n".join(lines) + "\n")
+    cfg = EngineConfig(progress=False, captioner=None)
+    report = evaluate_captions(images, tmp_path / "refs.tsv", cfg, captioner=TinyCaptioner())
+    assert set(report) == {"n_images", "captioner", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr", "ROUGE-L"}
+    assert report["n_images"] == 4 and report["captioner"] == "test:tiny-captioner"
+    # every hypothesis equals one of its references: unigram and bigram precision are perfect
+    assert report["BLEU-1"] == pytest.approx(1.0) and report["BLEU-2"] == pytest.approx(1.0)
+    assert report["ROUGE-L"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="no captioner"):
+        evaluate_captions(images, tmp_path / "refs.tsv", cfg)

@@ -62,3 +62,21 @@ def test_bad_captioner_names(tmp_path):
     for bad in ("", "native", "foo:bar"):
         with pytest.raises(InputError):
             create_captioner(bad)
+
+
+def test_caption_cli_json_and_bad_files(tiny_weights, tmp_path, capsys):
+    import json
+
+    from indexer.cli import main
+
+    (tmp_path / "fake.jpg").write_text("not an image")
+    img = str(SAMPLES / "cat_tabby_chelsea_01.jpg")
+    assert main(["caption", img, str(tmp_path / "fake.jpg"), "--captioner", f"native:{tiny_weights}",
+                 "--beam", "2", "--max-words", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in out["results"]] == [img, str(tmp_path / "fake.jpg")]
+    assert out["results"][0]["caption"] and len(out["results"][0]["caption"].split()) <= 6
+    assert out["results"][1]["caption"] is None and "not a readable image" in out["results"][1]["error"]
+    assert main(["caption", str(tmp_path / "fake.jpg"), "--captioner", f"native:{tiny_weights}"]) == 2
+    assert main(["caption", img, "--captioner", "none"]) == 2
+    assert "no captioner" in capsys.readouterr().err
