@@ -6,7 +6,9 @@ Per file (see docs/ARCHITECTURE.md for the full decision table):
 * content hash unchanged (touched)     -> metadata only;
 * hash known elsewhere in the index    -> moved/renamed (row keeps id and vector) or copied
                                           (vector copied, never re-embedded);
-* otherwise                            -> decoded once, embedded in a batch, stored.
+* otherwise                            -> decoded once, embedded (and captioned) in a batch, stored.
+
+Moves and copies carry the caption and its vector along; an empty caption is never stored.
 
 Rows under the root whose files are gone are deleted from the store and the vector index.
 Work is checkpointed: the vector file is saved first, then the buffered SQL changes commit in one
