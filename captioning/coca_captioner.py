@@ -34,7 +34,7 @@ from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
 from captioning.decoding import beam_search
 from captioning.hf_captioner import TOKEN_SLACK, check_decode_options
 from retrieval.errors import InputError, ModelLoadError
-from retrieval.openclip_encoder import _fetch_weights, _load_failure, file_sha256, parse_spec, set_offline
+from retrieval.openclip_encoder import load_open_clip, parse_spec
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:]|'(?:s|t|re|ve|m|ll|d)\b)")
@@ -135,42 +135,20 @@ class CocaCaptioner(Captioner):
                 f"open_clip captioner 'openclip:{spec}' needs a CoCa architecture (coca_*), "
                 f"e.g. 'openclip:coca_ViT-B-32/mscoco_finetuned_laion2b_s13b_b90k'; {parsed.arch} cannot write captions"
             )
-        device = device or torch.device("cpu")
-        cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
-        if offline:
-            set_offline()
-        try:
-            import open_clip
+        loaded = load_open_clip(spec, device or torch.device("cpu"), cache_dir, offline, parsed)
+        import open_clip
 
-            if not parsed.is_hf_hub and parsed.arch not in open_clip.list_models():
-                raise ModelLoadError(
-                    f"unknown open_clip architecture {parsed.arch!r}; open_clip.list_models() has the valid names"
-                )
-            weights = _fetch_weights(open_clip, parsed, cache)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                parsed.arch,
-                pretrained=str(weights) if parsed.checkpoint is not None else parsed.pretrained,
-                device=device,
-                cache_dir=cache,
+        if not isinstance(loaded.model, open_clip.CoCa):
+            raise ModelLoadError(
+                f"'openclip:{spec}' is a {type(loaded.model).__name__}, not a CoCa model: it cannot write captions"
             )
-            if not isinstance(model, open_clip.CoCa):
-                raise ModelLoadError(
-                    f"'openclip:{spec}' is a {type(model).__name__}, not a CoCa model: it cannot write captions"
-                )
-            tokenizer = open_clip.get_tokenizer(parsed.arch, cache_dir=cache)
-            if not all(hasattr(tokenizer, a) for a in ("sot_token_id", "eot_token_id", "decode")):
-                raise ModelLoadError(
-                    f"'openclip:{spec}' uses a {type(tokenizer).__name__}; pixquery captions only with "
-                    f"CoCa models that use open_clip's CLIP BPE tokenizer"
-                )
-            sha = file_sha256(weights)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot be used
-            raise ModelLoadError(_load_failure(spec, cache, offline, exc)) from exc
-        # a local checkpoint is named by its resolved path, so "./m.pt" and "/abs/m.pt" agree
-        name = f"openclip:{parsed.arch}/{weights.resolve()}" if parsed.checkpoint is not None else f"openclip:{spec}"
-        return cls(model, preprocess, tokenizer, CaptionerInfo(name=name, weights_sha256=sha), device)
+        if not all(hasattr(loaded.tokenizer, a) for a in ("sot_token_id", "eot_token_id", "decode")):
+            raise ModelLoadError(
+                f"'openclip:{spec}' uses a {type(loaded.tokenizer).__name__}; pixquery captions only with "
+                f"CoCa models that use open_clip's CLIP BPE tokenizer"
+            )
+        info = CaptionerInfo(name=loaded.name, weights_sha256=loaded.sha256)
+        return cls(loaded.model, loaded.preprocess, loaded.tokenizer, info, loaded.device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._preprocess(image)  # (3, H, W)

@@ -20,6 +20,7 @@ from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.tokenizer import WordTokenizer
 from retrieval.errors import ModelLoadError
 from retrieval.images import to_tensor
+from retrieval.weights import resolve_weights, save_payload
 from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -29,32 +30,14 @@ FORMAT = "pixquery-native-captioner/1"
 
 def save_captioner(model: CaptionDecoder, tok: WordTokenizer, path: Path, meta: dict) -> None:
     """Config, tokenizer, fp16 weights and metadata in one ``weights_only``-loadable file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    save_payload({
         "format": FORMAT,
         "config": asdict(model.cfg),
         "tokenizer": tok.to_dict(),
         "state_dict": {k: v.detach().cpu().half().contiguous() if v.is_floating_point() else v.cpu()
                        for k, v in model.state_dict().items()},
         "meta": meta,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def resolve_weights(spec: str) -> Path:
-    candidate = Path(spec).expanduser()
-    if candidate.suffix == ".pt" or candidate.is_file():
-        if not candidate.is_file():
-            raise ModelLoadError(f"native captioner weights {candidate} do not exist")
-        return candidate
-    shipped = WEIGHTS_DIR / f"{spec}.pt"
-    if not shipped.is_file():
-        known = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
-        raise ModelLoadError(f"unknown native captioner {spec!r}; shipped: {', '.join(known) or 'none'} "
-                             f"(or give the path of a file made by 'pixquery train captioner')")
-    return shipped
+    }, path)
 
 
 def load_captioner(path: Path) -> tuple[CaptionDecoder, WordTokenizer, dict, str]:
@@ -77,7 +60,7 @@ class NativeCaptioner(Captioner):
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:
         self.device = device or torch.device("cpu")
-        path = resolve_weights(spec)
+        path = resolve_weights(spec, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
         self.model, self.tokenizer, self.meta, sha = load_captioner(path)
         self.model.to(self.device)
         name = f"native:{spec if path.parent == WEIGHTS_DIR else path.resolve()}"

@@ -129,6 +129,54 @@ def _fetch_weights(open_clip: Any, spec: OpenClipSpec, cache_dir: str | None) ->
     return Path(open_clip.download_pretrained(cfg, cache_dir=cache_dir))
 
 
+@dataclass
+class LoadedOpenClip:
+    """An open_clip model with its transforms and tokenizer, and where its weights came from."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    name: str  # "openclip:<spec>", a local checkpoint by its resolved path ("./m.pt" and "/abs/m.pt" agree)
+    sha256: str  # of the weights file
+    device: torch.device
+    cache: str | None
+
+
+def load_open_clip(spec: str, device: torch.device, cache_dir: str | Path | None, offline: bool,
+                   parsed: OpenClipSpec | None = None) -> LoadedOpenClip:
+    """Build the open_clip model of ``spec`` (shared by the encoder and the CoCa captioner).
+
+    With ``offline`` nothing is downloaded: the weights must be a local file or in ``cache_dir``.
+    Every failure to build the model is a :class:`ModelLoadError` that says how to get the weights.
+    """
+    parsed = parsed or parse_spec(spec)
+    cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
+    if offline:
+        set_offline()
+    try:
+        import open_clip
+
+        if not parsed.is_hf_hub and parsed.arch not in open_clip.list_models():
+            raise ModelLoadError(
+                f"unknown open_clip architecture {parsed.arch!r}; open_clip.list_models() has the valid names"
+            )
+        weights = _fetch_weights(open_clip, parsed, cache)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            parsed.arch,
+            pretrained=str(weights) if parsed.checkpoint is not None else parsed.pretrained,
+            device=device,
+            cache_dir=cache,
+        )
+        tokenizer = open_clip.get_tokenizer(parsed.arch, cache_dir=cache)
+        sha = file_sha256(weights)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot be used
+        raise ModelLoadError(_load_failure(spec, cache, offline, exc)) from exc
+    name = f"openclip:{parsed.arch}/{weights.resolve()}" if parsed.checkpoint is not None else f"openclip:{spec}"
+    return LoadedOpenClip(model.eval(), preprocess, tokenizer, name, sha, device, cache)
+
+
 class OpenClipEncoder(JointEncoder):
     """An open_clip model behind the :class:`JointEncoder` interface (``openclip:<spec>``)."""
 
@@ -159,37 +207,15 @@ class OpenClipEncoder(JointEncoder):
         With ``offline`` nothing is downloaded: the weights must be a local file or in ``cache_dir``.
         Every failure to build the model is a :class:`ModelLoadError` that says how to get the weights.
         """
-        parsed = parse_spec(spec)
-        device = device or torch.device("cpu")
-        cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
-        if offline:
-            set_offline()
+        loaded = load_open_clip(spec, device or torch.device("cpu"), cache_dir, offline)
         try:
-            import open_clip
-
-            if not parsed.is_hf_hub and parsed.arch not in open_clip.list_models():
-                raise ModelLoadError(
-                    f"unknown open_clip architecture {parsed.arch!r}; open_clip.list_models() has the valid names"
-                )
-            weights = _fetch_weights(open_clip, parsed, cache)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                parsed.arch,
-                pretrained=str(weights) if parsed.checkpoint is not None else parsed.pretrained,
-                device=device,
-                cache_dir=cache,
-            )
-            tokenizer = open_clip.get_tokenizer(parsed.arch, cache_dir=cache)
             with torch.inference_mode():
-                dim = int(model.eval().encode_text(tokenizer([""]).to(device)).shape[-1])  # (1, D)
-            sha = file_sha256(weights)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure here means the model cannot be used
-            raise ModelLoadError(_load_failure(spec, cache, offline, exc)) from exc
-        # a local checkpoint is named by its resolved path, so "./m.pt" and "/abs/m.pt" agree
-        name = f"openclip:{parsed.arch}/{weights.resolve()}" if parsed.checkpoint is not None else f"openclip:{spec}"
-        info = EncoderInfo(name=name, weights_sha256=sha, dim=dim)
-        return cls(model, preprocess, tokenizer, info, device)
+                tokens = loaded.tokenizer([""]).to(loaded.device)
+                dim = int(loaded.model.eval().encode_text(tokens).shape[-1])  # (1, D)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot encode text is unusable here
+            raise ModelLoadError(_load_failure(spec, loaded.cache, offline, exc)) from exc
+        info = EncoderInfo(name=loaded.name, weights_sha256=loaded.sha256, dim=dim)
+        return cls(loaded.model, loaded.preprocess, loaded.tokenizer, info, loaded.device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._preprocess(image)  # (3, H, W)

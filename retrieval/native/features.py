@@ -8,11 +8,10 @@ encoder heads (mean-pooled) and the captioner (attention over the 49 cells).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

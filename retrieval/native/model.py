@@ -8,7 +8,7 @@ text  B strings -> MiniLM mean pool (B, 384) -> L2 normalise -> linear head -> (
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ from torch import nn
 from retrieval.encoder import EncoderInfo, JointEncoder, l2_normalize
 from retrieval.errors import ModelLoadError
 from retrieval.images import to_tensor
+from retrieval.weights import resolve_weights, save_payload
 from retrieval.native.towers import (
     GRID_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, TEXT_DIM, ImageTower, TextTower,
 )
@@ -86,33 +87,17 @@ def stack_members(members: list[Heads]) -> Heads:
 
 def save_heads(heads: Heads, path: Path, meta: dict) -> None:
     """Store config, weights (float32) and training metadata in one ``weights_only``-loadable file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    save_payload({
         "format": "pixquery-native-heads/1",
         "config": asdict(heads.cfg),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()},
         "meta": meta,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    }, path)
 
 
 def resolve_heads_path(spec: str) -> Path:
     """``effl0-minilm-v1`` (shipped) or a path to a ``.pt`` file written by ``pixquery train encoder``."""
-    candidate = Path(spec).expanduser()
-    if candidate.suffix == ".pt" or candidate.is_file():
-        if not candidate.is_file():
-            raise ModelLoadError(f"native encoder weights {candidate} do not exist")
-        return candidate
-    shipped = WEIGHTS_DIR / f"{spec}.pt"
-    if not shipped.is_file():
-        known = sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
-        raise ModelLoadError(
-            f"unknown native encoder {spec!r}; shipped: {', '.join(known) or 'none'} "
-            f"(or give the path of a heads file made by 'pixquery train encoder')"
-        )
-    return shipped
+    return resolve_weights(spec, WEIGHTS_DIR, "native encoder", "pixquery train encoder")
 
 
 def load_heads(path: Path) -> tuple[Heads, str]:
