@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +45,29 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
         monkeypatch.setenv(var, str(home / sub))
     for var in ("PIXQUERY_DB", "PIXQUERY_ENCODER", "PIXQUERY_DEVICE", "PIXQUERY_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
+    """Record and refuse every connection attempt; point every model cache at ``tmp_path``."""
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for var in ("HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME", "TORCH_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / "cache" / var.lower()))
+    # offline=True sets these process-wide; register them so they are restored after each test
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hf_constants.HF_HUB_OFFLINE)
+    return attempts
 
 
 class TinyEncoder(JointEncoder):
