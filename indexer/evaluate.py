@@ -48,7 +48,8 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
         tmp_path = Path(tmp)
         (tmp_path / "images").mkdir()
         _link_images(images, names, tmp_path / "images")
-        cfg = replace(config, index_dir=tmp_path / "index")
+        # no ranking mode reads captions yet, so the temporary index is built without them
+        cfg = replace(config, index_dir=tmp_path / "index", captioner=None)
         with Engine(cfg, encoder=encoder) as engine:
             summary = engine.index(tmp_path / "images")
             if summary.skipped:
