@@ -9,7 +9,7 @@ from pathlib import Path
 from captioning.captioner import DecodeOptions
 from retrieval.factory import DEFAULT_ENCODER
 
-DEFAULT_CAPTIONER: str | None = None  # set to the shipped native captioner once its weights ship
+DEFAULT_CAPTIONER: str | None = "native:effl0-sat-v1"  # "none" in PIXQUERY_CAPTIONER or --captioner switches it off
 
 ENV_DB = "PIXQUERY_DB"  # index folder
 ENV_ENCODER = "PIXQUERY_ENCODER"

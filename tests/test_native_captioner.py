@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from captioning.captioner import DecodeOptions, create_captioner
 from captioning.model import CaptionDecoder, DecoderConfig
@@ -80,3 +81,43 @@ def test_caption_cli_json_and_bad_files(tiny_weights, tmp_path, capsys):
     assert main(["caption", str(tmp_path / "fake.jpg"), "--captioner", f"native:{tiny_weights}"]) == 2
     assert main(["caption", img, "--captioner", "none"]) == 2
     assert "no captioner" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,word", [("woman_with_dog_on_grass_01.jpg", "dog"), ("surfer_on_wave_01.jpg", "surf"),
+                                       ("people_playing_soccer_01.jpg", "soccer"), ("couple_riding_bicycles_01.jpg", "bike")])
+def test_shipped_captioner_names_what_is_in_flickr_like_photos(name, word):
+    captioner = _shipped()
+    caption = captioner.caption_images([load_image(SAMPLES / name).image])[0]
+    assert word in caption, caption
+
+
+def test_shipped_captioner_file_is_small_and_weights_only():
+    from captioning.native import WEIGHTS_DIR
+
+    path = WEIGHTS_DIR / "effl0-sat-v1.pt"
+    assert path.stat().st_size < 30_000_000
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["format"] == "pixquery-native-captioner/1" and payload["meta"]["dev"]["beam"] == 3
+
+
+_SHIPPED: list = []
+
+
+def _shipped() -> NativeCaptioner:
+    if not _SHIPPED:
+        _SHIPPED.append(create_captioner("native:effl0-sat-v1"))
+    return _SHIPPED[0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.new("RGB", (1, 1), (0, 0, 0)),  # tiny
+    lambda: Image.new("L", (300, 200), 128),  # grayscale, blank
+    lambda: Image.new("CMYK", (120, 90), (0, 50, 100, 0)),
+    lambda: Image.new("RGB", (4000, 20), (30, 120, 200)),  # very wide
+])
+def test_odd_images_get_a_caption_or_none_never_a_crash(make, tmp_path):
+    fmt = "JPEG"
+    path = tmp_path / "odd.jpg"
+    make().save(path, fmt)
+    caption = _shipped().caption_images([load_image(path).image])[0]
+    assert isinstance(caption, str)
