@@ -36,6 +36,11 @@ MODES = ("image",)  # ranking modes this engine offers; caption-based modes come
 MAX_QUERY_CHARS = 2000
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise InputError(f"unknown ranking mode {mode!r}; this index offers: {', '.join(MODES)}")
+
+
 @dataclass(frozen=True)
 class SearchHit:
     id: int
@@ -261,8 +266,7 @@ class Engine:
 
     def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """Rank the index for (Q, dim) query vectors -> (scores, ids), each (Q, <=k)."""
-        if mode not in MODES:
-            raise InputError(f"unknown ranking mode {mode!r}; this index offers: {', '.join(MODES)}")
+        _check_mode(mode)
         _, vectors = self._ready()
         return vectors.images.search(queries, k)
 
@@ -271,10 +275,11 @@ class Engine:
         """Top ``k`` images for a text query and/or an example image, best first."""
         if k < 1:
             raise InputError("k must be at least 1")
-        self._ready()
+        _check_mode(mode)
+        store, vectors = self._ready()
         q = self.embed_query(text, image)
-        scores, ids = self.search_vectors(q[None], k, mode)
-        rows = self._store.images_by_ids(ids[0].tolist())
+        scores, ids = vectors.images.search(q[None], k)
+        rows = store.images_by_ids(ids[0].tolist())
         return [self._hit(rows[i], float(s), mode) for s, i in zip(scores[0], ids[0]) if i in rows]
 
     @staticmethod
