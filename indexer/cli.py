@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=2)
     _common(b)
+    _captioning(b)
     b = bsub.add_parser("caption", help="caption N images of FOLDER (decode + backbone + beam search)")
     b.add_argument("folder")
     b.add_argument("--limit", type=int, default=1000)
