@@ -59,11 +59,28 @@ class EngineConfig:
 
     @property
     def db_url(self) -> str:
-        return f"sqlite:///{self.index_dir / 'pixquery.sqlite'}"
+        return f"sqlite:///{self.db_path}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.index_dir / "pixquery.sqlite"
 
     @property
     def vectors_path(self) -> Path:
+        """Image embeddings."""
         return self.index_dir / "images.faiss"
+
+    @property
+    def caption_vectors_path(self) -> Path:
+        """Embeddings of the generated captions."""
+        return self.index_dir / "captions.faiss"
+
+    @property
+    def index_files(self) -> tuple[Path, ...]:
+        """Every file an index consists of (``drop`` deletes exactly these)."""
+        db = self.db_path
+        return (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                self.vectors_path, self.caption_vectors_path)
 
     @property
     def default_encoder(self) -> str:

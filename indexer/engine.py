@@ -59,7 +59,7 @@ class SearchHit:
 
 
 class Engine:
-    """One index (a folder with ``pixquery.sqlite`` and ``images.faiss``) and the models to use it."""
+    """One index (a folder: SQLite database and vector files, see EngineConfig) and the models to use it."""
 
     def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None,
                  captioner: Captioner | None = None) -> None:
@@ -84,7 +84,7 @@ class Engine:
 
     @property
     def exists(self) -> bool:
-        return (self.config.index_dir / "pixquery.sqlite").exists()
+        return self.config.db_path.exists()
 
     def _open(self, create: bool) -> Store:
         if self._store is None:
@@ -156,7 +156,7 @@ class Engine:
         if self._vectors is None:
             info = self.index_info
             dim = info.dim if info else self.encoder.dim
-            self._vectors = VectorBundle.load(self.config.index_dir, dim)
+            self._vectors = VectorBundle.load(self.config.vectors_path, self.config.caption_vectors_path, dim)
             removed = reconcile(store, self._vectors)
             if any(removed):
                 self._vectors.save()
@@ -233,8 +233,8 @@ class Engine:
         """Delete this index's files (never any image)."""
         self.close()
         self._vectors = None
-        for name in ("pixquery.sqlite", "pixquery.sqlite-wal", "pixquery.sqlite-shm", "images.faiss", "captions.faiss"):
-            (self.config.index_dir / name).unlink(missing_ok=True)
+        for path in self.config.index_files:
+            path.unlink(missing_ok=True)
 
     # --- search ------------------------------------------------------------------------------
     def _ready(self) -> tuple[Store, VectorBundle]:

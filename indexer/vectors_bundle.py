@@ -30,9 +30,8 @@ class VectorBundle:
         self.image_path, self.caption_path = image_path, caption_path
 
     @classmethod
-    def load(cls, folder: Path, dim: int) -> "VectorBundle":
-        ip, cp = folder / "images.faiss", folder / "captions.faiss"
-        return cls(VectorIndex.load(ip, dim), VectorIndex.load(cp, dim), ip, cp)
+    def load(cls, image_path: Path, caption_path: Path, dim: int) -> "VectorBundle":
+        return cls(VectorIndex.load(image_path, dim), VectorIndex.load(caption_path, dim), image_path, caption_path)
 
     def save(self) -> None:
         self.images.save(self.image_path)
