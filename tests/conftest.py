@@ -70,6 +70,21 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
     return attempts
 
 
+def register_open_clip_config(monkeypatch: pytest.MonkeyPatch, folder: Path, name: str, cfg: dict) -> str:
+    """Make open_clip know model ``name`` (config ``cfg``) for the current test only."""
+    import json
+
+    import open_clip
+    from open_clip import factory
+
+    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(factory, "_MODEL_CONFIGS", dict(factory._MODEL_CONFIGS))
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return name
+
+
 class TinyEncoder(JointEncoder):
     """A deterministic 16-d encoder for pipeline tests.
 

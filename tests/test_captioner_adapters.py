@@ -24,6 +24,7 @@ import transformers
 from captioning.captioner import CaptionerInfo, DecodeOptions, create_captioner
 from captioning.coca_captioner import clean_caption
 from captioning.hf_captioner import TOKEN_SLACK, weights_sha256
+from conftest import register_open_clip_config
 from retrieval.errors import InputError, ModelLoadError
 
 WORDS = "a the dog cat on in red blue car man woman beach grass sits runs with of and".split()
@@ -303,14 +304,7 @@ def test_sharded_weights_hash(tmp_path: Path) -> None:
 @pytest.fixture
 def coca_arch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """Register the tiny CoCa config with open_clip for this test only."""
-    from open_clip import factory
-
-    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
-    monkeypatch.setattr(factory, "_MODEL_CONFIGS", dict(factory._MODEL_CONFIGS))
-    path = tmp_path / f"{COCA}.json"
-    path.write_text(json.dumps(COCA_CFG))
-    open_clip.add_model_config(path)
-    return COCA
+    return register_open_clip_config(monkeypatch, tmp_path, COCA, COCA_CFG)
 
 
 def make_coca_checkpoint(path: Path, seed: int) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import register_open_clip_config
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.factory import create_encoder
 from retrieval.openclip_encoder import file_sha256, parse_spec
@@ -33,14 +33,7 @@ pytestmark = pytest.mark.usefixtures("no_network")  # conftest: refuse and recor
 @pytest.fixture
 def tiny_arch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """Register the tiny config with open_clip for this test only."""
-    from open_clip import factory
-
-    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
-    monkeypatch.setattr(factory, "_MODEL_CONFIGS", dict(factory._MODEL_CONFIGS))
-    path = tmp_path / f"{TINY}.json"
-    path.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(path)
-    return TINY
+    return register_open_clip_config(monkeypatch, tmp_path, TINY, TINY_CFG)
 
 
 def make_checkpoint(path: Path, seed: int) -> Path:
