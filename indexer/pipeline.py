@@ -215,12 +215,13 @@ class Indexer:
             out = self.models.run(torch.stack([r.pixels for r, _, _ in batch]),
                                   _stack_or_none([r.cap_pixels for r, _, _ in batch]))
             where, cap_vecs = self.models.embed_captions(out.captions)
-            cap_of = dict(zip(where.tolist(), cap_vecs))
-            for pos, ((res, rid, old), vec) in enumerate(zip(batch, out.vectors)):
-                if old is not None:
-                    keep_old(old)
-                self.vectors.put(rid, vec, cap_of.get(pos))
-                caption = out.captions[pos]
+            ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
+            replaced = [old for _, _, old in batch if old is not None]
+            for old in replaced:
+                keep_old(old)
+            self.vectors.remove(np.array([old.id for old in replaced], dtype=np.int64))
+            self.vectors.add(ids, out.vectors, ids[where], cap_vecs)
+            for (res, rid, _), caption in zip(batch, out.captions):
                 summary.captioned += caption is not None
                 self._queue_row(row_for(res, rid, caption, self.captioner_fp))
             summary.embedded += len(batch)
@@ -267,9 +268,10 @@ class Indexer:
                             else:
                                 rid = old.id
                                 keep_old(old)
+                                self.vectors.remove(np.array([rid], dtype=np.int64))
                                 summary.changed += 1
                             res.width, res.height, res.taken_at = src.width, src.height, src.taken_at
-                            self.vectors.put(rid, payload.image, payload.caption_vec)
+                            self.vectors.add_one(rid, payload.image, payload.caption_vec)
                             self._queue_row(row_for(res, rid, payload.caption, payload.captioner))
                         bar.update(1)
                         continue

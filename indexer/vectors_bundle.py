@@ -48,13 +48,17 @@ class VectorBundle:
         cap = self.captions.reconstruct(ids)[0] if caption and self.captions.contains(row_id) else None
         return Payload(self.images.reconstruct(ids)[0], cap, caption, captioner)
 
-    def put(self, row_id: int, image: np.ndarray, caption_vec: np.ndarray | None) -> None:
-        """Set both vectors of ``row_id`` (replacing what it had)."""
+    def add(self, ids: np.ndarray, images: np.ndarray, caption_ids: np.ndarray, captions: np.ndarray) -> None:
+        """Add vectors for ids not in the index yet (remove replaced ids first): one FAISS call each."""
+        self.images.add(ids, images)
+        self.captions.add(caption_ids, captions)
+
+    def add_one(self, row_id: int, image: np.ndarray, caption_vec: np.ndarray | None) -> None:
         ids = np.array([row_id], dtype=np.int64)
-        self.remove(ids)
-        self.images.add(ids, image[None])
-        if caption_vec is not None:
-            self.captions.add(ids, caption_vec[None])
+        if caption_vec is None:
+            self.images.add(ids, image[None])
+        else:
+            self.add(ids, image[None], ids, caption_vec[None])
 
     def set_captions(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.captions.remove(ids)
