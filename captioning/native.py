@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
 from captioning.decoding import beam_search
 from captioning.model import CaptionDecoder, DecoderConfig
-from captioning.tokenizer import WordTokenizer
+from captioning.tokenizer import WordTokenizer, clean_words
 from retrieval.errors import ModelLoadError
 from retrieval.images import to_tensor
 from retrieval.weights import resolve_weights, save_payload
@@ -90,3 +92,54 @@ class NativeCaptioner(Captioner):
     def caption_pixels(self, pixels: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
         x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
         return self.caption_grid(self.image_tower(x), options)
+
+    # --- scoring a text against images: log P(text | image), for caption-conditioned ranking ---------
+    @property
+    def memory_shape(self) -> tuple[int, int]:
+        """(S, D): what the decoder attends over for one image (49 grid cells x d_model)."""
+        return self.model.cfg.grid_size ** 2, self.model.cfg.d_model
+
+    @torch.inference_mode()
+    def memory(self, grid: torch.Tensor) -> np.ndarray:
+        """(B, 1280, 7, 7) grid -> (B, S * D) float32 decoder memory, flattened for a vector store."""
+        mem = self.model.encode(grid.float().to(self.device))  # (B, S, D)
+        return mem.flatten(1).cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def log_likelihood(self, memory: np.ndarray, texts: str | Sequence[str]) -> np.ndarray:
+        """log P(text + <eos> | image) for N images given their (N, S * D) memory -> (N,).
+
+        ``texts``: one text for every image, or one per image. A text is cleaned like the training
+        captions (lower case, words only); words outside the vocabulary count as ``<unk>``; an empty
+        text scores 0. Runs in bfloat16 where the CPU (or GPU) has fast bfloat16 matrix units.
+        """
+        n = len(memory)
+        texts = [texts] * n if isinstance(texts, str) else list(texts)
+        if len(texts) != n:
+            raise ValueError(f"{n} memories but {len(texts)} texts")
+        if not n:
+            return np.zeros(0, dtype=np.float32)
+        limit = self.model.cfg.max_len
+        rows = [self.tokenizer.encode(" ".join(clean_words(t)[: limit - 2]), limit) for t in texts]
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [self.tokenizer.pad_id] * (width - len(r)) for r in rows],
+                              device=self.device)  # (N, T + 2): <bos> words <eos> <pad>...
+        mem = torch.as_tensor(np.asarray(memory, dtype=np.float32), device=self.device)
+        mem = mem.view(n, *self.memory_shape)  # (N, S, D)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=_fast_bf16(self.device)):
+            logits = self.model.decode(mem, tokens[:, :-1])  # (N, T + 1, V)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]  # (N, T + 1)
+        real = tokens[:, 1:] != self.tokenizer.pad_id
+        out = (logp * real).sum(1)
+        empty = torch.tensor([len(r) <= 2 for r in rows], device=self.device)  # nothing but <bos> <eos>
+        return out.masked_fill(empty, 0.0).cpu().numpy()
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native here (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -28,6 +28,11 @@ def split_words(text: str) -> list[str]:
     return _TOKEN_RE.findall(text.lower())
 
 
+def clean_words(caption: str) -> list[str]:
+    """Training (and scoring) text: lower-cased words without punctuation tokens (COCO metrics drop them too)."""
+    return [w for w in split_words(caption) if any(ch.isalnum() for ch in w)]
+
+
 class WordTokenizer:
     """Maps captions to id lists ``[<bos>, w1, ..., wn, <eos>]`` and back.
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from captioning.decoding import beam_search
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.native import save_captioner
-from captioning.tokenizer import WordTokenizer, split_words
+from captioning.tokenizer import WordTokenizer, clean_words
 from retrieval.native.data import Split, load_flickr8k
 from retrieval.native.features import grid_features
 
@@ -56,11 +56,6 @@ class TrainCaptionerConfig:
     eval_beam: int = 3  # beam for the final dev report (the default of the captioner)
     seed: int = 0
     progress: bool = True
-
-
-def clean_words(caption: str) -> list[str]:
-    """Training text: lower-cased words without punctuation tokens (COCO metrics drop them too)."""
-    return [w for w in split_words(caption) if any(ch.isalnum() for ch in w)]
 
 
 def _targets(split: Split, tok: WordTokenizer, max_words: int) -> tuple[torch.Tensor, np.ndarray]:

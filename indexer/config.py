@@ -10,12 +10,16 @@ from captioning.captioner import DecodeOptions
 from retrieval.factory import DEFAULT_ENCODER
 
 DEFAULT_CAPTIONER: str | None = "native:effl0-sat-v1"  # "none" in PIXQUERY_CAPTIONER or --captioner switches it off
+# The caption decoder that rates query text against images (the ``likelihood`` signal of fused
+# ranking). It is a native captioner trained with cross-entropy, whatever writes the captions.
+DEFAULT_SCORER: str | None = "native:effl0-sat-v1"
 
 ENV_DB = "PIXQUERY_DB"  # index folder
 ENV_ENCODER = "PIXQUERY_ENCODER"
 ENV_DEVICE = "PIXQUERY_DEVICE"
 ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
 ENV_CAPTIONER = "PIXQUERY_CAPTIONER"  # "none" switches captions off
+ENV_SCORER = "PIXQUERY_SCORER"  # "none" switches the likelihood signal off
 
 
 def default_index_dir() -> Path:
@@ -33,8 +37,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "pixquery"
 
 
-def _captioner_from_env() -> str | None:
-    value = os.environ.get(ENV_CAPTIONER, DEFAULT_CAPTIONER or "")
+def _model_from_env(var: str, default: str | None) -> str | None:
+    value = os.environ.get(var, default or "")
     return None if value.strip().lower() in ("", "none", "off") else value.strip()
 
 
@@ -45,7 +49,10 @@ class EngineConfig:
     device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
     cache_dir: Path = field(default_factory=default_cache_dir)
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
-    captioner: str | None = field(default_factory=lambda: _captioner_from_env())  # None: no captions
+    captioner: str | None = field(default_factory=lambda: _model_from_env(ENV_CAPTIONER, DEFAULT_CAPTIONER))  # None: no captions
+    scorer: str | None = field(default_factory=lambda: _model_from_env(ENV_SCORER, DEFAULT_SCORER))  # None: off
+    pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
+    rerank_depth: int = 10  # fused ranking: the best candidates the scorer re-rates
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     batch_size: int = 32
     workers: int = 2  # decode threads
@@ -76,11 +83,16 @@ class EngineConfig:
         return self.index_dir / "captions.faiss"
 
     @property
+    def memory_path(self) -> Path:
+        """The scorer's per-image decoder memories (8-bit)."""
+        return self.index_dir / "memories.faiss"
+
+    @property
     def index_files(self) -> tuple[Path, ...]:
         """Every file an index consists of (``drop`` deletes exactly these)."""
         db = self.db_path
         return (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
-                self.vectors_path, self.caption_vectors_path)
+                self.vectors_path, self.caption_vectors_path, self.memory_path)
 
     @property
     def default_encoder(self) -> str:

@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from indexer.config import EngineConfig
+from indexer.duplicates import DuplicateGroup, find_duplicates
 from indexer.errors import EncoderMismatchError, IndexNotFoundError, InputError
 from indexer.models import ImageModels
 from indexer.pipeline import Indexer, IndexSummary, ReadResult, decode_into, reconcile
+from indexer.query import MODES, Filters, FusionWeights, ParsedQuery
+from indexer.query_parser import parse_query
+from indexer.ranking import Ranker, query_vector
 from indexer.store import ImageRow, Store, utcnow
 from indexer.vectors_bundle import VectorBundle
 from captioning.captioner import Captioner
@@ -32,13 +37,9 @@ from retrieval.encoder import EncoderInfo, JointEncoder
 
 log = logging.getLogger(__name__)
 
-MODES = ("image",)  # ranking modes this engine offers; caption-based modes come with captions
-MAX_QUERY_CHARS = 2000
-
-
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise InputError(f"unknown ranking mode {mode!r}; this index offers: {', '.join(MODES)}")
+        raise InputError(f"unknown ranking mode {mode!r}; choose one of: {', '.join(MODES)}")
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,12 @@ class Engine:
     """One index (a folder: SQLite database and vector files, see EngineConfig) and the models to use it."""
 
     def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None,
-                 captioner: Captioner | None = None) -> None:
+                 captioner: Captioner | None = None, scorer: Captioner | None = None) -> None:
         self.config = config or EngineConfig()
         # injected (tests, the app) or built lazily from the config
         self._encoder = encoder
         self._captioner = captioner
+        self._scorer: Captioner | None = scorer
         self._store: Store | None = None
         self._vectors: VectorBundle | None = None
 
@@ -131,8 +133,40 @@ class Engine:
                                                cache_dir=self.config.cache_dir / "models", offline=self.config.offline)
         return self._captioner
 
+    @property
+    def scorer(self) -> Captioner | None:
+        """The caption decoder that rates query text against images (None: off, or not a native setup)."""
+        if self._scorer is None and self.config.scorer and hasattr(self.encoder, "grid"):
+            from captioning.captioner import create_captioner
+            from retrieval.device import resolve_device
+
+            scorer = create_captioner(self.config.scorer, device=resolve_device(self.config.device),
+                                      cache_dir=self.config.cache_dir / "models", offline=self.config.offline)
+            if not hasattr(scorer, "log_likelihood"):
+                raise InputError(f"{self.config.scorer} cannot rate text against images; the scorer must be "
+                                 f"a native captioner (or none)")
+            self._scorer = scorer
+        return self._scorer
+
     def _models(self) -> ImageModels:
-        return ImageModels(self.encoder, self.captioner, self.config.decode)
+        return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer)
+
+    def _scorer_matches(self, store: Store) -> bool:
+        """Whether the stored memories were written by the configured scorer."""
+        raw = store.get_meta("scorer")
+        return self.scorer is not None and raw is not None and json.loads(raw)["fingerprint"] == \
+            self.scorer.info.fingerprint
+
+    def _adopt_scorer(self, store: Store, vectors: VectorBundle) -> None:
+        """Before writing memories: a different scorer's memories are dropped (``recaption`` refills them)."""
+        if self.scorer is None or vectors.memories is None or self._scorer_matches(store):
+            return
+        if len(vectors.memories):
+            log.warning("the scorer changed; dropping %d stored memories (run pixquery recaption to refill them)",
+                        len(vectors.memories))
+            vectors.memories.remove(vectors.memories.ids())
+        store.set_meta({"scorer": json.dumps({**self.scorer.info.to_dict(),
+                                              "fingerprint": self.scorer.info.fingerprint})})
 
     def _check_encoder(self, store: Store) -> None:
         raw = store.get_meta("encoder")
@@ -156,15 +190,22 @@ class Engine:
         if self._vectors is None:
             info = self.index_info
             dim = info.dim if info else self.encoder.dim
-            self._vectors = VectorBundle.load(self.config.vectors_path, self.config.caption_vectors_path, dim)
+            scorer = self.scorer
+            mem_dim = int(np.prod(scorer.memory_shape)) if scorer is not None else None
+            self._vectors = VectorBundle.load(self.config.vectors_path, self.config.caption_vectors_path, dim,
+                                              self.config.memory_path, mem_dim)
             removed = reconcile(store, self._vectors)
             if any(removed):
                 self._vectors.save()
         return self._vectors
 
     # --- indexing ----------------------------------------------------------------------------
-    def index(self, root: str | Path, rebuild: bool = False) -> IndexSummary:
-        """Index ``root`` incrementally (``rebuild``: drop this index first and start over)."""
+    def index(self, root: str | Path, rebuild: bool = False,
+              on_progress: Callable[[int, int], None] | None = None) -> IndexSummary:
+        """Index ``root`` incrementally (``rebuild``: drop this index first and start over).
+
+        ``on_progress(done, total)`` is called from this thread as files are processed (the app's progress bar).
+        """
         root = Path(root).expanduser()
         if not root.is_dir():
             raise InputError(f"folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
@@ -177,16 +218,19 @@ class Engine:
         if self.captioner is not None:
             store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
         vectors = self._vector_index(store)
+        self._adopt_scorer(store, vectors)
         indexer = Indexer(store, vectors, self._models(), batch_size=self.config.batch_size,
-                          workers=self.config.workers, progress=self.config.progress)
+                          workers=self.config.workers, progress=self.config.progress, on_progress=on_progress)
         return indexer.run(root)
 
     def recaption(self) -> dict:
-        """Caption every indexed image again with the configured captioner (image vectors untouched).
+        """Caption every indexed image again with the configured captioner (image vectors untouched);
+        the scorer's memories are written again too.
 
         Returns counts: {"images", "captioned", "failed"}; unreadable files keep their old caption.
         """
         store, vectors = self._ready()
+        self._adopt_scorer(store, vectors)
         models = self._models()
         if models.captioner is None:
             raise InputError("no captioner is configured (--captioner NAME)")
@@ -208,14 +252,16 @@ class Engine:
                 else:
                     counts["failed"] += 1
             if ok:
-                caps = models.caption_only(torch.stack([r.pixels for _, r in ok]),
-                                           None if ok[0][1].cap_pixels is None else
-                                           torch.stack([r.cap_pixels for _, r in ok]))
+                caps, memories = models.caption_only(torch.stack([r.pixels for _, r in ok]),
+                                                     None if ok[0][1].cap_pixels is None else
+                                                     torch.stack([r.cap_pixels for _, r in ok]))
                 where, vecs = models.embed_captions(caps)
                 ids = np.array([row.id for row, _ in ok], dtype=np.int64)
                 vectors.captions.remove(ids)
                 if len(where):
                     vectors.captions.add(ids[where], vecs)
+                if memories is not None:
+                    vectors.set_memories(ids, memories)
                 for (row, _), cap in zip(ok, caps):
                     row.caption, row.captioner = cap, fp if cap else None
                     row.captioned_at = utcnow() if cap else None
@@ -242,49 +288,130 @@ class Engine:
         self._check_encoder(store)
         return store, self._vector_index(store)
 
-    def embed_query(self, text: str | None = None, image: str | Path | None = None) -> np.ndarray:
-        """A text, an example image, or both (averaged) -> one (dim,) unit query vector."""
+    def _image_vector(self, image: str | Path) -> np.ndarray:
         from retrieval.images import load_image
 
-        parts = []
-        if text is not None:
-            text = text.strip()
-            if not text:
-                raise InputError("the query is empty")
-            if len(text) > MAX_QUERY_CHARS:
-                raise InputError(f"the query is {len(text)} characters long; the limit is {MAX_QUERY_CHARS}")
-            parts.append(self.encoder.encode_texts([text])[0])
-        if image is not None:
-            path = Path(image).expanduser()
-            if not path.is_file():
-                raise InputError(f"query image {path} does not exist")
-            parts.append(self.encoder.encode_images([load_image(path).image])[0])
-        if not parts:
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise InputError(f"query image {path} does not exist")
+        return self.encoder.encode_images([load_image(path).image])[0]
+
+    def embed_query(self, text: str | None = None, image: str | Path | None = None) -> np.ndarray:
+        """A text (in the query language, see indexer/query_parser.py), an example image, or both
+        -> one (dim,) unit query vector."""
+        parsed = parse_query(text) if text is not None else None
+        return self._query(parsed, image)
+
+    def _query(self, parsed: ParsedQuery | None, image: str | Path | None) -> np.ndarray:
+        if parsed is None and image is None:
             raise InputError("give a text query, an example image, or both")
-        q = np.mean(parts, axis=0)
-        return (q / (np.linalg.norm(q) or 1.0)).astype(np.float32)
+        image_vec = self._image_vector(image) if image is not None else None
+        if parsed is None:
+            return (image_vec / (np.linalg.norm(image_vec) or 1.0)).astype(np.float32)
+        return query_vector(parsed, lambda texts: self.encoder.encode_texts(texts), image_vec)
 
     def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
-        """Rank the index for (Q, dim) query vectors -> (scores, ids), each (Q, <=k)."""
-        _check_mode(mode)
+        """Rank the index for (Q, dim) query vectors by one vector signal -> (scores, ids), each (Q, <=k)."""
+        if mode not in ("image", "caption"):
+            raise InputError(f"search_vectors ranks by image or caption vectors, not {mode!r}")
         _, vectors = self._ready()
-        return vectors.images.search(queries, k)
+        return (vectors.images if mode == "image" else vectors.captions).search(queries, k)
 
-    def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10,
-               mode: str = "image") -> list[SearchHit]:
-        """Top ``k`` images for a text query and/or an example image, best first."""
-        if k < 1:
+    def ranker(self) -> Ranker:
+        """The ranker over this index (the likelihood signal only when the stored memories are the scorer's)."""
+        store, vectors = self._ready()
+        return Ranker(store, vectors, self.scorer if self._scorer_matches(store) else None)
+
+    def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
+               weights: FusionWeights | None = None, filters: Filters | None = None,
+               threshold: float | None = None) -> list[SearchHit]:
+        """Top ``k`` images for a text query and/or an example image, best first.
+
+        ``mode``: one of MODES (``fused`` combines every signal, see indexer/ranking.py); ``weights``:
+        the fused mode's weights (default: tuned on Flickr8k dev); ``filters``: only images that
+        match; ``threshold``: leave out hits whose score is below it.
+        """
+        if not isinstance(k, int) or k < 1:
             raise InputError("k must be at least 1")
         _check_mode(mode)
-        store, vectors = self._ready()
-        q = self.embed_query(text, image)
-        scores, ids = vectors.images.search(q[None], k)
-        rows = store.images_by_ids(ids[0].tolist())
-        return [self._hit(rows[i], float(s), mode) for s, i in zip(scores[0], ids[0]) if i in rows]
+        parsed = parse_query(text) if text is not None else None
+        if parsed is None and mode == "keyword":
+            raise InputError("keyword mode needs words to look for")
+        store, _ = self._ready()
+        q = self._query(parsed, image)
+        allowed = store.filter_ids(filters) if filters is not None else None
+        if allowed is not None and not len(allowed):
+            return []
+        ranked = self.ranker().rank(mode, q, parsed, k, weights or FusionWeights(), allowed,
+                                    pool=self.config.pool, depth=self.config.rerank_depth)
+        rows = store.images_by_ids(ranked.ids.tolist())
+        hits = []
+        for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
+            if i not in rows or (threshold is not None and score < threshold):
+                continue
+            scores = {name: float(v[n]) for name, v in ranked.signals.items() if not np.isnan(v[n])}
+            row = rows[i]
+            hits.append(SearchHit(row.id, row.path, float(score), row.width, row.height, row.file_type,
+                                  row.caption, scores))
+        return hits
 
     @staticmethod
     def _hit(row: ImageRow, score: float, mode: str) -> SearchHit:
         return SearchHit(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, {mode: score})
+
+    def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
+        """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
+        if k < 1:
+            raise InputError("k must be at least 1")
+        store, vectors = self._ready()
+        row = self._indexed(store, image)
+        if not vectors.images.contains(row.id):
+            raise InputError(f"{row.path} has no image vector yet; index its folder again")
+        query = vectors.images.reconstruct(np.array([row.id], dtype=np.int64))  # (1, D)
+        allowed = store.filter_ids(filters) if filters is not None else None
+        scores, ids = vectors.images.search(query, k + 1, ids=allowed)  # +1: the image finds itself
+        ranked = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i != row.id][:k]
+        rows = store.images_by_ids([i for _, i in ranked])
+        return [self._hit(rows[i], s, "image") for s, i in ranked if i in rows]
+
+    @staticmethod
+    def _indexed(store: Store, image: int | str | Path) -> ImageRow:
+        """The row of an indexed image given by id or by path (as given, or resolved)."""
+        if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
+            row = store.images_by_ids([int(image)]).get(int(image))
+            if row is None:
+                raise InputError(f"no image with id {int(image)} in this index")
+            return row
+        if not isinstance(image, (str, Path)) or not str(image).strip():
+            raise InputError(f"give an indexed image's id or path, not {image!r}")
+        try:
+            path = Path(image).expanduser()
+            candidates = dict.fromkeys((os.path.abspath(path), str(path.resolve())))
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+            raise InputError(f"{str(image)[:200]!r} is not a usable path: {exc}") from None
+        for candidate in candidates:
+            row = store.image_by_path(candidate)
+            if row is not None:
+                return row
+        raise InputError(f"{path} is not in this index" + ("" if exists else " (no such file)"))
+
+    def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicateGroup]:
+        """Groups of exact copies (same bytes) and near copies (image similarity >= ``threshold``).
+
+        ``k``: neighbours looked at per image; summarise the groups with ``indexer.duplicates.summarize``.
+        """
+        if not 0 < threshold <= 1:  # `not` also refuses NaN
+            raise InputError(f"the similarity threshold must be in (0, 1], got {threshold}")
+        if k < 1:
+            raise InputError("k must be at least 1")
+        store, vectors = self._ready()
+        images = vectors.images
+        return find_duplicates(
+            images.ids(), store.same_hash_groups(), images.reconstruct,
+            lambda q, n, allowed: images.search(q, n, ids=allowed),
+            lambda ids: {i: r.path for i, r in store.images_by_ids(ids).items()},
+            threshold=threshold, k=k)
 
     # --- inspection --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -293,7 +420,7 @@ class Engine:
         info = self.index_info
         size = sum(p.stat().st_size for p in self.config.index_dir.glob("*") if p.is_file())
         skipped = store.skipped()
-        captioner = store.get_meta("captioner")
+        captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
         return {
             "index_dir": str(self.config.index_dir),
             "images": store.count_images(),
@@ -301,6 +428,7 @@ class Engine:
             "skipped": len(skipped),
             "encoder": info.to_dict() if info else None,
             "captioner": json.loads(captioner) if captioner else None,
+            "scorer": json.loads(scorer) if scorer else None,
             "index_bytes": size,
             "last_run": None if last is None else {
                 "root": last.root, "started_at": last.started_at.isoformat(timespec="seconds"),
@@ -317,6 +445,10 @@ class Engine:
         """Stored image embeddings of ``ids`` -> (n, dim)."""
         _, vectors = self._ready()
         return vectors.images.reconstruct(np.asarray(ids, dtype=np.int64))
+
+    def image(self, id: int) -> ImageRow | None:
+        """Everything the index holds about image ``id`` (None when no such id is indexed)."""
+        return self._open(create=False).images_by_ids([int(id)]).get(int(id))
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._open(create=False).skipped()]

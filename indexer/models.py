@@ -1,7 +1,8 @@
 """The model stage of indexing: image embeddings and captions for one batch of decoded images.
 
 When the encoder and the captioner share the native image tower, the tower runs once per image
-and its 7x7 grid feeds both the embedding head and the caption decoder.
+and its 7x7 grid feeds the embedding head, the caption decoder and (when the index ranks with a
+caption scorer) the scorer's per-image decoder memory.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ from retrieval.encoder import JointEncoder
 class BatchOutput:
     vectors: np.ndarray  # (B, D) image embeddings
     captions: list[str | None]  # one per image; None where no captioner ran or it wrote nothing
+    memories: np.ndarray | None = None  # (B, S * D_dec) scorer memories, None without a scorer
 
 
 class ImageModels:
     """Encoder plus optional captioner behind two calls: ``preprocess`` (threads) and ``run`` (batches)."""
 
     def __init__(self, encoder: JointEncoder, captioner: Captioner | None = None,
-                 options: DecodeOptions = DecodeOptions()) -> None:
+                 options: DecodeOptions = DecodeOptions(), scorer: Captioner | None = None) -> None:
         self.encoder, self.captioner, self.options = encoder, captioner, options
-        self.shared = (captioner is not None and hasattr(encoder, "encode_grid") and hasattr(encoder, "grid")
-                       and hasattr(captioner, "caption_grid"))
+        has_grid = hasattr(encoder, "encode_grid") and hasattr(encoder, "grid")
+        self.shared = captioner is not None and has_grid and hasattr(captioner, "caption_grid")
+        # the scorer (a native captioner used to rate query text against images) needs the grid
+        self.scorer = scorer if scorer is not None and has_grid and hasattr(scorer, "memory") else None
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (encoder pixels, captioner pixels or None when the backbone is shared or absent)."""
@@ -39,24 +43,31 @@ class ImageModels:
         return x, self.captioner.preprocess(image)
 
     def run(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> BatchOutput:
-        if self.captioner is None:
-            return BatchOutput(self.encoder.encode_pixels(enc_pixels), [None] * len(enc_pixels))
-        if self.shared:
-            grid = self.encoder.grid(enc_pixels)  # (B, 1280, 7, 7), one backbone pass for both
+        grid = None
+        if self.shared or self.scorer is not None:
+            grid = self.encoder.grid(enc_pixels)  # (B, 1280, 7, 7), one backbone pass for all
             vectors = self.encoder.encode_grid(grid)
-            captions = self.captioner.caption_grid(grid, self.options)
         else:
             vectors = self.encoder.encode_pixels(enc_pixels)
-            captions = self.captioner.caption_pixels(cap_pixels, self.options)
-        return BatchOutput(vectors, [clean_caption(c) for c in captions])
-
-    def caption_only(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> list[str | None]:
-        """Captions without touching image embeddings (``recaption``)."""
+        memories = self.scorer.memory(grid) if self.scorer is not None else None
         if self.captioner is None:
-            return [None] * len(enc_pixels)
+            return BatchOutput(vectors, [None] * len(enc_pixels), memories)
         if self.shared:
-            return [clean_caption(c) for c in self.captioner.caption_grid(self.encoder.grid(enc_pixels), self.options)]
-        return [clean_caption(c) for c in self.captioner.caption_pixels(cap_pixels, self.options)]
+            captions = self.captioner.caption_grid(grid, self.options)
+        else:
+            captions = self.captioner.caption_pixels(cap_pixels, self.options)
+        return BatchOutput(vectors, [clean_caption(c) for c in captions], memories)
+
+    def caption_only(self, enc_pixels: torch.Tensor,
+                     cap_pixels: torch.Tensor | None) -> tuple[list[str | None], np.ndarray | None]:
+        """Captions and scorer memories without touching image embeddings (``recaption``)."""
+        grid = self.encoder.grid(enc_pixels) if self.shared or self.scorer is not None else None
+        memories = self.scorer.memory(grid) if self.scorer is not None else None
+        if self.captioner is None:
+            return [None] * len(enc_pixels), memories
+        if self.shared:
+            return [clean_caption(c) for c in self.captioner.caption_grid(grid, self.options)], memories
+        return [clean_caption(c) for c in self.captioner.caption_pixels(cap_pixels, self.options)], memories
 
     def embed_captions(self, captions: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """-> (positions of non-empty captions, their (n, D) text embeddings)."""

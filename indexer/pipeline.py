@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -97,13 +97,17 @@ def reconcile(store: Store, vectors: VectorBundle) -> tuple[int, int]:
         vectors.remove(orphans)
     if len(cap_orphans):
         vectors.captions.remove(cap_orphans)
+    mem_orphans = np.zeros(0, dtype=np.int64)
+    if vectors.memories is not None:  # scorer memories of rows that are gone
+        mem_orphans = np.array(sorted(set(vectors.memories.ids().tolist()) - (row_ids - set(missing))), dtype=np.int64)
+        vectors.memories.remove(mem_orphans)
     if missing:
         with store.session() as s:
             store.delete_images(s, missing)
     if len(orphans) or missing or len(cap_orphans):
         log.warning("repaired index: %d stray vectors, %d rows without vectors, %d stray caption vectors",
                     len(orphans), len(missing), len(cap_orphans))
-    return len(orphans) + len(cap_orphans), len(missing)
+    return len(orphans) + len(cap_orphans) + len(mem_orphans), len(missing)
 
 
 class Indexer:
@@ -112,8 +116,10 @@ class Indexer:
     def __init__(
         self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.store, self.vectors, self.models = store, vectors, models
+        self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
         self.encoder_fp = models.encoder.info.fingerprint
@@ -188,6 +194,17 @@ class Indexer:
         batch: list[tuple[ReadResult, int, ImageRow | None]] = []
         reasons: Counter[str] = Counter(summary.skipped_reasons)
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not self.progress or not todo)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.update(n)
+            if self.on_progress is not None:
+                self.on_progress(done, len(todo))
+
+        if self.on_progress is not None:
+            self.on_progress(0, len(todo))
 
         def payload_of(h: str) -> Payload:
             if h in stash:
@@ -220,12 +237,12 @@ class Indexer:
             for old in replaced:
                 keep_old(old)
             self.vectors.remove(np.array([old.id for old in replaced], dtype=np.int64))
-            self.vectors.add(ids, out.vectors, ids[where], cap_vecs)
+            self.vectors.add(ids, out.vectors, ids[where], cap_vecs, out.memories)
             for (res, rid, _), caption in zip(batch, out.captions):
                 summary.captioned += caption is not None
                 self._queue_row(row_for(res, rid, caption, self.captioner_fp))
             summary.embedded += len(batch)
-            bar.update(len(batch))
+            advance(len(batch))
             batch.clear()
             self._maybe_checkpoint()
 
@@ -241,14 +258,14 @@ class Indexer:
                                                               mtime=e.mtime, run_id=run_id, at=utcnow()))
                         if old is not None:  # a once-good file became unreadable: drop it from the index
                             gone[e.path] = old
-                        bar.update(1)
+                        advance(1)
                         continue
                     self._pending_unskip.append(e.path)
                     if old is not None and old.content_hash == res.content_hash:
                         summary.touched += 1
                         old.mtime, old.byte_size = e.mtime, e.size
                         self._queue_row(old)
-                        bar.update(1)
+                        advance(1)
                         continue
                     if res.pixels is None:  # content already indexed under another path
                         sources = move_sources.get(res.content_hash)
@@ -271,9 +288,9 @@ class Indexer:
                                 self.vectors.remove(np.array([rid], dtype=np.int64))
                                 summary.changed += 1
                             res.width, res.height, res.taken_at = src.width, src.height, src.taken_at
-                            self.vectors.add_one(rid, payload.image, payload.caption_vec)
+                            self.vectors.add_one(rid, payload.image, payload.caption_vec, payload.memory)
                             self._queue_row(row_for(res, rid, payload.caption, payload.captioner))
-                        bar.update(1)
+                        advance(1)
                         continue
                     if old is not None:
                         summary.changed += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -18,10 +19,28 @@ from indexer.errors import IndexCorruptError
 
 log = logging.getLogger(__name__)
 
+# filtered search: up to this many allowed ids, reconstructing them and one matmul beats a FAISS scan with
+# an IDSelectorBatch (measured on 100k x 256-d, one query: 1,000 ids 4 ms vs 11 ms; 10,000 ids 74 ms vs 16 ms)
+DENSE_FILTER_MAX = 1024
+
 
 def gpu_count() -> int:
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get else 0
+
+
+MEMORY_RANGE = 5.0  # decoder memories are layer-normalised: |x| < 5 for all but ~1e-6 of the values
+
+
+def memory_index(dim: int) -> faiss.Index:
+    """A store (not a search index) for per-image decoder memories: 8-bit codes on a fixed range.
+
+    ``QT_8bit_uniform`` trained on [-MEMORY_RANGE, MEMORY_RANGE] needs no data and is 4x smaller
+    than float32; on Flickr8k dev it moves a caption's log-likelihood by ~0.006 nats out of ~30.
+    """
+    sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.METRIC_INNER_PRODUCT)
+    sq.train(np.array([[-MEMORY_RANGE] * dim, [MEMORY_RANGE] * dim], dtype=np.float32))
+    return faiss.IndexIDMap2(sq)
 
 
 class VectorIndex:
@@ -36,9 +55,11 @@ class VectorIndex:
         self._gpu_index: faiss.Index | None = None
 
     @classmethod
-    def load(cls, path: Path, dim: int, use_gpu: bool = True) -> "VectorIndex":
+    def load(cls, path: Path, dim: int, use_gpu: bool = True,
+             factory: Callable[[int], faiss.Index] | None = None) -> "VectorIndex":
+        """Read ``path``; a new, empty index (``factory(dim)``, default flat inner product) if it is missing."""
         if not path.exists():
-            return cls(dim, use_gpu=use_gpu)
+            return cls(dim, factory(dim) if factory else None, use_gpu=use_gpu)
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
@@ -97,14 +118,53 @@ class VectorIndex:
             self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
         return self._gpu_index
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, dim) queries -> (scores, ids), each (Q, k'), k' = min(k, len); no ``-1`` ids."""
+    def search(self, queries: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, dim) queries -> (scores, ids), each (Q, k'), k' = min(k, len); no ``-1`` ids.
+
+        ``ids``: search only these ids (a filter), so k results come back whenever k of them are indexed.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if ids is not None:
+            return self._search_among(queries, k, np.unique(np.asarray(ids, dtype=np.int64)))
         k = min(int(k), len(self))
         if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return _empty(len(queries))
         scores, ids = self._searcher().search(queries, k)
-        if (ids < 0).any():  # only when the index changed under us; keep shapes rectangular
-            keep = (ids >= 0).all(axis=0)
-            scores, ids = scores[:, keep], ids[:, keep]
-        return scores, ids
+        return _drop_missing(scores, ids)
+
+    def _search_among(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), len(allowed), len(self))
+        if k <= 0:
+            return _empty(len(queries))
+        if len(allowed) <= DENSE_FILTER_MAX:
+            present, rows = [], []
+            for i in allowed.tolist():
+                try:
+                    rows.append(self.index.reconstruct(i))
+                    present.append(i)
+                except RuntimeError:  # an allowed id without a vector
+                    continue
+            k = min(k, len(present))
+            if k <= 0:
+                return _empty(len(queries))
+            sims = queries @ np.stack(rows).T  # (Q, n)
+            present = np.asarray(present, dtype=np.int64)
+            top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(sims, top, 1).astype(np.float32), present[top]
+        # inside FAISS: IndexIDMap2 applies the selector to the external ids. Selectors run on the CPU
+        # index (GPU indexes do not take them), so filtered searches never use the GPU copy.
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        scores, ids = self.index.search(queries, k, params=params)
+        return _drop_missing(scores, ids)
+
+
+def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+
+
+def _drop_missing(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop ``-1`` columns (fewer vectors than k; or the index changed under us): shapes stay rectangular."""
+    if (ids < 0).any():
+        keep = (ids >= 0).all(axis=0)
+        scores, ids = scores[:, keep], ids[:, keep]
+    return scores, ids

@@ -28,10 +28,12 @@ def captioned_set(tmp_path):
 
 def test_eval_report_matches_contract_and_hand_count(tmp_path):
     images, caps = captioned_set(tmp_path)
-    cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False)
+    cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False, captioner=None)
     report = evaluate_retrieval(images, caps, cfg, encoder=TinyEncoder())
-    assert set(report) == {"n_images", "n_queries", "encoder", "text_to_image", "image_to_text"}
+    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "weights", "pool",
+                           "rerank_depth", "text_to_image", "image_to_text"}
     assert (report["n_images"], report["n_queries"], report["encoder"]) == (4, 9, "test:tiny")
+    assert set(report["text_to_image"]) == {"image", "caption", "keyword", "fused"}
     assert set(report["text_to_image"]["image"]) == {"R@1", "R@5", "R@10", "medr"}
     assert set(report["image_to_text"]) == {"R@1", "R@5", "R@10"}
     assert report["text_to_image"]["image"]["R@5"] == 100.0  # only 4 images
@@ -49,10 +51,29 @@ def test_eval_report_matches_contract_and_hand_count(tmp_path):
     assert not (tmp_path / "unused").exists()  # never touches the configured index
 
 
+def test_eval_reports_caption_and_keyword_modes_from_generated_captions(tmp_path):
+    from conftest import TinyCaptioner
+
+    images, caps = captioned_set(tmp_path)
+    cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False, captioner="test")
+    report = evaluate_retrieval(images, caps, cfg, encoder=TinyEncoder(), captioner=TinyCaptioner(), tune=True)
+    t2i = report["text_to_image"]
+    assert report["captioner"] == "test:tiny-captioner"
+    # captions are "a <colour> picture", but the tiny captioner calls the yellow image orange: the six
+    # red/green/blue queries find their image by keyword, the three yellow ones (incl. the wrong
+    # "red and black") cannot ("picture" matches every caption with a BM25 of ~0, below "red")
+    assert t2i["keyword"]["R@1"] == pytest.approx(100 * 6 / 9, abs=0.01)
+    assert t2i["fused"]["R@1"] >= t2i["image"]["R@1"] - 0.01
+    tuning = report["tuning"]
+    assert len(tuning["first_stage"]) > 1 and set(tuning["best_first_stage"]) == {"image", "caption", "keyword",
+                                                                                "likelihood"}
+
+
 def test_eval_cli_prints_exactly_one_json_object(tmp_path, capsys, monkeypatch):
     images, caps = captioned_set(tmp_path)
     monkeypatch.setattr("indexer.engine.Engine.encoder", property(lambda self: self._encoder or TinyEncoder()))
-    assert main(["eval", "retrieval", "--images", str(images), "--captions", str(caps), "--json", "-q"]) == 0
+    assert main(["eval", "retrieval", "--images", str(images), "--captions", str(caps), "--json", "-q",
+                 "--captioner", "none"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["n_queries"] == 9 and out.count("\n") == 1
 

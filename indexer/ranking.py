@@ -1,0 +1,221 @@
+"""Caption-conditioned ranking: one text query -> ranked image ids, from four signals.
+
+    image       cosine of the query and the image embedding               (FAISS, images.faiss)
+    caption     cosine of the query and the generated caption's embedding (FAISS, captions.faiss)
+    keyword     BM25 of the query words in the generated caption          (SQLite FTS5)
+    likelihood  log P(query | image) under the caption decoder            (memories.faiss)
+
+Modes ``image``, ``caption`` and ``keyword`` rank by one signal. ``fused`` takes the union of
+the best ``pool`` candidates of each of the first three (the caption index's only when its weight is
+at least half the image weight; otherwise captions only re-score), z-normalises each signal over that pool,
+and sums them with the query's weights (a normalised weighted sum beat reciprocal-rank fusion on
+Flickr8k dev; docs/MODELS.md). It then asks the caption decoder how likely it is to have written
+the query for each of the ``depth`` best candidates, and adds that signal, z-normalised over those
+candidates, with its own weight; candidates below ``depth`` count as the least likely of them.
+
+Excluded terms (``-people``) move the query vector away from them and drop every candidate whose
+caption mentions them; weighted terms (``grass^2``) add their own embedding and BM25 with that weight.
+Filters arrive as the allowed ids and are applied inside each search, so k results come back
+whenever k images match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from indexer.query import FusionWeights, ParsedQuery
+from indexer.query_parser import fts_expression, fts_phrase
+from indexer.store import Store
+from indexer.vectors_bundle import VectorBundle
+
+NEGATIVE_WEIGHT = 0.5  # how far an excluded term pushes the query vector away
+
+
+@dataclass
+class Ranked:
+    ids: np.ndarray  # (n,) best first
+    scores: np.ndarray  # (n,) final score of each
+    signals: dict[str, np.ndarray]  # per signal, (n,) aligned with ids (NaN: not measured for that image)
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """(n,) -> (n,) zero mean, unit variance; NaN entries become the minimum (a missing signal counts least)."""
+    x = np.asarray(x, dtype=np.float64)
+    if not len(x):
+        return x
+    known = ~np.isnan(x)
+    if not known.any():
+        return np.zeros_like(x)
+    x = np.where(known, x, x[known].min())
+    std = x.std()
+    return (x - x.mean()) / std if std > 1e-12 else np.zeros_like(x)
+
+
+def query_vector(parsed: ParsedQuery, embed: Callable[[list[str]], np.ndarray],
+                 image_vec: np.ndarray | None = None) -> np.ndarray:
+    """The (D,) unit query vector: the positive text, plus (w - 1) x each weighted term, minus
+    NEGATIVE_WEIGHT x each excluded term, averaged with an example image's vector when given."""
+    texts = [parsed.positive_text] + [t for t, w in parsed.terms if w != 1.0] + list(parsed.negative)
+    vecs = embed(texts)  # (len(texts), D)
+    q = vecs[0].astype(np.float64).copy()
+    row = 1
+    for _, w in ((t, w) for t, w in parsed.terms if w != 1.0):
+        q += (w - 1.0) * vecs[row]
+        row += 1
+    for _ in parsed.negative:
+        q -= NEGATIVE_WEIGHT * vecs[row]
+        row += 1
+    q /= np.linalg.norm(q) or 1.0
+    if image_vec is not None:
+        q = (q + image_vec) / 2
+        q /= np.linalg.norm(q) or 1.0
+    return q.astype(np.float32)
+
+
+class Ranker:
+    """Ranks one index for one query at a time. ``scorer`` (optional) rates text against images."""
+
+    def __init__(self, store: Store, vectors: VectorBundle, scorer=None) -> None:  # noqa: ANN001 - NativeCaptioner
+        self.store, self.vectors = store, vectors
+        self.scorer = scorer if vectors.memories is not None and len(vectors.memories) else None
+
+    # --- single signals ------------------------------------------------------------------------
+    def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+        index = self.vectors.images if which == "image" else self.vectors.captions
+        scores, ids = index.search(q[None], n, ids=allowed)
+        return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
+
+    def _keyword_scores(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None,
+                        among: list[int] | None = None) -> dict[int, float]:
+        """Weighted BM25 per image: the best ``n`` (``among`` None) or exactly the ``among`` ids."""
+        if parsed is None:
+            return {}
+        expr = fts_expression([t for t, _ in parsed.terms])
+        if not expr:
+            return {}
+        allowed_set = None if allowed is None else set(allowed.tolist())
+        weighted = any(w != 1.0 for _, w in parsed.terms)
+        if among is None:
+            if not weighted:
+                return dict(self.store.keyword_search(expr, n, allowed=allowed_set))
+            # candidates: each term's best n, so a heavily weighted term's matches are all in the running
+            among = list(dict.fromkeys(i for term, _ in parsed.terms if fts_expression([term])
+                                       for i, _ in self.store.keyword_search(fts_expression([term]), n,
+                                                                             allowed=allowed_set)))
+            found = self._keyword_scores(parsed, n, None, among)
+            return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
+        if not weighted:
+            return dict(self.store.keyword_search(expr, len(among), ids=among))
+        total: dict[int, float] = {}
+        for term, w in parsed.terms:  # BM25 is a sum over query terms, so weights apply term by term
+            sub = fts_expression([term])
+            if sub:
+                for i, s in self.store.keyword_search(sub, len(among), ids=among):
+                    total[i] = total.get(i, 0.0) + w * s
+        return total
+
+    def _excluded(self, parsed: ParsedQuery | None, ids: list[int]) -> set[int]:
+        """Ids among ``ids`` whose caption mentions an excluded term."""
+        if parsed is None or not parsed.negative or not ids:
+            return set()
+        phrases = [p for p in (fts_phrase(t, drop_stopwords=False) for t in parsed.negative) if p]
+        if not phrases:
+            return set()
+        return {i for i, _ in self.store.keyword_search(" OR ".join(phrases), len(ids), ids=ids)}
+
+    def likelihood(self, ids: np.ndarray, text: str) -> np.ndarray:
+        """log P(text | image) for ``ids`` (NaN where an image has no stored memory)."""
+        out = np.full(len(ids), np.nan)
+        if self.scorer is None or not len(ids):
+            return out
+        have = np.array([self.vectors.memories.contains(int(i)) for i in ids], dtype=bool)
+        if have.any():
+            mem = self.vectors.memories.reconstruct(ids[have])  # (m, S * D_dec)
+            out[have] = self.scorer.log_likelihood(mem, text)
+        return out
+
+    # --- modes --------------------------------------------------------------------------------
+    def rank(self, mode: str, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
+             allowed: np.ndarray | None = None, pool: int = 100, depth: int = 10) -> Ranked:
+        """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query)."""
+        if mode == "fused":
+            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth)
+        want = k
+        while True:  # fetch more until exclusions leave k, or the index runs out
+            n = want + 8 * len(parsed.negative) if parsed else want
+            if mode == "keyword":
+                found = self._keyword_scores(parsed, n, allowed)
+            else:
+                found = self._vector_top(mode, q, n, allowed)
+            ids = list(found)
+            drop = self._excluded(parsed, ids)
+            kept = [i for i in ids if i not in drop]
+            if len(kept) >= k or len(ids) < n:
+                break
+            want *= 2
+        kept = kept[:k]
+        scores = np.array([found[i] for i in kept])
+        return Ranked(np.array(kept, dtype=np.int64), scores, {mode: scores})
+
+    def pool(self, q: np.ndarray, parsed: ParsedQuery | None, weights: FusionWeights,
+             allowed: np.ndarray | None, pool: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Fused mode's candidates (the union of each signal's best ``pool``, exclusions dropped) and
+        their image, caption and keyword signals -> (ids (n,), {signal: (n,)})."""
+        w = weights
+        # each signal that carries real weight brings its own candidates; a light caption weight only
+        # re-scores the others' (a second full scan of the caption index would double the search cost)
+        found_i = self._vector_top("image", q, pool, allowed) if w.image or w.likelihood else {}
+        found_c = self._vector_top("caption", q, pool, allowed) if w.caption and w.caption >= w.image / 2 else {}
+        found_k = self._keyword_scores(parsed, pool, allowed) if w.keyword and parsed is not None else {}
+        cand = list(dict.fromkeys([*found_i, *found_c, *found_k]))
+        drop = self._excluded(parsed, cand)
+        cand = np.array([i for i in cand if i not in drop], dtype=np.int64)
+        if not len(cand):
+            return cand, {}
+        image = self.vectors.images.reconstruct(cand) @ q  # (n,)
+        has_cap = np.array([self.vectors.captions.contains(int(i)) for i in cand], dtype=bool)
+        caption = np.full(len(cand), np.nan)
+        if has_cap.any():
+            caption[has_cap] = self.vectors.captions.reconstruct(cand[has_cap]) @ q
+        signals = {"image": image, "caption": caption}
+        if parsed is not None:
+            kw = self._keyword_scores(parsed, len(cand), None, among=cand.tolist())
+            signals["keyword"] = np.array([kw.get(int(i), 0.0) for i in cand])
+        return cand, signals
+
+    @staticmethod
+    def first_stage(signals: dict[str, np.ndarray], weights: FusionWeights) -> np.ndarray:
+        """Normalised weighted sum of the pool's z-scored image, caption and keyword signals -> (n,)."""
+        parts = [(getattr(weights, name), signals[name]) for name in ("image", "caption", "keyword") if name in signals]
+        total = sum(w for w, _ in parts) or 1.0
+        return sum(w * zscore(x) for w, x in parts if w) / total
+
+    @staticmethod
+    def add_likelihood(fused: np.ndarray, top: np.ndarray, ll: np.ndarray, weight: float,
+                       total: float) -> np.ndarray:
+        """Add the likelihood signal (``ll`` (len(top),) for the candidates ``top``) to ``fused`` (n,)."""
+        if np.isnan(ll).all():
+            return fused
+        z = np.full(len(fused), np.nan)
+        z[top] = zscore(ll)
+        z[np.isnan(z)] = np.nanmin(z)  # below depth, or no memory: as unlikely as the least likely
+        return fused + weight * z / total
+
+    def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
+               allowed: np.ndarray | None, pool: int, depth: int) -> Ranked:
+        cand, signals = self.pool(q, parsed, weights, allowed, pool)
+        if not len(cand):
+            return Ranked(cand, np.zeros(0), {})
+        fused = self.first_stage(signals, weights)
+        if parsed is not None and weights.likelihood > 0 and self.scorer is not None and depth > 0:
+            top = np.argsort(-fused, kind="stable")[:depth]
+            ll = np.full(len(cand), np.nan)
+            ll[top] = self.likelihood(cand[top], parsed.positive_text)
+            total = sum(getattr(weights, n) for n in ("image", "caption", "keyword") if n in signals) or 1.0
+            fused = self.add_likelihood(fused, top, ll[top], weights.likelihood, total)
+            signals["likelihood"] = ll
+        order = np.argsort(-fused, kind="stable")[:k]
+        return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()})
