@@ -39,6 +39,68 @@ def _captioning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-words", type=int, default=20, help="longest caption in words (default 20)")
 
 
+def _weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="SPEC",
+                   help="fused-mode weights, e.g. image=1,caption=0.3,keyword=0,likelihood=2 (unnamed ones keep "
+                        "their defaults)")
+
+
+def _weights_from(args: argparse.Namespace):
+    """:class:`indexer.query.FusionWeights` from ``--weights``; bad specs raise ``InputError`` (exit 2)."""
+    from dataclasses import replace
+
+    from indexer.errors import InputError
+    from indexer.query import FusionWeights
+
+    if not getattr(args, "weights", None):
+        return FusionWeights()
+    values = {}
+    for part in args.weights.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in FusionWeights().to_dict():
+            raise InputError(f"--weights: expected NAME=NUMBER with NAME one of image, caption, keyword, "
+                             f"likelihood; got {part!r}")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise InputError(f"--weights: {value!r} is not a number") from None
+    return replace(FusionWeights(), **values)
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
+    """Flags that restrict a search to part of the collection (read back with :func:`_filters_from`)."""
+    g = p.add_argument_group("filters (applied inside the search: k results whenever k images match)")
+    g.add_argument("--folder", metavar="DIR", help="only images under this folder")
+    g.add_argument("--glob", metavar="PATTERN", help="only paths matching this shell pattern, e.g. '*/2023-*/*.jpg'")
+    g.add_argument("--after", metavar="YYYY-MM-DD", help="taken (EXIF date, else file date) on or after this day")
+    g.add_argument("--before", metavar="YYYY-MM-DD", help="taken on or before this day")
+    g.add_argument("--type", dest="file_types", metavar="EXT", action="append", default=[],
+                   help="file type, e.g. jpg (repeat, or a comma list: --type jpg,png)")
+    g.add_argument("--min-width", type=int, default=0, metavar="N", help="at least N pixels wide")
+    g.add_argument("--min-height", type=int, default=0, metavar="N", help="at least N pixels high")
+
+
+def _filters_from(args: argparse.Namespace):
+    """The :class:`indexer.query.Filters` of the ``_filters`` flags; bad values raise ``InputError`` (exit 2)."""
+    from datetime import datetime
+
+    from indexer.query import Filters
+    from retrieval.errors import InputError
+
+    def day(flag: str, value: str | None):
+        if value is None:
+            return None
+        try:
+            return datetime.strptime(value.strip(), "%Y-%m-%d").date()
+        except ValueError:
+            raise InputError(f"--{flag} wants a date as YYYY-MM-DD, got {value!r}") from None
+
+    types = tuple(t.strip() for item in args.file_types for t in item.split(",") if t.strip())
+    return Filters(folder=args.folder, glob=args.glob, after=day("after", args.after), before=day("before", args.before),
+                   file_types=types, min_width=args.min_width, min_height=args.min_height)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixquery", description="Index a photo folder and search it in plain words.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -68,8 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?", help='what to look for, e.g. "dog on a park bench"')
     p.add_argument("--image", metavar="PATH", help="search by example image (combined with the text if both)")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--mode", default="image", help="ranking mode (default image)")
+    p.add_argument("--mode", default="fused", choices=("image", "caption", "keyword", "fused"),
+                   help="ranking: image embeddings, caption embeddings, caption keywords (BM25), or all "
+                        "fused (default)")
+    _weights(p)
+    p.add_argument("--threshold", type=float, help="leave out results scoring below this")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    _filters(p)
+    _common(p)
+
+    p = sub.add_parser("similar", help="images most like an indexed image (more like this)")
+    p.add_argument("image", metavar="IMAGE_OR_ID", help="an indexed image: its path, or its id (see --json output)")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    _filters(p)
+    _common(p)
+
+    p = sub.add_parser("duplicates", help="groups of exact copies (same bytes) and near copies (similar images)")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="image similarity (cosine, in (0, 1]) from which two images count as near copies "
+                        "(default 0.95)")
+    p.add_argument("--json", action="store_true", help="print the groups and counts as JSON")
     _common(p)
 
     p = sub.add_parser("stats", help="what is in the index")
@@ -82,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=3)
     _common(p)
 
+    p = sub.add_parser("ui", help="open the search app in your browser (Streamlit, on this computer only by default)",
+                       description="Start the pixquery app (Search and Collection pages) on http://HOST:PORT. "
+                                   "By default only this computer can open it (127.0.0.1). --host 0.0.0.0 lets "
+                                   "anyone on your network search your photos and see them, and index folders "
+                                   "(add --read-only to forbid that): there is no login.")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this computer only; 0.0.0.0 exposes your photos, "
+                        "with no login, to everyone on the network)")
+    p.add_argument("--read-only", action="store_true", help="no indexing from the app (search and browse only)")
+    _common(p)
+
     p = sub.add_parser("eval", help="measure quality on a captioned image set")
     esub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     e = esub.add_parser("retrieval", help="text->image and image->text recall on a fresh temporary index")
@@ -89,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--captions", required=True, help="file of 'file_name<TAB>caption' lines")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--modes", default="image,caption,keyword,fused", help="comma list of ranking modes to report")
+    e.add_argument("--tune", action="store_true", help="also grid-search the fused weights on these queries")
+    _weights(e)
     _common(e)
+    _captioning(e)
     e = esub.add_parser("captions", help="BLEU, CIDEr and ROUGE-L of generated captions against references")
     e.add_argument("--images", required=True, help="folder holding the images")
     e.add_argument("--captions", required=True, help="file of 'file_name<TAB>caption' reference lines")
@@ -113,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("query", nargs="?", default="a dog running on the grass")
     b.add_argument("--runs", type=int, default=5)
     _common(b)
+    b = bsub.add_parser("latency", help="warm per-query latency of every ranking mode on a synthetic index")
+    b.add_argument("--images", type=int, default=100_000, help="synthetic images when --db does not exist yet")
+    b.add_argument("--passes", type=int, default=5, help="times each of the 20 benchmark queries runs per mode")
+    b.add_argument("--modes", default="image,caption,keyword,fused")
+    _common(b)
+    b = bsub.add_parser("ui", help="time the app in a headless browser: first page load, and search to a "
+                                   "rendered page of 24 results, on a synthetic index of N images")
+    b.add_argument("--images", type=int, default=10_000,
+                   help="size of the synthetic index (the sample photos, hard-linked; default 10000)")
+    b.add_argument("--use-db", action="store_true", help="time the index at --db instead of a synthetic one")
+    b.add_argument("--runs", type=int, default=10, help="searches per pass (default 10)")
+    b.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of a result page here")
+    _common(b)
+    _captioning(b)
 
     p = sub.add_parser("train", help="train pixquery's native models")
     tsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -130,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("captioner", help="train the native attention-decoder captioner on Flickr8k (train split)")
     t.add_argument("--data", required=True, help="Flickr8k folder (images/, captions.tsv, train.txt, dev.txt)")
     t.add_argument("--out", default="runs/captioner/captioner.pt", help="where to write the weights")
-    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--epochs", type=int, help="default 12 (5 with --scst)")
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--lr", type=float, help="default 4e-4 (5e-5 with --scst)")
     t.add_argument("--d-model", type=int, default=384)
     t.add_argument("--layers", type=int, default=3)
     t.add_argument("--heads", type=int, default=6)
@@ -140,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=0.3)
     t.add_argument("--flip", action="store_true", help="augment with horizontally flipped images")
     t.add_argument("--seed", type=int, default=0)
+    s = t.add_argument_group("self-critical fine-tuning (--scst; --epochs and --lr then default to 5 and 5e-5)")
+    s.add_argument("--scst", action="store_true",
+                   help="fine-tune existing weights (--init) with self-critical sequence training on CIDEr-D "
+                        "instead of training from scratch with cross-entropy")
+    s.add_argument("--init", metavar="PATH", help="start weights for --scst (default: the shipped captioner)")
+    s.add_argument("--samples", type=int, default=5, help="captions sampled per image (default 5)")
+    s.add_argument("--images-per-batch", type=int, default=32, help="images per SCST step (default 32)")
+    s.add_argument("--eval-every", type=int, default=0,
+                   help="dev evaluation every N steps as well as after each epoch (default 0: epochs only)")
+    s.add_argument("--train-dropout", action="store_true", help="keep dropout on in the SCST loss pass")
+    s.add_argument("--max-minutes", type=float, help="time budget: stop after it, evaluate, keep the best state")
     _common(t)
     return parser
 
@@ -210,13 +332,51 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.query is None and args.image is None:
         raise InputError('give a query ("dog on a park bench") or --image PATH')
+    weights, filters = _weights_from(args), _filters_from(args)
     with Engine(_config(args)) as engine:
-        hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode)
+        hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode, weights=weights,
+                             filters=filters, threshold=args.threshold)
     if args.json:
         print(json.dumps({"query": args.query, "image": args.image, "mode": args.mode, "k": args.k,
-                          "results": [h.to_dict() for h in hits]}))
+                          "weights": weights.to_dict(), "results": [h.to_dict() for h in hits]}))
     else:
         _print_hits(hits)
+    return EXIT_OK
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from indexer.engine import Engine
+
+    filters = _filters_from(args)
+    target: int | str = args.image
+    if args.image.strip().isascii() and args.image.strip().isdigit() and not Path(args.image).exists():
+        target = int(args.image)
+    with Engine(_config(args)) as engine:
+        hits = engine.more_like_this(target, k=args.k, filters=filters)
+    if args.json:
+        print(json.dumps({"image": args.image, "k": args.k, "results": [h.to_dict() for h in hits]}))
+    else:
+        _print_hits(hits)
+    return EXIT_OK
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from indexer.duplicates import summarize
+    from indexer.engine import Engine
+
+    with Engine(_config(args)) as engine:
+        groups = engine.duplicates(threshold=args.threshold)
+    counts = summarize(groups)
+    if args.json:
+        print(json.dumps({"threshold": args.threshold, "summary": counts, "groups": [g.to_dict() for g in groups]}))
+        return EXIT_OK
+    for g in groups:
+        print(f"{g.kind:5s}  {len(g.ids)} images  similarity {g.similarity:.4f}")
+        for path in g.paths:
+            print(f"       {path}")
+    print(f"{counts['groups']} groups, {counts['images']} images ({counts['exact_groups']} exact groups of "
+          f"{counts['exact_images']} images, {counts['near_groups']} near groups of {counts['near_images']} images); "
+          f"{counts['redundant']} beyond one per group")
     return EXIT_OK
 
 
@@ -286,6 +446,59 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def ui_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The ``streamlit run`` command line and the environment that ``pixquery ui`` starts the app with."""
+    app = Path(__file__).resolve().parent.parent / "ui" / "app.py"  # located, not imported: nothing imports ui/
+    if not app.is_file():
+        from retrieval.errors import PixqueryError
+
+        raise PixqueryError(f"the app is missing from this installation ({app})")
+    if not 0 < args.port < 65536:
+        from retrieval.errors import InputError
+
+        raise InputError(f"--port must be between 1 and 65535, got {args.port}")
+    env = dict(os.environ)
+    for flag, var in (("db", "PIXQUERY_DB"), ("cache_dir", "PIXQUERY_CACHE_DIR"), ("encoder", "PIXQUERY_ENCODER"),
+                      ("device", "PIXQUERY_DEVICE")):
+        value = getattr(args, flag, None)
+        if value:
+            env[var] = str(Path(value).expanduser().resolve()) if flag in ("db", "cache_dir") else value
+    if args.offline:
+        env["PIXQUERY_OFFLINE"] = "1"
+        env["HF_HUB_OFFLINE"] = "1"
+    if args.read_only:
+        env["PIXQUERY_UI_READ_ONLY"] = "1"
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app),
+           "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false",  # no telemetry: nothing leaves this computer
+           "--server.maxUploadSize", "20",  # MB; the app checks uploads again (ui/security.py)
+           "--server.fileWatcherType", "none", "--server.runOnSave", "false",
+           "--client.showErrorDetails", "none", "--client.toolbarMode", "minimal",
+           "--logger.level", "info" if args.verbose else "warning"]
+    return cmd, env
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    cmd, env = ui_command(args)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"pixquery app: http://{'localhost' if args.host in ('127.0.0.1', '::1') else host}:{args.port}  "
+          f"(index {env.get('PIXQUERY_DB') or 'default'}; stop with Ctrl+C)", file=sys.stderr)
+    if args.host not in LOOPBACK_HOSTS:
+        print(f"pixquery: warning: serving on {args.host}: anyone who can reach this address can search and see "
+              f"your photos{'' if args.read_only else ' and index folders'}; there is no login", file=sys.stderr)
+    sys.stderr.flush()
+    if os.name == "posix":  # become the server: Ctrl+C and kill reach Streamlit itself, nothing is left behind
+        os.execvpe(cmd[0], cmd, env)  # does not return
+        return EXIT_OK
+    import subprocess
+
+    return subprocess.call(cmd, env=env)
+
+
 DEMO_QUERIES = ("a dog", "a plate of food", "a city at night", "a person riding a bicycle")
 
 
@@ -320,15 +533,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{report['n_images']} images, captioner {report['captioner']}")
             print("  ".join(f"{k} {v:.4f}" for k, v in report.items() if k not in ("n_images", "captioner")))
         return EXIT_OK
-    report = evaluate_retrieval(Path(args.images), Path(args.captions), _config(args))
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    report = evaluate_retrieval(Path(args.images), Path(args.captions), _config(args), modes=modes,
+                                weights=_weights_from(args), tune=args.tune)
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['n_images']} images, {report['n_queries']} caption queries, encoder {report['encoder']}")
+        print(f"{report['n_images']} images, {report['n_queries']} caption queries, encoder {report['encoder']}, "
+              f"captioner {report['captioner']}, weights {report['weights']}")
         for mode, r in report["text_to_image"].items():
-            print(f"text->image [{mode}]  R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}  medr {r['medr']:g}")
+            print(f"text->image [{mode:7s}]  R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}  "
+                  f"medr {r['medr']:g}")
         r = report["image_to_text"]
-        print(f"image->text          R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}")
+        print(f"image->text            R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}")
+        if "tuning" in report:
+            print(f"tuned weights: {report['tuning'].get('best', report['tuning']['best_first_stage'])}")
     return EXIT_OK
 
 
@@ -340,6 +559,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = bench.bench_index(Path(args.folder), args.limit, config)
     elif args.what == "caption":
         report = bench.bench_caption(Path(args.folder), args.limit, config)
+    elif args.what == "ui":
+        from indexer.bench_ui import bench_ui
+
+        report = bench_ui(config, args.images, args.runs, index_dir=config.index_dir if args.use_db else None,
+                          screenshot=Path(args.screenshot) if args.screenshot else None)
+    elif args.what == "latency":
+        from indexer.bench_latency import bench_latency
+
+        if not args.db:
+            from indexer.errors import InputError
+
+            raise InputError("bench latency builds a synthetic index: give it its own --db folder")
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        report = bench_latency(config.index_dir, args.images, config, args.passes, modes)
     else:
         report = bench.bench_search(config.index_dir, args.query, args.runs)
     print(json.dumps(report))
@@ -355,13 +588,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else EngineConfig().cache_dir
     device = resolve_device(args.device or "auto")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.what == "captioner" and args.scst:
+        from captioning.scst import ScstConfig, train_scst
+
+        scfg = ScstConfig(
+            data=Path(args.data), out=Path(args.out), cache_dir=cache / "features",
+            init=Path(args.init) if args.init else None, device=str(device),
+            epochs=args.epochs if args.epochs is not None else 5, lr=args.lr if args.lr is not None else 5e-5,
+            n_samples=args.samples, images_per_batch=args.images_per_batch, eval_every=args.eval_every,
+            train_dropout=args.train_dropout, max_minutes=args.max_minutes, flip_augment=args.flip, seed=args.seed,
+            progress=not args.quiet)
+        meta = train_scst(scfg)
+        print(f"wrote {scfg.out} ({meta['model_choice']}, {meta['seconds']} s); log: {scfg.out.with_suffix('.json')}")
+        print(f"dev {meta['dev']}")
+        return EXIT_OK
     if args.what == "captioner":
         from captioning.train import TrainCaptionerConfig, train_captioner
 
+        if args.init:
+            from retrieval.errors import InputError
+
+            raise InputError("--init only applies to --scst (cross-entropy training starts from scratch)")
         ccfg = TrainCaptionerConfig(
             data=Path(args.data), out=Path(args.out), cache_dir=cache / "features", device=str(device),
             d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff, dropout=args.dropout,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, flip_augment=args.flip, seed=args.seed,
+            epochs=args.epochs if args.epochs is not None else 12, batch_size=args.batch_size,
+            lr=args.lr if args.lr is not None else 4e-4, flip_augment=args.flip, seed=args.seed,
             progress=not args.quiet)
         meta = train_captioner(ccfg)
         print(f"wrote {ccfg.out} ({meta['model_choice']}, {meta['seconds']} s); log: {ccfg.out.with_suffix('.json')}")
@@ -380,8 +632,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"index": cmd_index, "recaption": cmd_recaption, "caption": cmd_caption, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo,
-            "eval": cmd_eval, "bench": cmd_bench, "train": cmd_train}
+COMMANDS = {"index": cmd_index, "recaption": cmd_recaption, "caption": cmd_caption, "search": cmd_search, "similar": cmd_similar,
+            "duplicates": cmd_duplicates, "stats": cmd_stats, "demo": cmd_demo,
+            "eval": cmd_eval, "bench": cmd_bench, "train": cmd_train, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:
