@@ -243,3 +243,65 @@ def beam_search(
         no_repeat_ngram_size=no_repeat_ngram_size, min_len=min_len, banned_ids=banned_ids,
     )
     return [hyps[0].tokens if hyps else [] for hyps in results]
+
+
+@torch.no_grad()
+def sample(
+    model: CaptionDecoder,
+    grid: torch.Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    n_samples: int = 1,
+    max_len: int = 20,
+    temperature: float = 1.0,
+    banned_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``n_samples`` captions per image of grid (B, C, G, G), drawn token by token from the model's
+    softmax (multinomial sampling at ``temperature``), with the same key/value cache as beam search.
+
+    Returns (B * n_samples, T) token ids, rows of image b at b * n_samples ... (b + 1) * n_samples - 1:
+    the words, then ``<eos>``, then ``pad_id``; T <= max_len + 1 is the longest row. A row that reaches
+    ``max_len`` words gets ``<eos>`` as its next token (as beam search does). ``<bos>``,
+    ``pad_id`` and ``banned_ids`` are never drawn. Runs in eval mode (no dropout; the training flag
+    is restored afterwards) and without gradients: a training loss recomputes the log-probs by
+    teacher forcing.
+    """
+    _check_args(model, grid, bos_id, eos_id, 1, max_len, 1.0, 0, 0, banned_ids)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if pad_id == eos_id or not 0 <= pad_id < model.cfg.vocab_size:
+        raise ValueError(f"pad_id {pad_id} must be a vocabulary id other than eos_id")
+    device = grid.device
+    V = model.cfg.vocab_size
+    R = grid.shape[0] * n_samples
+    never = torch.zeros(V, dtype=torch.bool, device=device)  # (V,) tokens never drawn
+    never[[bos_id, pad_id, *banned_ids]] = True
+    was_training = model.training
+    model.eval()
+    try:
+        memory = model.encode(grid)  # (B, S, D)
+        rows = torch.arange(grid.shape[0], device=device).repeat_interleave(n_samples)  # (R,) image of each row
+        cache = model.init_cache(memory).reorder(rows)  # cross keys/values computed once per image
+        last = torch.full((R, 1), bos_id, dtype=torch.long, device=device)  # (R, 1)
+        done = torch.zeros(R, dtype=torch.bool, device=device)  # (R,) rows that have drawn <eos>
+        out: list[torch.Tensor] = []  # per step (R,)
+        for t in range(max_len + 1):  # t = words drawn so far
+            logits, cache = model.step(last, memory, cache)  # (R, V)
+            if t == max_len:
+                tok = torch.full((R,), eos_id, dtype=torch.long, device=device)  # (R,) forced end
+            else:
+                probs = F.softmax(logits.float().masked_fill(never, float("-inf")) / temperature, dim=-1)  # (R, V)
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (R,)
+            tok = tok.masked_fill(done, pad_id)  # (R,) finished rows only pad
+            out.append(tok)
+            done = done | (tok == eos_id)
+            if bool(done.all()):
+                break
+            last = tok.unsqueeze(1)  # (R, 1)
+        return torch.stack(out, dim=1)  # (R, T)
+    finally:
+        model.train(was_training)

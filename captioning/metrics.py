@@ -29,7 +29,7 @@ import math
 import re
 import shutil
 from collections import Counter, defaultdict
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, Iterable, Mapping, Sequence
 
 __all__ = [
     "PUNCTUATIONS",
@@ -37,6 +37,8 @@ __all__ = [
     "ptb_tokenize_batch",
     "bleu",
     "cider_d",
+    "cider_document_frequency",
+    "CiderD",
     "rouge_l",
     "caption_scores",
     "java_metrics",
@@ -157,6 +159,89 @@ def bleu(refs: Mapping[Key, Sequence[Sequence[str]]], hyps: Mapping[Key, Sequenc
     return scores
 
 
+Gram = tuple[str, ...]
+_CiderVec = tuple[list[dict[Gram, float]], list[float], int]  # per-n weights, per-n norms, bigram count
+
+
+def cider_document_frequency(ref_counts: Iterable[Sequence[Counter[Gram]]]) -> dict[Gram, float]:
+    """df(g) = number of images whose references contain n-gram g. ``ref_counts``: per image, the
+    n-gram counts of each of its references (as ``_ngrams`` returns them)."""
+    df: defaultdict[Gram, float] = defaultdict(float)
+    for counts_of_image in ref_counts:
+        for gram in {g for counts in counts_of_image for g in counts}:
+            df[gram] += 1
+    return dict(df)
+
+
+def _cider_vector(counts: Counter[Gram], df: Mapping[Gram, float], log_n: float, n: int) -> _CiderVec:
+    """tf-idf weights tf(g) * (log(N) - log(max(1, df(g)))) per n, their norms, and the bigram count."""
+    v: list[dict[Gram, float]] = [{} for _ in range(n)]
+    norm = [0.0] * n
+    length = 0
+    for gram, tf in counts.items():
+        i = len(gram) - 1
+        w = float(tf) * (log_n - math.log(max(1.0, df.get(gram, 0.0))))
+        v[i][gram] = w
+        norm[i] += w * w
+        if i == 1:
+            length += tf
+    return v, [math.sqrt(x) for x in norm], length
+
+
+def _cider_against(hyp: _CiderVec, refs: Sequence[_CiderVec], n: int, sigma: float) -> float:
+    """One hypothesis' CIDEr-D against its references' vectors (pycocoevalcap's ``simPerImage``)."""
+    v_h, norm_h, len_h = hyp
+    total = [0.0] * n
+    for v_r, norm_r, len_r in refs:
+        penalty = math.e ** (-(float(len_h - len_r) ** 2) / (2 * sigma ** 2))
+        for i in range(n):
+            val = 0.0
+            for gram, w in v_h[i].items():
+                r = v_r[i].get(gram, 0.0)
+                val += min(w, r) * r
+            if norm_h[i] != 0 and norm_r[i] != 0:
+                val /= norm_h[i] * norm_r[i]
+            total[i] += val * penalty
+    return sum(total) / n / len(refs) * 10.0
+
+
+class CiderD:
+    """CIDEr-D of any number of hypotheses against a fixed reference corpus.
+
+    The document frequencies and the references' tf-idf vectors are computed once, so scoring a
+    hypothesis costs only its own n-grams (what self-critical training needs: thousands of sampled
+    captions per step against the train references). ``score(k, hyp)`` is the per-image term that
+    :func:`cider_d` averages: ``cider_d(refs, hyps)`` equals the mean of
+    ``CiderD(refs).score(k, hyps[k])`` over the images.
+    """
+
+    def __init__(self, refs: Mapping[Key, Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0) -> None:
+        if not refs:
+            raise ValueError("references must not be empty")
+        for k in refs:
+            if len(refs[k]) == 0:
+                raise ValueError(f"image {k!r} has no references")
+        self.n, self.sigma = n, sigma
+        ref_counts = {k: [_ngrams(_words(r), n) for r in refs[k]] for k in refs}
+        self.df = cider_document_frequency(ref_counts[k] for k in refs)
+        self.log_n = math.log(float(len(ref_counts)))
+        self._refs = {k: [_cider_vector(c, self.df, self.log_n, n) for c in counts] for k, counts in ref_counts.items()}
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._refs
+
+    def score(self, key: Key, hyp: Sequence[str]) -> float:
+        """CIDEr-D (times 10, as reported) of one tokenized hypothesis against image ``key``'s references."""
+        vec = _cider_vector(_ngrams(_words(hyp), self.n), self.df, self.log_n, self.n)
+        return _cider_against(vec, self._refs[key], self.n, self.sigma)
+
+    def scores(self, keys: Sequence[Key], hyps: Sequence[Sequence[str]]) -> list[float]:
+        """:meth:`score` of ``hyps[i]`` against the references of ``keys[i]``."""
+        if len(keys) != len(hyps):
+            raise ValueError(f"{len(keys)} keys for {len(hyps)} hypotheses")
+        return [self.score(k, h) for k, h in zip(keys, hyps)]
+
+
 def cider_d(refs: Mapping[Key, Sequence[Sequence[str]]], hyps: Mapping[Key, Sequence[str]],
             n: int = 4, sigma: float = 6.0) -> float:
     """CIDEr-D exactly as pycocoevalcap's ``Cider`` computes it.
@@ -167,44 +252,11 @@ def cider_d(refs: Mapping[Key, Sequence[Sequence[str]]], hyps: Mapping[Key, Sequ
     (when both are non-zero), times exp(-delta^2 / (2 sigma^2)) where delta is the difference of
     the two captions' *bigram* counts (pycocoevalcap's length term). Mean over n, sum over
     references / number of references, times 10; the corpus score is the mean over images.
+    (:class:`CiderD` is the same computation with the references prepared once.)
     """
     keys = _check(refs, hyps)
-    ref_counts = {k: [_ngrams(_words(r), n) for r in refs[k]] for k in keys}
-    df: defaultdict[tuple[str, ...], float] = defaultdict(float)
-    for k in keys:
-        for gram in {g for counts in ref_counts[k] for g in counts}:
-            df[gram] += 1
-    log_n = math.log(float(len(keys)))
-
-    def vec(counts: Counter[tuple[str, ...]]) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
-        v: list[dict[tuple[str, ...], float]] = [{} for _ in range(n)]
-        norm = [0.0] * n
-        length = 0
-        for gram, tf in counts.items():
-            i = len(gram) - 1
-            w = float(tf) * (log_n - math.log(max(1.0, df.get(gram, 0.0))))
-            v[i][gram] = w
-            norm[i] += w * w
-            if i == 1:
-                length += tf
-        return v, [math.sqrt(x) for x in norm], length
-
-    scores = []
-    for k in keys:
-        v_h, norm_h, len_h = vec(_ngrams(_words(hyps[k]), n))
-        total = [0.0] * n
-        for counts in ref_counts[k]:
-            v_r, norm_r, len_r = vec(counts)
-            penalty = math.e ** (-(float(len_h - len_r) ** 2) / (2 * sigma ** 2))
-            for i in range(n):
-                val = 0.0
-                for gram, w in v_h[i].items():
-                    r = v_r[i].get(gram, 0.0)
-                    val += min(w, r) * r
-                if norm_h[i] != 0 and norm_r[i] != 0:
-                    val /= norm_h[i] * norm_r[i]
-                total[i] += val * penalty
-        scores.append(sum(total) / n / len(ref_counts[k]) * 10.0)
+    scorer = CiderD({k: refs[k] for k in keys}, n=n, sigma=sigma)
+    scores = [scorer.score(k, hyps[k]) for k in keys]
     return sum(scores) / len(scores)
 
 

@@ -26,7 +26,7 @@ from retrieval.weights import resolve_weights, save_payload
 from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_CAPTIONER = "effl0-sat-v1"
+DEFAULT_CAPTIONER = "effl0-sat-v2"
 FORMAT = "pixquery-native-captioner/1"
 
 
@@ -57,7 +57,7 @@ def load_captioner(path: Path) -> tuple[CaptionDecoder, WordTokenizer, dict, str
 
 
 class NativeCaptioner(Captioner):
-    """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v1``)."""
+    """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v2``, the default)."""
 
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:

@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scst", action="store_true",
                    help="fine-tune existing weights (--init) with self-critical sequence training on CIDEr-D "
                         "instead of training from scratch with cross-entropy")
-    s.add_argument("--init", metavar="PATH", help="start weights for --scst (default: the shipped captioner)")
+    s.add_argument("--init", metavar="PATH", help="start weights for --scst (default: the shipped cross-entropy captioner effl0-sat-v1)")
     s.add_argument("--samples", type=int, default=5, help="captions sampled per image (default 5)")
     s.add_argument("--images-per-batch", type=int, default=32, help="images per SCST step (default 32)")
     s.add_argument("--eval-every", type=int, default=0,

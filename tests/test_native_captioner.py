@@ -91,13 +91,21 @@ def test_shipped_captioner_names_what_is_in_flickr_like_photos(name, word):
     assert word in caption, caption
 
 
-def test_shipped_captioner_file_is_small_and_weights_only():
+@pytest.mark.parametrize("name", ["effl0-sat-v1", "effl0-sat-v2"])  # v1 stays: existing indexes name it
+def test_shipped_captioner_file_is_small_and_weights_only(name):
     from captioning.native import WEIGHTS_DIR
 
-    path = WEIGHTS_DIR / "effl0-sat-v1.pt"
+    path = WEIGHTS_DIR / f"{name}.pt"
     assert path.stat().st_size < 30_000_000
     payload = torch.load(path, map_location="cpu", weights_only=True)
     assert payload["format"] == "pixquery-native-captioner/1" and payload["meta"]["dev"]["beam"] == 3
+
+
+def test_default_captioner_is_the_scst_model():
+    from captioning.native import DEFAULT_CAPTIONER
+    from indexer.config import DEFAULT_CAPTIONER as ENGINE_DEFAULT
+
+    assert DEFAULT_CAPTIONER == "effl0-sat-v2" and ENGINE_DEFAULT == "native:effl0-sat-v2"
 
 
 _SHIPPED: list = []
@@ -105,7 +113,7 @@ _SHIPPED: list = []
 
 def _shipped() -> NativeCaptioner:
     if not _SHIPPED:
-        _SHIPPED.append(create_captioner("native:effl0-sat-v1"))
+        _SHIPPED.append(create_captioner("native:effl0-sat-v2"))
     return _SHIPPED[0]
 
 
