@@ -28,7 +28,7 @@ from indexer.engine import Engine
 from indexer.errors import InputError
 from indexer.query import MODES, FusionWeights
 from indexer.query_parser import parse_query
-from indexer.ranking import Ranker
+from indexer.ranking import Ranker, query_vector
 from captioning.captioner import Captioner
 from retrieval.encoder import JointEncoder
 from retrieval.metrics import best_ranks_multi, recall_report
@@ -37,7 +37,7 @@ from retrieval.native.data import read_captions
 # --tune grid (image weight fixed at 1: only ratios matter)
 TUNE_CAPTION = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 TUNE_KEYWORD = (0.0, 0.05, 0.1, 0.2, 0.3)
-TUNE_LIKELIHOOD = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+TUNE_LIKELIHOOD = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
 
 
 def _link_images(images: Path, names: list[str], into: Path) -> None:
@@ -89,11 +89,16 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
             id_of = np.array([by_pos[i] for i in range(len(names))], dtype=np.int64)  # image index -> index id
             owner_ids = id_of[owner]  # (Q,) index id of each query's image
             parsed = [parse_query(t) for t in texts]
-            q = np.concatenate([
-                np.stack([engine._query(p, None) for p in parsed[s:s + query_batch]])
-                for s in tqdm(range(0, len(texts), query_batch), desc="caption queries", unit="batch",
+            # the same query vectors as search (ranking.query_vector), with the text tower run in batches
+            needed = list(dict.fromkeys(t for p in parsed for t in (p.positive_text, *(t for t, w in p.terms if w != 1.0),
+                                                                    *p.negative)))
+            embedded = np.concatenate([
+                engine.encoder.encode_texts(needed[s:s + query_batch])
+                for s in tqdm(range(0, len(needed), query_batch), desc="caption queries", unit="batch",
                               disable=not cfg.progress)
-            ])  # (Q, D), the same query vectors as search
+            ])
+            cache = dict(zip(needed, embedded))
+            q = np.stack([query_vector(p, lambda ts: np.stack([cache[t] for t in ts])) for p in parsed])  # (Q, D)
             ranker = engine.ranker()
             n = len(names)
             t2i = {}

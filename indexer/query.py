@@ -25,9 +25,9 @@ class FusionWeights:
     """
 
     image: float = 1.0
-    caption: float = 0.3
-    keyword: float = 0.0
-    likelihood: float = 2.0
+    caption: float = 0.0
+    keyword: float = 0.05
+    likelihood: float = 0.5
 
     def __post_init__(self) -> None:
         values = (self.image, self.caption, self.keyword, self.likelihood)

@@ -6,12 +6,14 @@
     likelihood  log P(query | image) under the caption decoder            (memories.faiss)
 
 Modes ``image``, ``caption`` and ``keyword`` rank by one signal. ``fused`` takes the union of
-the best ``pool`` candidates of each of the first three (the caption index's only when its weight is
-at least half the image weight; otherwise captions only re-score), z-normalises each signal over that pool,
+the best ``pool`` candidates of each of the first three (the caption and keyword searches only when
+their weight is at least half the image weight; otherwise they only re-score), z-normalises each
+signal over that pool,
 and sums them with the query's weights (a normalised weighted sum beat reciprocal-rank fusion on
 Flickr8k dev; docs/MODELS.md). It then asks the caption decoder how likely it is to have written
-the query for each of the ``depth`` best candidates, and adds that signal, z-normalised over those
-candidates, with its own weight; candidates below ``depth`` count as the least likely of them.
+the query for each of the ``depth`` best candidates, and adds that log-probability (in nats, relative
+to the most likely candidate) with its own weight; candidates below ``depth`` count as the least
+likely of them.
 
 Excluded terms (``-people``) move the query vector away from them and drop every candidate whose
 caption mentions them; weighted terms (``grass^2``) add their own embedding and BM25 with that weight.
@@ -165,11 +167,13 @@ class Ranker:
         """Fused mode's candidates (the union of each signal's best ``pool``, exclusions dropped) and
         their image, caption and keyword signals -> (ids (n,), {signal: (n,)})."""
         w = weights
-        # each signal that carries real weight brings its own candidates; a light caption weight only
-        # re-scores the others' (a second full scan of the caption index would double the search cost)
+        # each signal that carries real weight brings its own candidates; a light caption or keyword weight
+        # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
+        # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
         found_i = self._vector_top("image", q, pool, allowed) if w.image or w.likelihood else {}
         found_c = self._vector_top("caption", q, pool, allowed) if w.caption and w.caption >= w.image / 2 else {}
-        found_k = self._keyword_scores(parsed, pool, allowed) if w.keyword and parsed is not None else {}
+        found_k = (self._keyword_scores(parsed, pool, allowed)
+                   if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
         cand = list(dict.fromkeys([*found_i, *found_c, *found_k]))
         drop = self._excluded(parsed, cand)
         cand = np.array([i for i in cand if i not in drop], dtype=np.int64)
@@ -196,13 +200,17 @@ class Ranker:
     @staticmethod
     def add_likelihood(fused: np.ndarray, top: np.ndarray, ll: np.ndarray, weight: float,
                        total: float) -> np.ndarray:
-        """Add the likelihood signal (``ll`` (len(top),) for the candidates ``top``) to ``fused`` (n,)."""
+        """Add ``weight`` x log P(query | image) (``ll`` (len(top),), in nats, relative to the most
+        likely candidate) to ``fused`` (n,) for the candidates ``top``; every other candidate (below
+        the depth, or without a memory) counts as the least likely one. Raw log-probabilities, not
+        z-scores: ten candidates are too few to estimate a spread, and a difference of one nat means
+        the same for every query."""
         if np.isnan(ll).all():
             return fused
-        z = np.full(len(fused), np.nan)
-        z[top] = zscore(ll)
-        z[np.isnan(z)] = np.nanmin(z)  # below depth, or no memory: as unlikely as the least likely
-        return fused + weight * z / total
+        rel = ll - np.nanmax(ll)  # (len(top),) <= 0
+        add = np.full(len(fused), np.nanmin(rel))
+        add[top] = np.where(np.isnan(rel), np.nanmin(rel), rel)
+        return fused + weight * add / total
 
     def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
                allowed: np.ndarray | None, pool: int, depth: int) -> Ranked:

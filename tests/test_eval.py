@@ -95,10 +95,29 @@ def test_native_encoder_reaches_issue_figures_on_flickr8k_dev(tmp_path):
     dev = set((FLICKR8K / "dev.txt").read_text().split())
     lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]
     (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
-    report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False))
+    cfg = EngineConfig(progress=False, captioner=None)  # image mode needs no captions
+    report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", cfg, modes=("image",))
     r = report["text_to_image"]["image"]
     assert (report["n_images"], report["n_queries"]) == (1000, 5000)
     assert r["R@1"] >= 21 and r["R@5"] >= 49 and r["R@10"] >= 63
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_fused_ranking_beats_image_mode_on_flickr8k_dev(tmp_path):
+    """The shipped models and default weights, as in docs/BENCHMARKS.md (measured: fused R@1 28.32 vs
+    image 22.66). The issue asks for +6; +5.66 is what was reached, so this guards against regressions."""
+    from conftest import FLICKR8K
+
+    dev = set((FLICKR8K / "dev.txt").read_text().split())
+    lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]
+    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
+    report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False),
+                                modes=("image", "fused"))
+    image, fused = report["text_to_image"]["image"], report["text_to_image"]["fused"]
+    assert report["scorer"] is not None  # the likelihood signal took part
+    assert fused["R@1"] >= 28 and fused["R@1"] >= image["R@1"] + 5
+    assert fused["R@5"] >= image["R@5"] and fused["R@10"] >= image["R@10"]
 
 
 def test_eval_captions_contract_and_perfect_unigrams(tmp_path):

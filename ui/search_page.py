@@ -114,7 +114,7 @@ def controls_ui(folders: list[str], types: list[str]) -> dict:
     if preset == "Custom":
         defaults = FusionWeights()
         values = {f.name: sb.slider(WEIGHT_LABELS.get(f.name, f.name), 0.0, 5.0, float(getattr(defaults, f.name)),
-                                    0.1, key=f"w_{f.name}")
+                                    0.05, key=f"w_{f.name}")
                   for f in dataclasses.fields(FusionWeights)}
         try:
             weights = FusionWeights(**values)
