@@ -438,6 +438,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"encoder {enc.get('name')} (dim {enc.get('dim')}, weights {str(enc.get('weights_sha256'))[:12]})")
     cap = stats["captioner"]
     print(f"captions: {stats['captioned']} images" + (f", by {cap['name']} (weights {cap['weights_sha256'][:12]})" if cap else ""))
+    scorer = stats.get("scorer")
+    print(f"likelihood scorer: {scorer['name']}" if scorer else "likelihood scorer: none (fused ranking without it)")
     if stats["last_run"]:
         lr = stats["last_run"]
         print(f"last run {lr['started_at']} on {lr['root']}")
