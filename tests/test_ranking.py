@@ -269,3 +269,27 @@ def test_ranker_adds_likelihood_only_to_the_scored_candidates():
     out = Ranker.add_likelihood(fused, top, np.array([-30.0, -10.0, -20.0]), weight=10.0, total=1.0)
     assert np.argmax(out) == 1 and out[3] <= out.min() + 1e-9
     assert np.array_equal(Ranker.add_likelihood(fused, top, np.full(3, np.nan), 10.0, 1.0), fused)
+
+
+def test_recaption_gives_an_index_without_memories_the_likelihood_signal(tmp_path, tiny_scorer_weights):
+    from captioning.native import NativeCaptioner
+    from retrieval.factory import DEFAULT_ENCODER, create_encoder
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for n in ("cat_tabby_chelsea_01.jpg", "surfer_on_wave_01.jpg"):
+        shutil.copy(SAMPLES / n, root / n)
+    encoder = create_encoder(DEFAULT_ENCODER)
+    weights = str(tiny_scorer_weights)
+    old = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=f"native:{weights}", scorer=None)
+    with Engine(old, encoder=encoder) as engine:  # an index as made before the scorer existed
+        engine.index(root)
+        assert not engine.config.memory_path.exists()
+        assert "likelihood" not in engine.search("a dog runs", k=1)[0].scores
+    new = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=f"native:{weights}",
+                       scorer=f"native:{weights}")
+    with Engine(new, encoder=encoder, scorer=NativeCaptioner(weights)) as engine:
+        assert "likelihood" not in engine.search("a dog runs", k=1)[0].scores  # memories not written yet
+        engine.recaption()
+        assert "likelihood" in engine.search("a dog runs", k=1)[0].scores
+        assert engine.stats()["scorer"]["name"] == f"native:{tiny_scorer_weights.resolve()}"
