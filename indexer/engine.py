@@ -337,27 +337,26 @@ class Engine:
         parsed = parse_query(text) if text is not None else None
         if parsed is None and mode == "keyword":
             raise InputError("keyword mode needs words to look for")
-        store, _ = self._ready()
+        ranker = self.ranker()  # opens and checks the index once per search
+        store = ranker.store
         q = self._query(parsed, image)
         allowed = store.filter_ids(filters) if filters is not None else None
         if allowed is not None and not len(allowed):
             return []
-        ranked = self.ranker().rank(mode, q, parsed, k, weights or FusionWeights(), allowed,
-                                    pool=self.config.pool, depth=self.config.rerank_depth)
+        ranked = ranker.rank(mode, q, parsed, k, weights or FusionWeights(), allowed,
+                             pool=self.config.pool, depth=self.config.rerank_depth)
         rows = store.images_by_ids(ranked.ids.tolist())
         hits = []
         for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
             if i not in rows or (threshold is not None and score < threshold):
                 continue
             scores = {name: float(v[n]) for name, v in ranked.signals.items() if not np.isnan(v[n])}
-            row = rows[i]
-            hits.append(SearchHit(row.id, row.path, float(score), row.width, row.height, row.file_type,
-                                  row.caption, scores))
+            hits.append(self._hit(rows[i], float(score), scores))
         return hits
 
     @staticmethod
-    def _hit(row: ImageRow, score: float, mode: str) -> SearchHit:
-        return SearchHit(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, {mode: score})
+    def _hit(row: ImageRow, score: float, scores: dict[str, float]) -> SearchHit:
+        return SearchHit(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, scores)
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
@@ -372,7 +371,7 @@ class Engine:
         scores, ids = vectors.images.search(query, k + 1, ids=allowed)  # +1: the image finds itself
         ranked = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i != row.id][:k]
         rows = store.images_by_ids([i for _, i in ranked])
-        return [self._hit(rows[i], s, "image") for s, i in ranked if i in rows]
+        return [self._hit(rows[i], s, {"image": s}) for s, i in ranked if i in rows]
 
     @staticmethod
     def _indexed(store: Store, image: int | str | Path) -> ImageRow:

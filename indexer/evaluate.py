@@ -166,12 +166,12 @@ def tune_weights(ranker: Ranker, q: np.ndarray, parsed: list, owner_ids: np.ndar
         firsts.append(fused)
         tops.append(top)
         lls.append(ranker.likelihood(cand[top], parsed[j].positive_text))
-    total = base.image + base.caption + base.keyword
     sweep, best_l = [], None
     for wl in TUNE_LIKELIHOOD:
         ranked = []
-        for (cand, _), fused, top, ll in zip(pools, firsts, tops, lls):
-            final = Ranker.add_likelihood(fused, top, ll, wl, total) if wl and len(cand) else fused
+        for (cand, sig), fused, top, ll in zip(pools, firsts, tops, lls):
+            final = (Ranker.add_likelihood(fused, top, ll, wl, Ranker.stage_total(sig, base))
+                     if wl and len(cand) else fused)
             ranked.append(cand[np.argsort(-final, kind="stable")])
         rep, s = score(_ranks(ranked, owner_ids, n_images))
         sweep.append({"likelihood": wl, **rep})

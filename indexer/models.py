@@ -43,31 +43,30 @@ class ImageModels:
         return x, self.captioner.preprocess(image)
 
     def run(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> BatchOutput:
-        grid = None
-        if self.shared or self.scorer is not None:
-            grid = self.encoder.grid(enc_pixels)  # (B, 1280, 7, 7), one backbone pass for all
-            vectors = self.encoder.encode_grid(grid)
-        else:
-            vectors = self.encoder.encode_pixels(enc_pixels)
-        memories = self.scorer.memory(grid) if self.scorer is not None else None
-        if self.captioner is None:
-            return BatchOutput(vectors, [None] * len(enc_pixels), memories)
-        if self.shared:
-            captions = self.captioner.caption_grid(grid, self.options)
-        else:
-            captions = self.captioner.caption_pixels(cap_pixels, self.options)
-        return BatchOutput(vectors, [clean_caption(c) for c in captions], memories)
+        grid = self._grid(enc_pixels)
+        vectors = self.encoder.encode_grid(grid) if grid is not None else self.encoder.encode_pixels(enc_pixels)
+        captions, memories = self._captions_and_memories(grid, cap_pixels, len(enc_pixels))
+        return BatchOutput(vectors, captions, memories)
 
     def caption_only(self, enc_pixels: torch.Tensor,
                      cap_pixels: torch.Tensor | None) -> tuple[list[str | None], np.ndarray | None]:
         """Captions and scorer memories without touching image embeddings (``recaption``)."""
-        grid = self.encoder.grid(enc_pixels) if self.shared or self.scorer is not None else None
+        return self._captions_and_memories(self._grid(enc_pixels), cap_pixels, len(enc_pixels))
+
+    def _grid(self, enc_pixels: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1280, 7, 7): one backbone pass for everything that reads the grid; None when nothing does."""
+        return self.encoder.grid(enc_pixels) if self.shared or self.scorer is not None else None
+
+    def _captions_and_memories(self, grid: torch.Tensor | None, cap_pixels: torch.Tensor | None,
+                               n: int) -> tuple[list[str | None], np.ndarray | None]:
         memories = self.scorer.memory(grid) if self.scorer is not None else None
         if self.captioner is None:
-            return [None] * len(enc_pixels), memories
+            return [None] * n, memories
         if self.shared:
-            return [clean_caption(c) for c in self.captioner.caption_grid(grid, self.options)], memories
-        return [clean_caption(c) for c in self.captioner.caption_pixels(cap_pixels, self.options)], memories
+            captions = self.captioner.caption_grid(grid, self.options)
+        else:
+            captions = self.captioner.caption_pixels(cap_pixels, self.options)
+        return [clean_caption(c) for c in captions], memories
 
     def embed_captions(self, captions: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """-> (positions of non-empty captions, their (n, D) text embeddings)."""

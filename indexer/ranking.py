@@ -104,9 +104,8 @@ class Ranker:
             if not weighted:
                 return dict(self.store.keyword_search(expr, n, allowed=allowed_set))
             # candidates: each term's best n, so a heavily weighted term's matches are all in the running
-            among = list(dict.fromkeys(i for term, _ in parsed.terms if fts_expression([term])
-                                       for i, _ in self.store.keyword_search(fts_expression([term]), n,
-                                                                             allowed=allowed_set)))
+            exprs = [e for e in (fts_expression([term]) for term, _ in parsed.terms) if e]
+            among = list(dict.fromkeys(i for e in exprs for i, _ in self.store.keyword_search(e, n, allowed=allowed_set)))
             found = self._keyword_scores(parsed, n, None, among)
             return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
         if not weighted:
@@ -133,9 +132,8 @@ class Ranker:
         out = np.full(len(ids), np.nan)
         if self.scorer is None or not len(ids):
             return out
-        have = np.array([self.vectors.memories.contains(int(i)) for i in ids], dtype=bool)
+        have, mem = self.vectors.memories.reconstruct_present(ids)  # (m, S * D_dec)
         if have.any():
-            mem = self.vectors.memories.reconstruct(ids[have])  # (m, S * D_dec)
             out[have] = self.scorer.log_likelihood(mem, text)
         return out
 
@@ -180,10 +178,9 @@ class Ranker:
         if not len(cand):
             return cand, {}
         image = self.vectors.images.reconstruct(cand) @ q  # (n,)
-        has_cap = np.array([self.vectors.captions.contains(int(i)) for i in cand], dtype=bool)
+        has_cap, cap_vecs = self.vectors.captions.reconstruct_present(cand)
         caption = np.full(len(cand), np.nan)
-        if has_cap.any():
-            caption[has_cap] = self.vectors.captions.reconstruct(cand[has_cap]) @ q
+        caption[has_cap] = cap_vecs @ q
         signals = {"image": image, "caption": caption}
         if parsed is not None:
             kw = self._keyword_scores(parsed, len(cand), None, among=cand.tolist())
@@ -191,11 +188,15 @@ class Ranker:
         return cand, signals
 
     @staticmethod
+    def stage_total(signals: dict[str, np.ndarray], weights: FusionWeights) -> float:
+        """Sum of the first stage's weights over the signals measured (what its weighted sum is divided by)."""
+        return sum(getattr(weights, name) for name in ("image", "caption", "keyword") if name in signals) or 1.0
+
+    @staticmethod
     def first_stage(signals: dict[str, np.ndarray], weights: FusionWeights) -> np.ndarray:
         """Normalised weighted sum of the pool's z-scored image, caption and keyword signals -> (n,)."""
         parts = [(getattr(weights, name), signals[name]) for name in ("image", "caption", "keyword") if name in signals]
-        total = sum(w for w, _ in parts) or 1.0
-        return sum(w * zscore(x) for w, x in parts if w) / total
+        return sum(w * zscore(x) for w, x in parts if w) / Ranker.stage_total(signals, weights)
 
     @staticmethod
     def add_likelihood(fused: np.ndarray, top: np.ndarray, ll: np.ndarray, weight: float,
@@ -222,8 +223,7 @@ class Ranker:
             top = np.argsort(-fused, kind="stable")[:depth]
             ll = np.full(len(cand), np.nan)
             ll[top] = self.likelihood(cand[top], parsed.positive_text)
-            total = sum(getattr(weights, n) for n in ("image", "caption", "keyword") if n in signals) or 1.0
-            fused = self.add_likelihood(fused, top, ll[top], weights.likelihood, total)
+            fused = self.add_likelihood(fused, top, ll[top], weights.likelihood, self.stage_total(signals, weights))
             signals["likelihood"] = ll
         order = np.argsort(-fused, kind="stable")[:k]
         return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()})

@@ -111,6 +111,18 @@ class VectorIndex:
             out[row] = self.index.reconstruct(int(i))
         return out
 
+    def reconstruct_present(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) ids -> (mask (n,) of the ids that have a vector, their (mask.sum(), dim) vectors), one lookup each."""
+        mask = np.zeros(len(ids), dtype=bool)
+        rows = []
+        for row, i in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
+            try:
+                rows.append(self.index.reconstruct(i))
+                mask[row] = True
+            except RuntimeError:  # no vector under this id
+                continue
+        return mask, (np.stack(rows) if rows else np.zeros((0, self.dim), np.float32))
+
     def _searcher(self) -> faiss.Index:
         if not self.use_gpu or len(self) == 0:
             return self.index
@@ -137,18 +149,12 @@ class VectorIndex:
         if k <= 0:
             return _empty(len(queries))
         if len(allowed) <= DENSE_FILTER_MAX:
-            present, rows = [], []
-            for i in allowed.tolist():
-                try:
-                    rows.append(self.index.reconstruct(i))
-                    present.append(i)
-                except RuntimeError:  # an allowed id without a vector
-                    continue
+            mask, rows = self.reconstruct_present(allowed)  # allowed ids without a vector drop out
+            present = allowed[mask]
             k = min(k, len(present))
             if k <= 0:
                 return _empty(len(queries))
-            sims = queries @ np.stack(rows).T  # (Q, n)
-            present = np.asarray(present, dtype=np.int64)
+            sims = queries @ rows.T  # (Q, n)
             top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(sims, top, 1).astype(np.float32), present[top]
         # inside FAISS: IndexIDMap2 applies the selector to the external ids. Selectors run on the CPU

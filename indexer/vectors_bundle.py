@@ -68,7 +68,7 @@ class VectorBundle:
         ``memories`` (len(ids), S * D_dec) is dropped when this index keeps none."""
         self.images.add(ids, images)
         self.captions.add(caption_ids, captions)
-        if memories is not None and self.memories is not None and memories.shape[1] == self.memories.dim:
+        if self._keeps(memories):
             self.memories.add(ids, memories)
 
     def add_one(self, row_id: int, image: np.ndarray, caption_vec: np.ndarray | None,
@@ -84,9 +84,13 @@ class VectorBundle:
         self.captions.remove(ids)
         self.captions.add(ids, vectors)
 
+    def _keeps(self, memories: np.ndarray | None) -> bool:
+        """Whether these memories belong here (not: no scorer store, or another scorer's shape)."""
+        return memories is not None and self.memories is not None and memories.shape[1] == self.memories.dim
+
     def set_memories(self, ids: np.ndarray, memories: np.ndarray) -> None:
-        if self.memories is None or memories.shape[1] != self.memories.dim:
-            return  # no scorer store here, or memories of another scorer: the likelihood signal stays off
+        if not self._keeps(memories):
+            return  # the likelihood signal stays off for these images
         self.memories.remove(ids)
         self.memories.add(ids, memories)
 
