@@ -42,7 +42,8 @@ class DecodeOptions:
     beam_size: int = 3
     max_len: int = 20  # words
     length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int | None = None  # 0: off; None: the captioner's own (2 for native, docs/BENCHMARKS.md)
+    complete_endings: bool = True  # native captioners never end on a function word ("... through the")
 
 
 class Captioner(ABC):

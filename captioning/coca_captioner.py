@@ -168,6 +168,6 @@ class CocaCaptioner(Captioner):
             beam_size=options.beam_size,
             max_len=max_tokens,
             length_penalty=options.length_penalty,
-            no_repeat_ngram_size=options.no_repeat_ngram_size,
+            no_repeat_ngram_size=options.no_repeat_ngram_size or 0,
         )  # B lists of BPE ids, without <start_of_text>/<end_of_text>
         return [clean_caption(self.tokenizer.decode(tokens)) for tokens in ids]

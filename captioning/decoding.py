@@ -102,31 +102,33 @@ def beam_search_hypotheses(
     no_repeat_ngram_size: int = 0,
     min_len: int = 1,
     banned_ids: Sequence[int] = (),
+    no_end_after: Sequence[int] = (),
 ) -> list[list[Hypothesis]]:
     """Beam search over grid (B, C, G, G); returns, per image, its finished hypotheses, best first
     (at most ``beam_size``; empty only if bans left no way to reach ``min_len``).
 
     ``max_len``/``min_len`` bound the number of words (``<bos>``/``<eos>`` not counted);
     ``no_repeat_ngram_size=n > 0`` bans any token that would repeat an n-gram of the hypothesis;
-    ``banned_ids`` are never generated (``<bos>`` never is). Runs on ``grid.device`` with the
-    model in eval mode (its training flag is restored afterwards).
+    ``banned_ids`` are never generated (``<bos>`` never is); ``<eos>`` never follows a token of
+    ``no_end_after`` (function words: a caption does not end "... through the") before ``max_len``.
+    Runs on ``grid.device`` with the model in eval mode (its training flag is restored afterwards).
     """
     _check_args(model, grid, bos_id, eos_id, beam_size, max_len, length_penalty,
-                no_repeat_ngram_size, min_len, banned_ids)
+                no_repeat_ngram_size, min_len, (*banned_ids, *no_end_after))
     if grid.shape[0] == 0:
         return []
     was_training = model.training
     model.eval()
     try:
         return _search(model, grid, bos_id, eos_id, beam_size, max_len, length_penalty,
-                       no_repeat_ngram_size, min_len, banned_ids)
+                       no_repeat_ngram_size, min_len, banned_ids, no_end_after)
     finally:
         model.train(was_training)
 
 
 def _search(
     model: CaptionDecoder, grid: torch.Tensor, bos_id: int, eos_id: int, K: int, max_len: int,
-    alpha: float, ngram: int, min_len: int, banned_ids: Sequence[int],
+    alpha: float, ngram: int, min_len: int, banned_ids: Sequence[int], no_end_after: Sequence[int],
 ) -> list[list[Hypothesis]]:
     device = grid.device
     V = model.cfg.vocab_size
@@ -138,6 +140,8 @@ def _search(
         never[i] = True
     only_eos = torch.ones(V, dtype=torch.bool, device=device)  # (V,) mask for the last step
     only_eos[eos_id] = False
+    open_end = torch.zeros(V, dtype=torch.bool, device=device)  # (V,) tokens <eos> may not follow
+    open_end[list(no_end_after)] = True
 
     memory = model.encode(grid)  # (B, S, D)
     cache = model.init_cache(memory)  # cross keys/values computed once per image
@@ -161,6 +165,8 @@ def _search(
             logp[:, :, eos_id] = neg_inf
         if t == max_len:
             logp = logp.masked_fill(only_eos, neg_inf)  # (B, K, V)
+        if 0 < t < max_len and bool(open_end.any()):
+            logp[:, :, eos_id] = logp[:, :, eos_id].masked_fill(open_end[history[:, :, -1]], neg_inf)
         if ngram and t >= ngram:
             bans = _ngram_bans(history.reshape(B * K, t), ngram, V).view(B, K, V)  # (B, K, V)
             logp = logp.masked_fill(bans, neg_inf)
@@ -235,12 +241,14 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     min_len: int = 1,
     banned_ids: Sequence[int] = (),
+    no_end_after: Sequence[int] = (),
 ) -> list[list[int]]:
     """Best caption per image of grid (B, C, G, G) as token ids without ``<bos>``/``<eos>``.
     ``beam_size=1`` is greedy decoding. See :func:`beam_search_hypotheses` for the arguments."""
     results = beam_search_hypotheses(
         model, grid, bos_id, eos_id, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, min_len=min_len, banned_ids=banned_ids,
+        no_end_after=no_end_after,
     )
     return [hyps[0].tokens if hyps else [] for hyps in results]
 

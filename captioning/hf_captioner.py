@@ -54,7 +54,7 @@ def check_decode_options(options: DecodeOptions) -> None:
         raise InputError(f"beam size must be at least 1, got {options.beam_size}")
     if options.max_len < 1:
         raise InputError(f"maximum caption length must be at least 1 word, got {options.max_len}")
-    if options.no_repeat_ngram_size < 0:
+    if options.no_repeat_ngram_size is not None and options.no_repeat_ngram_size < 0:
         raise InputError(f"no-repeat n-gram size must be 0 (off) or more, got {options.no_repeat_ngram_size}")
     if not math.isfinite(options.length_penalty):
         raise InputError(f"length penalty must be a finite number, got {options.length_penalty}")
@@ -197,9 +197,10 @@ class HFCaptioner(Captioner):
         generate: dict[str, Any] = {
             "num_beams": options.beam_size,
             "max_new_tokens": options.max_len + TOKEN_SLACK,
-            "no_repeat_ngram_size": options.no_repeat_ngram_size,
             "do_sample": False,  # a model's generation_config may ask for sampling
         }
+        if options.no_repeat_ngram_size is not None:  # None: the model's generation_config decides
+            generate["no_repeat_ngram_size"] = options.no_repeat_ngram_size
         if options.beam_size > 1:  # only beam search uses it; greedy would warn that it is ignored
             generate["length_penalty"] = options.length_penalty
         ids = self.model.generate(pixel_values=pixels.to(self.device, torch.float32), **generate)  # (B, T)

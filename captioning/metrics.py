@@ -159,6 +159,59 @@ def bleu(refs: Mapping[Key, Sequence[Sequence[str]]], hyps: Mapping[Key, Sequenc
     return scores
 
 
+class SentenceBleu:
+    """Sentence-level BLEU-n against a fixed reference corpus (a reward for self-critical training).
+
+    Per hypothesis: clipped n-gram precisions against the maximum count over the image's references,
+    add-one smoothed for orders 2..n (Lin and Och 2004, so that a caption with no matching 4-gram
+    still scores by its shorter matches), geometric mean, times the brevity penalty against the
+    reference length closest to the hypothesis length (as :func:`bleu`). Corpus BLEU, as the evaluation
+    reports it, is :func:`bleu`; this is its per-caption proxy.
+    """
+
+    def __init__(self, refs: Mapping[Key, Sequence[Sequence[str]]], n: int = 4) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n = n
+        self._max: dict[Key, dict[Gram, int]] = {}
+        self._lens: dict[Key, list[int]] = {}
+        for key, captions in refs.items():
+            if not captions:
+                raise ValueError(f"image {key!r} has no references")
+            words = [_words(r) for r in captions]
+            maxcounts: dict[Gram, int] = {}
+            for w in words:
+                for gram, count in _ngrams(w, n).items():
+                    maxcounts[gram] = max(maxcounts.get(gram, 0), count)
+            self._max[key], self._lens[key] = maxcounts, [len(w) for w in words]
+
+    def score(self, key: Key, hyp: Sequence[str]) -> float:
+        """BLEU-n of one tokenized hypothesis against image ``key``'s references (0 for an empty one)."""
+        words = _words(hyp)
+        c = len(words)
+        if c == 0:
+            return 0.0
+        maxcounts = self._max[key]
+        correct = [0] * self.n
+        for gram, count in _ngrams(words, self.n).items():
+            correct[len(gram) - 1] += min(maxcounts.get(gram, 0), count)
+        log_p = 0.0
+        for k in range(self.n):
+            smooth = 1 if k else 0
+            guess = max(0, c - k) + smooth
+            if correct[k] + smooth == 0 or guess == 0:
+                return 0.0
+            log_p += math.log((correct[k] + smooth) / guess)
+        r = min((abs(length - c), length) for length in self._lens[key])[1]
+        brevity = min(0.0, 1.0 - r / c)
+        return math.exp(log_p / self.n + brevity)
+
+    def scores(self, keys: Sequence[Key], hyps: Sequence[Sequence[str]]) -> list[float]:
+        if len(keys) != len(hyps):
+            raise ValueError(f"{len(keys)} keys for {len(hyps)} hypotheses")
+        return [self.score(k, h) for k, h in zip(keys, hyps)]
+
+
 Gram = tuple[str, ...]
 _CiderVec = tuple[list[dict[Gram, float]], list[float], int]  # per-n weights, per-n norms, bigram count
 

@@ -19,7 +19,7 @@ from PIL import Image
 from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
 from captioning.decoding import beam_search
 from captioning.model import CaptionDecoder, DecoderConfig
-from captioning.tokenizer import WordTokenizer, clean_words
+from captioning.tokenizer import DANGLING_WORDS, WordTokenizer, clean_words
 from retrieval.errors import ModelLoadError
 from retrieval.images import to_tensor
 from retrieval.weights import resolve_weights, save_payload
@@ -56,6 +56,25 @@ def load_captioner(path: Path) -> tuple[CaptionDecoder, WordTokenizer, dict, str
     return model.eval(), tok, payload.get("meta", {}), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: the native captioners' no-repeat n-gram size: no bigram twice, which stops SCST's "a man in a hat is
+#: wearing a hat" and raised dev CIDEr (docs/BENCHMARKS.md)
+NO_REPEAT_NGRAM = 2
+
+
+def decode_captions(model: CaptionDecoder, tok: WordTokenizer, grid: torch.Tensor,
+                    options: DecodeOptions = DecodeOptions()) -> list[str]:
+    """Captions for grid (B, 1280, 7, 7) by beam search with ``options``: what ``pixquery caption``,
+    indexing and every dev evaluation of a native model decode with."""
+    max_len = min(options.max_len, model.cfg.max_len - 1)
+    seqs = beam_search(model, grid, tok.bos_id, tok.eos_id, beam_size=options.beam_size, max_len=max_len,
+                       length_penalty=options.length_penalty,
+                       no_repeat_ngram_size=NO_REPEAT_NGRAM if options.no_repeat_ngram_size is None
+                       else options.no_repeat_ngram_size,
+                       banned_ids=(tok.unk_id, tok.pad_id),
+                       no_end_after=tok.ids_of(DANGLING_WORDS) if options.complete_endings else ())
+    return [tok.decode(s) for s in seqs]
+
+
 class NativeCaptioner(Captioner):
     """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v2``, the default)."""
 
@@ -81,12 +100,7 @@ class NativeCaptioner(Captioner):
     @torch.inference_mode()
     def caption_grid(self, grid: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
         """(B, 1280, 7, 7) grid features -> B captions."""
-        max_len = min(options.max_len, self.model.cfg.max_len - 1)
-        seqs = beam_search(self.model, grid.float().to(self.device), self.tokenizer.bos_id, self.tokenizer.eos_id,
-                           beam_size=options.beam_size, max_len=max_len, length_penalty=options.length_penalty,
-                           no_repeat_ngram_size=options.no_repeat_ngram_size,
-                           banned_ids=(self.tokenizer.unk_id, self.tokenizer.pad_id))
-        return [self.tokenizer.decode(s) for s in seqs]
+        return decode_captions(self.model, self.tokenizer, grid.float().to(self.device), options)
 
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:

@@ -16,6 +16,10 @@ FORMAT = "pixquery-word-tokenizer/1"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 
+#: words a finished caption should not end with ("a dog runs through the"): decoding never puts
+#: ``<eos>`` right after one of them, and the SCST log counts the dev captions that do.
+DANGLING_WORDS = frozenset("a an the of in on at with and to into through its his her their".split())
+
 _TOKEN_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
 
 
@@ -78,6 +82,10 @@ class WordTokenizer:
             raise ValueError(f"max_len must be >= 2 (room for <bos> and <eos>), got {max_len}")
         ids = [self.stoi.get(w, self.unk_id) for w in split_words(text)][: max_len - 2]
         return [self.bos_id, *ids, self.eos_id]
+
+    def ids_of(self, words: Iterable[str]) -> list[int]:
+        """The ids of those ``words`` that are in the vocabulary, sorted."""
+        return sorted({self.stoi[w] for w in words if w in self.stoi and w not in SPECIALS})
 
     def decode(self, ids: Iterable[int]) -> str:
         """Words joined by single spaces; stops at the first ``<eos>``, drops the special tokens."""

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from captioning.decoding import beam_search
+from captioning.captioner import DecodeOptions
 from captioning.model import CaptionDecoder, DecoderConfig
-from captioning.native import save_captioner
+from captioning.native import decode_captions, save_captioner
 from captioning.tokenizer import WordTokenizer, clean_words
 from retrieval.native.data import Split, load_flickr8k
 from retrieval.native.features import grid_features
@@ -81,13 +81,14 @@ def _grid_batch(grids: list[np.ndarray], view: np.ndarray, idx: np.ndarray) -> t
 @torch.no_grad()
 def caption_split(model: CaptionDecoder, tok: WordTokenizer, grid: np.ndarray, beam: int,
                   max_len: int = 20, batch: int = 100, device: torch.device | None = None) -> list[str]:
+    """Captions of a cached split's grids with the captioner's default decoding at ``beam``."""
     model.eval()
+    options = DecodeOptions(beam_size=beam, max_len=max_len)
     out: list[str] = []
-    for s in range(0, len(grid), batch):
-        g = torch.from_numpy(np.asarray(grid[s:s + batch], dtype=np.float32)).to(device or "cpu")
-        seqs = beam_search(model, g, tok.bos_id, tok.eos_id, beam_size=beam, max_len=max_len,
-                           banned_ids=(tok.unk_id, tok.pad_id))
-        out += [tok.decode(s_) for s_ in seqs]
+    with torch.inference_mode():
+        for s in range(0, len(grid), batch):
+            g = torch.from_numpy(np.asarray(grid[s:s + batch], dtype=np.float32)).to(device or "cpu")
+            out += decode_captions(model, tok, g, options)
     return out
 
 

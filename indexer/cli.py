@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=0,
                    help="dev evaluation every N steps as well as after each epoch (default 0: epochs only)")
     s.add_argument("--train-dropout", action="store_true", help="keep dropout on in the SCST loss pass")
+    s.add_argument("--bleu-weight", type=float, default=0.0,
+                   help="reward = CIDEr-D + this x sentence BLEU-4 (default 0: CIDEr-D only)")
     s.add_argument("--max-minutes", type=float, help="time budget: stop after it, evaluate, keep the best state")
     _common(t)
     return parser
@@ -599,7 +601,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             epochs=args.epochs if args.epochs is not None else 5, lr=args.lr if args.lr is not None else 5e-5,
             n_samples=args.samples, images_per_batch=args.images_per_batch, eval_every=args.eval_every,
             train_dropout=args.train_dropout, max_minutes=args.max_minutes, flip_augment=args.flip, seed=args.seed,
-            progress=not args.quiet)
+            bleu_weight=args.bleu_weight, progress=not args.quiet)
         meta = train_scst(scfg)
         print(f"wrote {scfg.out} ({meta['model_choice']}, {meta['seconds']} s); log: {scfg.out.with_suffix('.json')}")
         print(f"dev {meta['dev']}")

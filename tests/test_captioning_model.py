@@ -320,6 +320,27 @@ def test_max_len_min_len_eos_and_banned_ids():
             assert all(EOS not in s and BOS not in s for s in out)
 
 
+def test_no_end_after_keeps_eos_from_following_those_tokens():
+    short_model = tiny_model(seed=8, std=None)
+    with torch.no_grad():
+        short_model.lm_head.bias[EOS] = 8.0  # it wants to stop at once...
+    g = grids(4)
+    for k in (1, 3):
+        first = beam_search(short_model, g, BOS, EOS, beam_size=k, max_len=6, min_len=1)
+        assert all(len(s) == 1 for s in first)
+        ends = sorted({s[-1] for s in first})  # ...after these words: forbid ending on them
+        out = beam_search(short_model, g, BOS, EOS, beam_size=k, max_len=8, min_len=1, no_end_after=ends,
+                          no_repeat_ngram_size=1)  # (no word twice, so it must move on to other words)
+        assert all(s[-1] not in ends or len(s) == 8 for s in out), out  # only max_len may end on one
+        assert any(s[-1] not in ends for s in out), out
+        # at max_len the caption still ends, whatever its last word
+        capped = beam_search(short_model, g, BOS, EOS, beam_size=k, max_len=1, min_len=1,
+                             no_end_after=list(range(4, short_model.cfg.vocab_size)))
+        assert all(len(s) == 1 for s in capped)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        beam_search(short_model, g, BOS, EOS, max_len=6, no_end_after=[10**6])
+
+
 def test_training_flag_is_restored_and_dropout_is_off_while_decoding():
     model = tiny_model(seed=9, dropout=0.5)
     g = grids(3)

@@ -108,6 +108,33 @@ def test_default_captioner_is_the_scst_model():
     assert DEFAULT_CAPTIONER == "effl0-sat-v2" and ENGINE_DEFAULT == "native:effl0-sat-v2"
 
 
+def test_default_decoding_completes_endings_and_bans_repeated_bigrams():
+    from captioning.captioner import DecodeOptions
+    from captioning.decoding import beam_search
+    from captioning.native import NO_REPEAT_NGRAM, decode_captions
+    from captioning.tokenizer import DANGLING_WORDS
+
+    captioner = _shipped()
+    model, tok = captioner.model, captioner.tokenizer
+    ends = tok.ids_of(DANGLING_WORDS)
+    assert len(ends) == len(DANGLING_WORDS) and tok.ids_of(["<eos>", "no-such-word"]) == []
+    grid = torch.randn(24, 1280, 7, 7, generator=torch.Generator().manual_seed(0)).clamp_min(0)
+    with torch.inference_mode():
+        plain = beam_search(model, grid, tok.bos_id, tok.eos_id, beam_size=3, max_len=20,
+                            banned_ids=(tok.unk_id, tok.pad_id))
+        assert decode_captions(model, tok, grid, DecodeOptions(no_repeat_ngram_size=0, complete_endings=False)) \
+            == [tok.decode(s) for s in plain]
+        default = decode_captions(model, tok, grid)
+    assert NO_REPEAT_NGRAM == 2
+    repeats = lambda words: len(set(zip(words, words[1:]))) < len(words) - 1  # noqa: E731
+    assert any(repeats(tok.decode(s).split()) for s in plain)  # "... a brown dog is playing with a brown dog"
+    for caption in default:
+        words = caption.split()
+        assert words and words[-1] not in DANGLING_WORDS, caption
+        bigrams = list(zip(words, words[1:]))
+        assert len(set(bigrams)) == len(bigrams), caption
+
+
 _SHIPPED: list = []
 
 

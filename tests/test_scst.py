@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from captioning.decoding import sample
-from captioning.metrics import CiderD, cider_d, cider_document_frequency, ptb_tokenize
+from captioning.metrics import (
+    CiderD,
+    SentenceBleu,
+    bleu,
+    cider_d,
+    cider_document_frequency,
+    ptb_tokenize,
+)
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.scst import (
+    CaptionReward,
     ScstConfig,
     never_sampled,
     sample_rewards,
@@ -178,8 +186,9 @@ def test_cli_train_captioner_scst_builds_the_config(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(scst, "train_scst", fake_train)
     assert main(["train", "captioner", "--scst", "--data", str(tmp_path), "--out", str(tmp_path / "v2.pt"),
                  "--init", str(tmp_path / "v1.pt"), "--samples", "4", "--lr", "3e-5", "--flip", "-q",
-                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--bleu-weight", "0.5"]) == 0
     cfg = seen[0]
+    assert cfg.bleu_weight == 0.5
     assert cfg.init == tmp_path / "v1.pt" and cfg.n_samples == 4 and cfg.lr == 3e-5 and cfg.flip_augment
     assert cfg.epochs == 5 and cfg.cache_dir == tmp_path / "cache" / "features"
     assert main(["train", "captioner", "--scst", "--data", str(tmp_path), "-q", "--device", "cpu"]) == 0
@@ -187,3 +196,39 @@ def test_cli_train_captioner_scst_builds_the_config(tmp_path: Path, monkeypatch:
     # --init belongs to --scst: cross-entropy training refuses it before loading anything
     assert main(["train", "captioner", "--data", str(tmp_path), "--init", "x.pt", "--device", "cpu"]) == 2
     assert "--init only applies to --scst" in capsys.readouterr().err
+
+
+def test_sentence_bleu_is_exact_for_a_reference_and_smoothed_otherwise():
+    refs = {"a": [ptb_tokenize("a dog runs on the grass"), ptb_tokenize("a brown dog is running")]}
+    sb = SentenceBleu(refs)
+    assert sb.score("a", ptb_tokenize("A dog runs on the grass.")) == pytest.approx(1.0)
+    # 4/4 words, 3/3 bigrams, 1/2 trigrams, 0/1 four-grams; add-one smoothing from bigrams on;
+    # the closest reference has 5 words, so the brevity penalty is exp(1 - 5/4)
+    want = math.exp((math.log(4 / 4) + math.log(4 / 4) + math.log(2 / 3) + math.log(1 / 2)) / 4 + 1 - 5 / 4)
+    assert sb.score("a", ptb_tokenize("a dog is running")) == pytest.approx(want)
+    assert sb.score("a", ptb_tokenize("a dog is running")) > sb.score("a", ptb_tokenize("a cat sleeps")) > 0
+    assert sb.score("a", []) == 0.0 and sb.score("a", ptb_tokenize("zebras")) == 0.0
+    # an exact match is exact in the corpus BLEU too
+    assert bleu(refs, {"a": ptb_tokenize("a dog runs on the grass")})[3] == pytest.approx(1.0)
+
+
+def test_reward_adds_weighted_bleu_to_cider():
+    only_cider = CaptionReward(REFS)
+    mixed = CaptionReward(REFS, bleu_weight=0.5)
+    hyp = ptb_tokenize("a dog runs in the park")
+    c = CiderD(REFS).score("a", hyp)
+    assert only_cider.scores(["a"], [hyp]) == [pytest.approx(c)]
+    assert mixed.scores(["a"], [hyp]) == [pytest.approx(c + 0.5 * SentenceBleu(REFS).score("a", hyp))]
+    with pytest.raises(ValueError):
+        CaptionReward(REFS, bleu_weight=-1)
+
+
+@pytest.mark.parametrize("bad", [{"n_samples": 1}, {"epochs": 0}, {"lr": 0.0}, {"bleu_weight": -0.1},
+                                 {"max_minutes": 0.0}])
+def test_scst_config_refuses_settings_that_cannot_train(bad, tmp_path: Path):
+    from retrieval.errors import InputError
+
+    cfg = ScstConfig(data=tmp_path, out=tmp_path / "x.pt", cache_dir=tmp_path, **bad)
+    with pytest.raises(InputError):
+        cfg.check()
+    ScstConfig(data=tmp_path, out=tmp_path / "x.pt", cache_dir=tmp_path).check()  # the defaults are fine
