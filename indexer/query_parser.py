@@ -72,13 +72,18 @@ def fts_phrase(term: str, drop_stopwords: bool = True) -> str | None:
     return '"' + " ".join(words).replace('"', '""') + '"'
 
 
+def keyword_pieces(term: str) -> list[str]:
+    """What the keyword index looks for in one term: a phrase (a term with spaces) stays one phrase; a
+    bare word with punctuation inside ("1=1;", "NEAR(a") becomes its separate words; lone stopwords go."""
+    pieces = [term] if " " in term else term_words(term)
+    return [" ".join(term_words(p)) for p in pieces if fts_phrase(p)]
+
+
 def fts_expression(terms: list[str] | tuple[str, ...]) -> str:
-    """OR of the terms as quoted FTS5 strings: a phrase (a term with spaces) stays one phrase; a bare
-    word with punctuation inside ("1=1;", "NEAR(a") becomes its separate words."""
+    """OR of the terms' :func:`keyword_pieces` as quoted FTS5 strings."""
     parts: list[str] = []
     for term in terms:
-        pieces = [term] if " " in term else term_words(term)
-        for piece in pieces:
+        for piece in keyword_pieces(term):
             phrase = fts_phrase(piece)
             if phrase and phrase not in parts:
                 parts.append(phrase)

@@ -2,7 +2,8 @@
 
     image       cosine of the query and the image embedding               (FAISS, images.faiss)
     caption     cosine of the query and the generated caption's embedding (FAISS, captions.faiss)
-    keyword     BM25 of the query words in the generated caption          (SQLite FTS5)
+    keyword     BM25 of the query words in the generated caption          (SQLite FTS5; for a pool of
+                candidates, indexer/pool_keywords.py with the index's term statistics)
     likelihood  log P(query | image) under the caption decoder            (memories.faiss)
 
 Modes ``image``, ``caption`` and ``keyword`` rank by one signal. ``fused`` takes the union of
@@ -16,7 +17,7 @@ to the most likely candidate) with its own weight; candidates below ``depth`` co
 likely of them.
 
 Excluded terms (``-people``) move the query vector away from them and drop every candidate whose
-caption mentions them; weighted terms (``grass^2``) add their own embedding and BM25 with that weight.
+caption mentions them (an FTS5 match over the candidates' captions); weighted terms (``grass^2``) add their own embedding and BM25 with that weight.
 Filters arrive as the allowed ids and are applied inside each search, so k results come back
 whenever k images match.
 """
@@ -29,7 +30,8 @@ from typing import Callable
 import numpy as np
 
 from indexer.query import FusionWeights, ParsedQuery
-from indexer.query_parser import fts_expression, fts_phrase
+from indexer.pool_keywords import PoolKeywords
+from indexer.query_parser import fts_expression, fts_phrase, keyword_pieces
 from indexer.store import Store
 from indexer.vectors_bundle import VectorBundle
 
@@ -90,42 +92,51 @@ class Ranker:
         scores, ids = index.search(q[None], n, ids=allowed)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
 
-    def _keyword_scores(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None,
-                        among: list[int] | None = None) -> dict[int, float]:
-        """Weighted BM25 per image: the best ``n`` (``among`` None) or exactly the ``among`` ids."""
+    def _keyword_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+        """The best ``n`` images by (weighted) BM25 of the query words in their captions, collection-wide."""
         if parsed is None:
             return {}
         expr = fts_expression([t for t, _ in parsed.terms])
         if not expr:
             return {}
         allowed_set = None if allowed is None else set(allowed.tolist())
-        weighted = any(w != 1.0 for _, w in parsed.terms)
-        if among is None:
-            if not weighted:
-                return dict(self.store.keyword_search(expr, n, allowed=allowed_set))
-            # candidates: each term's best n, so a heavily weighted term's matches are all in the running
-            exprs = [e for e in (fts_expression([term]) for term, _ in parsed.terms) if e]
-            among = list(dict.fromkeys(i for e in exprs for i, _ in self.store.keyword_search(e, n, allowed=allowed_set)))
-            found = self._keyword_scores(parsed, n, None, among)
-            return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
-        if not weighted:
-            return dict(self.store.keyword_search(expr, len(among), ids=among))
-        total: dict[int, float] = {}
-        for term, w in parsed.terms:  # BM25 is a sum over query terms, so weights apply term by term
-            sub = fts_expression([term])
-            if sub:
-                for i, s in self.store.keyword_search(sub, len(among), ids=among):
-                    total[i] = total.get(i, 0.0) + w * s
-        return total
+        if all(w == 1.0 for _, w in parsed.terms):
+            return dict(self.store.keyword_search(expr, n, allowed=allowed_set))
+        # weighted terms: each term's best n are candidates, so a heavily weighted term's matches are all
+        # in the running; they are then scored with every term's weight
+        exprs = [e for e in (fts_expression([term]) for term, _ in parsed.terms) if e]
+        among = list(dict.fromkeys(i for e in exprs for i, _ in self.store.keyword_search(e, n, allowed=allowed_set)))
+        with self._texts(among) as texts:
+            found = self._pool_bm25(parsed, texts)
+        return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
 
-    def _excluded(self, parsed: ParsedQuery | None, ids: list[int]) -> set[int]:
-        """Ids among ``ids`` whose caption mentions an excluded term."""
-        if parsed is None or not parsed.negative or not ids:
+    def _texts(self, ids: list[int]) -> PoolKeywords:
+        """The captions of ``ids``, ready for keyword scoring and exclusion tests."""
+        return PoolKeywords(self.store.captions_by_ids(ids))
+
+    def _pool_bm25(self, parsed: ParsedQuery, texts: PoolKeywords) -> dict[int, float]:
+        """Weighted BM25 of the query's terms in the candidates' captions (collection-wide term
+        statistics; BM25 is a sum over query terms, so weights apply term by term)."""
+        phrases = [(piece, w) for term, w in parsed.terms for piece in keyword_pieces(term)]
+        if not phrases:
+            return {}
+        n_docs = len(self.vectors.captions) or len(self.vectors.images)
+        freq: dict[str, int] = {}
+
+        def doc_freq(token: str) -> int:
+            if token not in freq:
+                freq.update(self.store.keyword_doc_freq([token]))
+            return freq[token]
+
+        return texts.bm25(phrases, doc_freq, n_docs)
+
+    @staticmethod
+    def _excluded(parsed: ParsedQuery | None, texts: PoolKeywords) -> set[int]:
+        """Ids among ``texts`` whose caption mentions an excluded term."""
+        if parsed is None or not parsed.negative:
             return set()
         phrases = [p for p in (fts_phrase(t, drop_stopwords=False) for t in parsed.negative) if p]
-        if not phrases:
-            return set()
-        return {i for i, _ in self.store.keyword_search(" OR ".join(phrases), len(ids), ids=ids)}
+        return texts.matching(" OR ".join(phrases)) if phrases else set()
 
     def likelihood(self, ids: np.ndarray, text: str) -> np.ndarray:
         """log P(text | image) for ``ids`` (NaN where an image has no stored memory)."""
@@ -147,11 +158,14 @@ class Ranker:
         while True:  # fetch more until exclusions leave k, or the index runs out
             n = want + 8 * len(parsed.negative) if parsed else want
             if mode == "keyword":
-                found = self._keyword_scores(parsed, n, allowed)
+                found = self._keyword_top(parsed, n, allowed)
             else:
                 found = self._vector_top(mode, q, n, allowed)
             ids = list(found)
-            drop = self._excluded(parsed, ids)
+            drop: set[int] = set()
+            if parsed is not None and parsed.negative and ids:
+                with self._texts(ids) as texts:
+                    drop = self._excluded(parsed, texts)
             kept = [i for i in ids if i not in drop]
             if len(kept) >= k or len(ids) < n:
                 break
@@ -170,11 +184,15 @@ class Ranker:
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
         found_i = self._vector_top("image", q, pool, allowed) if w.image or w.likelihood else {}
         found_c = self._vector_top("caption", q, pool, allowed) if w.caption and w.caption >= w.image / 2 else {}
-        found_k = (self._keyword_scores(parsed, pool, allowed)
+        found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
-        cand = list(dict.fromkeys([*found_i, *found_c, *found_k]))
-        drop = self._excluded(parsed, cand)
-        cand = np.array([i for i in cand if i not in drop], dtype=np.int64)
+        ids = list(dict.fromkeys([*found_i, *found_c, *found_k]))
+        if not ids:
+            return np.zeros(0, dtype=np.int64), {}
+        with self._texts(ids) as texts:
+            drop = self._excluded(parsed, texts)
+            cand = np.array([i for i in ids if i not in drop], dtype=np.int64)
+            keyword = self._pool_bm25(parsed, texts) if parsed is not None else None
         if not len(cand):
             return cand, {}
         image = self.vectors.images.reconstruct(cand) @ q  # (n,)
@@ -182,9 +200,8 @@ class Ranker:
         caption = np.full(len(cand), np.nan)
         caption[has_cap] = cap_vecs @ q
         signals = {"image": image, "caption": caption}
-        if parsed is not None:
-            kw = self._keyword_scores(parsed, len(cand), None, among=cand.tolist())
-            signals["keyword"] = np.array([kw.get(int(i), 0.0) for i in cand])
+        if keyword is not None:
+            signals["keyword"] = np.array([keyword.get(int(i), 0.0) for i in cand])
         return cand, signals
 
     @staticmethod

@@ -102,9 +102,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 # images table), kept in step by triggers, so every code path that writes a caption updates it.
 # Porter stemming lets "running" match "runs". Ranking is FTS5's BM25 (k1 = 1.2, b = 0.75).
 KEYWORD_TABLE = "captions_fts"
+KEYWORD_TOKENIZER = "porter unicode61"  # FTS5 tokenizer of the keyword index (and of indexer/pool_keywords.py)
 _KEYWORD_DDL = (
     f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORD_TABLE} USING fts5("
-    "caption, content='images', content_rowid='id', tokenize='porter unicode61')",
+    f"caption, content='images', content_rowid='id', tokenize='{KEYWORD_TOKENIZER}')",
     f"CREATE TRIGGER IF NOT EXISTS captions_fts_ai AFTER INSERT ON images BEGIN "
     f"INSERT INTO {KEYWORD_TABLE}(rowid, caption) VALUES (new.id, new.caption); END",
     f"CREATE TRIGGER IF NOT EXISTS captions_fts_ad AFTER DELETE ON images BEGIN "
@@ -257,6 +258,34 @@ class Store:
                     if len(out) >= limit:
                         break
             return out
+
+    def keyword_doc_freq(self, tokens: Iterable[str]) -> dict[str, int]:
+        """{token: number of captions containing it} for tokens as the keyword index stores them
+        (stemmed; see ``PoolKeywords.tokens``), from the index's own vocabulary."""
+        out: dict[str, int] = {}
+        if not self.has_keyword_index:
+            return out
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{KEYWORD_TABLE}_vocab "
+                                 f"USING fts5vocab(main, {KEYWORD_TABLE}, row)")
+            for token in dict.fromkeys(tokens):
+                row = conn.exec_driver_sql(f"SELECT doc FROM temp.{KEYWORD_TABLE}_vocab WHERE term = ?",
+                                           (token,)).first()
+                out[token] = int(row[0]) if row else 0
+        return out
+
+    def captions_by_ids(self, ids: Iterable[int]) -> dict[int, str]:
+        """{id: caption} of those ``ids`` that have a caption."""
+        ids = [int(i) for i in ids]
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                rows = conn.exec_driver_sql(
+                    f"SELECT id, caption FROM images WHERE caption IS NOT NULL AND id IN ({','.join('?' * len(chunk))})",
+                    tuple(chunk))
+                out.update({int(i): c for i, c in rows})
+        return out
 
     def get_meta(self, key: str) -> str | None:
         with self.session() as s:

@@ -99,6 +99,11 @@ def test_fused_hits_carry_every_signal(captioned):
     hit = captioned.search("a blue picture", k=1, mode="fused")[0]
     assert set(hit.scores) == {"image", "caption", "keyword"}
     assert hit.caption == "a blue picture" and hit.scores["keyword"] > 0
+    # the pool here is the whole index, so the candidates' BM25 is exactly the keyword index's own
+    store = captioned._open(create=False)
+    assert store.keyword_doc_freq(["blue", "pictur", "nothing"]) == {"blue": 2, "pictur": 12, "nothing": 0}
+    want = dict(store.keyword_search('"blue" OR "picture"', 12))
+    assert hit.scores["keyword"] == pytest.approx(want[hit.id], rel=1e-6)
 
 
 def test_negative_terms_drop_images_whose_caption_mentions_them(captioned):
