@@ -105,8 +105,8 @@ def test_native_encoder_reaches_issue_figures_on_flickr8k_dev(tmp_path):
 @pytest.mark.data
 @pytest.mark.slow
 def test_fused_ranking_beats_image_mode_on_flickr8k_dev(tmp_path):
-    """The shipped models and default weights, as in docs/BENCHMARKS.md (measured: fused R@1 28.32 vs
-    image 22.66). The issue asks for +6; +5.66 is what was reached, so this guards against regressions."""
+    """The shipped models and default weights, as in docs/BENCHMARKS.md (measured: fused R@1 28.18 vs
+    image 22.66). The issue asks for +6; +5.5 is what was reached, so this guards against regressions."""
     from conftest import FLICKR8K
 
     dev = set((FLICKR8K / "dev.txt").read_text().split())
@@ -139,3 +139,20 @@ def test_eval_captions_contract_and_perfect_unigrams(tmp_path):
     assert report["ROUGE-L"] == pytest.approx(1.0)
     with pytest.raises(InputError, match="no captioner"):
         evaluate_captions(images, tmp_path / "refs.tsv", cfg)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_shipped_captioner_on_flickr8k_dev(tmp_path):
+    """The default captioner and decoding, as in docs/BENCHMARKS.md (measured: BLEU-4 0.2232, CIDEr 0.5717).
+    CIDEr is the captioner issue's target; BLEU-4 (target 0.23) is guarded at what was reached."""
+    from conftest import FLICKR8K
+
+    from indexer.evaluate import evaluate_captions
+
+    dev = set((FLICKR8K / "dev.txt").read_text().split())
+    lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]
+    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
+    report = evaluate_captions(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False))
+    assert report["n_images"] == 1000 and report["captioner"] == "native:effl0-sat-v3"
+    assert report["CIDEr"] >= 0.55 and report["BLEU-4"] >= 0.22
