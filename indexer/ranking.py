@@ -17,7 +17,8 @@ to the most likely candidate) with its own weight; candidates below ``depth`` co
 likely of them.
 
 Excluded terms (``-people``) move the query vector away from them and drop every candidate whose
-caption mentions them (an FTS5 match over the candidates' captions); weighted terms (``grass^2``) add their own embedding and BM25 with that weight.
+caption mentions them (an FTS5 match over the candidates' captions); weighted terms (``grass^2``) add
+their own embedding and BM25 with that weight.
 Filters arrive as the allowed ids and are applied inside each search, so k results come back
 whenever k images match.
 """
@@ -117,18 +118,21 @@ class Ranker:
     def _pool_bm25(self, parsed: ParsedQuery, texts: PoolKeywords) -> dict[int, float]:
         """Weighted BM25 of the query's terms in the candidates' captions (collection-wide term
         statistics; BM25 is a sum over query terms, so weights apply term by term)."""
-        phrases = [(piece, w) for term, w in parsed.terms for piece in keyword_pieces(term)]
-        if not phrases:
+        weights: dict[str, float] = {}
+        for term, w in parsed.terms:  # each phrase once, at its largest weight
+            for piece in keyword_pieces(term):
+                weights[piece] = max(w, weights.get(piece, w))
+        if not weights:
             return {}
         n_docs = len(self.vectors.captions) or len(self.vectors.images)
         freq: dict[str, int] = {}
 
         def doc_freq(token: str) -> int:
             if token not in freq:
-                freq.update(self.store.keyword_doc_freq([token]))
+                freq[token] = self.store.keyword_doc_freq([token]).get(token, 0)
             return freq[token]
 
-        return texts.bm25(phrases, doc_freq, n_docs)
+        return texts.bm25(list(weights.items()), doc_freq, n_docs)
 
     @staticmethod
     def _excluded(parsed: ParsedQuery | None, texts: PoolKeywords) -> set[int]:
