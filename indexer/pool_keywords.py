@@ -8,13 +8,13 @@ test (17 ms for a three-word query over 100,000 synthetic captions, docs/BENCHMA
 few the candidates are.
 
 Here the candidates' captions go into a private in-memory FTS5 table with the index's tokenizer
-(so words are split and stemmed exactly as the index does it; under a millisecond for a few hundred
-captions), whose ``instance`` vocabulary gives every stemmed token's positions. BM25 is then
+(so words are split and stemmed exactly as the index does it), whose ``instance`` vocabulary gives every stemmed token's positions. BM25 is then
 computed in Python with FTS5's formula and constants, the document frequencies of the collection
 (``Store.keyword_doc_freq``, the index's own vocabulary table) and the candidates' mean caption
 length standing in for the collection's. A quoted phrase counts where its tokens stand in a row;
 its document frequency is taken as that of its rarest token (an upper bound). Exclusions are
-plain FTS5 matches on the private table, so they follow the index's rules exactly.
+plain FTS5 matches on the private table, so they follow the index's rules exactly. All of it, for
+100 candidates, takes about 2.5 ms (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
