@@ -8,8 +8,9 @@ test (17 ms for a three-word query over 100,000 synthetic captions, docs/BENCHMA
 few the candidates are.
 
 Here the candidates' captions go into a private in-memory FTS5 table with the index's tokenizer
-(so words are split and stemmed exactly as the index does it), whose ``instance`` vocabulary gives every stemmed token's positions. BM25 is then
-computed in Python with FTS5's formula and constants, the document frequencies of the collection
+(so words are split and stemmed exactly as the index does it), whose ``instance`` vocabulary gives
+every stemmed token's positions. BM25 is then computed in Python with FTS5's formula and constants,
+the document frequencies of the collection
 (``Store.keyword_doc_freq``, the index's own vocabulary table) and the candidates' mean caption
 length standing in for the collection's. A quoted phrase counts where its tokens stand in a row;
 its document frequency is taken as that of its rarest token (an upper bound). Exclusions are
