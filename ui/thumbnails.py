@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from retrieval.errors import ImageDecodeError
+from retrieval.images import load_image
 from ui.security import ImageUnavailable
 
 THUMB_SIZE = 320  # grid thumbnails: this wide, cropped to 4:3 so the grid lines up
 THUMB_ASPECT = 4 / 3
 PREVIEW_SIZE = 1600  # the "details" view: large enough to look at, never the original bytes
-MAX_SOURCE_PIXELS = 200_000_000  # the indexer's own limit (retrieval.images.MAX_PIXELS)
 
 
 def thumbnail_path(cache_dir: Path, content_hash: str, size: int) -> Path:
@@ -33,33 +33,27 @@ _lock = threading.Lock()
 
 def make_thumbnail(source: Path, target: Path, size: int, crop: bool = False) -> Path:
     """Write a JPEG of ``source`` at most ``size`` pixels a side to ``target`` (EXIF rotation applied);
-    ``crop``: exactly ``size`` x ``size / THUMB_ASPECT``, centre-cropped."""
+    ``crop``: exactly ``size`` x ``size / THUMB_ASPECT``, centre-cropped. Decoded by the indexer's own
+    :func:`retrieval.images.load_image` (draft mode, decompression-bomb limit, RGB conversion)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                if im.width * im.height > MAX_SOURCE_PIXELS:
-                    raise ImageUnavailable(f"{source} is too large to show ({im.width}x{im.height})")
-                im.draft("RGB", (size, size))  # JPEG: decode at a fraction of the size
-                im = ImageOps.exif_transpose(im)
-                if crop:
-                    im = ImageOps.fit(im, (size, round(size / THUMB_ASPECT)), Image.Resampling.LANCZOS)
-                else:
-                    im.thumbnail((size, size), Image.Resampling.LANCZOS)
-                if im.mode not in ("RGB", "L"):
-                    rgba = im.convert("RGBA")
-                    im = Image.new("RGB", rgba.size, (255, 255, 255))
-                    im.paste(rgba, mask=rgba.getchannel("A"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
-                im.save(tmp, format="JPEG", quality=85, optimize=True)
-                os.replace(tmp, target)
-    except ImageUnavailable:
-        raise
-    except FileNotFoundError:
-        raise ImageUnavailable(f"{source} is missing (moved or deleted since it was indexed)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageUnavailable(f"{source} cannot be read any more ({type(exc).__name__})") from None
+        im = load_image(source, draft_size=size).image
+    except ImageDecodeError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise ImageUnavailable(f"{source} is missing (moved or deleted since it was indexed)") from None
+        reason = type(exc.__cause__).__name__ if exc.__cause__ is not None else str(exc)
+        raise ImageUnavailable(f"{source} cannot be read any more ({reason})") from None
+    if crop:
+        im = ImageOps.fit(im, (size, round(size / THUMB_ASPECT)), Image.Resampling.LANCZOS)
+    else:
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        im.save(tmp, format="JPEG", quality=85, optimize=True)
+        os.replace(tmp, target)
+    except OSError as exc:  # a full or read-only cache: the grid shows a placeholder, not an error page
+        raise ImageUnavailable(f"{source} cannot be shown: its thumbnail could not be written "
+                               f"({type(exc).__name__})") from None
     return target
 
 
