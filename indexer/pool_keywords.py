@@ -64,21 +64,23 @@ class PoolKeywords:
         rest = [set(where.get(t, ())) for t in phrase[1:]]
         return sum(all(o + k + 1 in rest[k] for k in range(len(rest))) for o in first)
 
-    def bm25(self, phrases: Sequence[tuple[str, float]], doc_freq: Callable[[str], int],
-             n_docs: int) -> dict[int, float]:
+    def bm25(self, phrases: Sequence[tuple[str, float]],
+             doc_freq: Callable[[Sequence[str]], Mapping[str, int]], n_docs: int) -> dict[int, float]:
         """{id: sum over (phrase, weight) of weight x BM25 of the phrase} for candidates matching any.
 
-        ``doc_freq(token)``: captions of the whole collection containing the token; ``n_docs``: the
-        captions in it. IDF = log((N - df + 0.5) / (df + 0.5)), at least 1e-6, as in FTS5."""
+        ``doc_freq(tokens)``: {token: captions of the whole collection containing it} (a token it
+        leaves out counts 0), asked once for every token of the phrases; ``n_docs``: the captions in the
+        collection. IDF = log((N - df + 0.5) / (df + 0.5)), at least 1e-6, as in FTS5."""
         if not self.lengths:
             return {}
         avg_len = sum(self.lengths.values()) / len(self.lengths)
+        tokenized = [(self.tokens(text), weight) for text, weight in phrases]
+        freq = doc_freq(sorted({t for phrase, _ in tokenized for t in phrase}))
         scores: dict[int, float] = {}
-        for text, weight in phrases:
-            phrase = self.tokens(text)
+        for phrase, weight in tokenized:
             if not phrase:
                 continue
-            df = min(doc_freq(t) for t in phrase)
+            df = min(freq.get(t, 0) for t in phrase)
             idf = max(1e-6, math.log((max(n_docs, df) - df + 0.5) / (df + 0.5)))
             for doc, length in self.lengths.items():
                 tf = self._count(doc, phrase)

@@ -125,14 +125,7 @@ class Ranker:
         if not weights:
             return {}
         n_docs = len(self.vectors.captions) or len(self.vectors.images)
-        freq: dict[str, int] = {}
-
-        def doc_freq(token: str) -> int:
-            if token not in freq:
-                freq[token] = self.store.keyword_doc_freq([token]).get(token, 0)
-            return freq[token]
-
-        return texts.bm25(list(weights.items()), doc_freq, n_docs)
+        return texts.bm25(list(weights.items()), self.store.keyword_doc_freq, n_docs)
 
     @staticmethod
     def _excluded(parsed: ParsedQuery | None, texts: PoolKeywords) -> set[int]:

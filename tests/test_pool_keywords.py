@@ -28,9 +28,9 @@ def _fts5_bm25(match: str) -> dict[int, float]:
     return {i: s for i, s in con.execute("SELECT rowid, -bm25(t) FROM t WHERE t MATCH ?", (match,))}
 
 
-def _doc_freq(token: str) -> int:
+def _doc_freq(tokens) -> dict[str, int]:
     with PoolKeywords(CAPTIONS) as everything:
-        return sum(1 for terms in everything.positions.values() if token in terms)
+        return {t: sum(1 for terms in everything.positions.values() if t in terms) for t in tokens}
 
 
 N_DOCS = sum(1 for c in CAPTIONS.values() if c)
