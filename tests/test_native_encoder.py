@@ -106,3 +106,29 @@ def test_minibert_text_tower_matches_transformers_bert():
         expected = (hidden * mask).sum(1) / mask.sum(1)
         got = TextTower()(texts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_grid_feature_cache_is_shared_by_relative_and_absolute_paths(tmp_path, monkeypatch):
+    """``--data ../x`` and ``--data /abs/x`` name the same images: one cache entry, computed once."""
+    from PIL import Image
+
+    from retrieval.native.features import grid_features
+    from retrieval.native.towers import GRID_DIM
+
+    class CountingTower(torch.nn.Module):
+        calls = 0
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            CountingTower.calls += 1
+            return pixels.mean() + torch.zeros(len(pixels), GRID_DIM, 7, 7)
+
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "data" / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path / "data")
+    cache = tmp_path / "cache"
+    rel = grid_features([Path("0.jpg"), Path("1.jpg")], cache, torch.device("cpu"), tower=CountingTower())
+    absolute = grid_features([tmp_path / "data" / "0.jpg", tmp_path / "data" / "1.jpg"], cache,
+                             torch.device("cpu"), tower=CountingTower())
+    assert CountingTower.calls == 1 and len(list(cache.glob("grid-*.npy"))) == 1
+    assert rel.shape == (2, GRID_DIM, 7, 7) and (rel == absolute).all()

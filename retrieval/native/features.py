@@ -43,7 +43,8 @@ def grid_features(
 ) -> np.ndarray:
     """(N, 1280, 7, 7) float16 grid features of ``paths`` (horizontally flipped if ``flip``), cached."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _key([str(p) for p in paths], f"effl0-grid-v1-flip{int(flip)}")
+    # absolute paths: "../shared/data/flickr8k" and its absolute spelling share one cache entry
+    key = _key([str(Path(p).resolve()) for p in paths], f"effl0-grid-v1-flip{int(flip)}")
     out = cache_dir / f"grid-{key}.npy"
     if out.exists():
         return np.load(out, mmap_mode="r")
