@@ -5,6 +5,8 @@ keyword index has a realistic vocabulary), random unit image and caption vectors
 scorer memories. The models are the real ones: each query is parsed, embedded by the text tower,
 searched and (in fused mode) re-scored by the caption decoder, through ``Engine.search`` with
 the models already loaded (a running app or API user; ``bench search`` measures cold processes).
+The modes take turns query by query, so a stall of the machine does not land on one mode only, and
+each mode's slowest timings are reported with their queries.
 """
 
 from __future__ import annotations
@@ -74,6 +76,19 @@ def build_synthetic_index(engine: Engine, n: int, seed: int = 0, chunk: int = 50
     vectors.save()
 
 
+def latency_summary(timed: list[tuple[float, str]], slowest: int = 3) -> dict:
+    """[(milliseconds, query), ...] -> p50, p99 (the timing at sorted position int(0.99 n), 0-based:
+    the slowest of 100, the fourth-slowest of 400), the count, and the ``slowest`` timings with their
+    queries (to tell a slow kind of query from a stall)."""
+    if not timed:
+        raise ValueError("no timings")
+    times = sorted(ms for ms, _ in timed)
+    worst = sorted(timed, reverse=True)[:slowest]
+    return {"p50_ms": round(statistics.median(times), 1),
+            "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 1),
+            "n": len(times), "slowest": [[round(ms, 1), q] for ms, q in worst]}
+
+
 def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5,
                   modes: tuple[str, ...] = MODES) -> dict:
     """Build (or reuse) a synthetic index of ``n`` images at ``index_dir`` and time warm searches."""
@@ -88,18 +103,15 @@ def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5
         for q in QUERIES[:3]:  # warm up: models, FAISS, SQLite pages
             for mode in modes:
                 engine.search(q, k=10, mode=mode)
-        per_mode = {}
-        for mode in modes:
-            times = []
-            for _ in range(passes):
-                for q in QUERIES:
+        # modes interleaved query by query, so that a stall of the machine falls on every mode alike
+        timed: dict[str, list[tuple[float, str]]] = {mode: [] for mode in modes}
+        for _ in range(passes):
+            for q in QUERIES:
+                for mode in modes:
                     t0 = time.perf_counter()
                     engine.search(q, k=10, mode=mode)
-                    times.append((time.perf_counter() - t0) * 1000)
-            times.sort()
-            per_mode[mode] = {"p50_ms": round(statistics.median(times), 1),
-                              "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 1),
-                              "n": len(times)}
+                    timed[mode].append(((time.perf_counter() - t0) * 1000, q))
+        per_mode = {mode: latency_summary(timed[mode]) for mode in modes}
         scorer = engine.ranker().scorer
     report = {"images": n_indexed, "build_seconds": built, "k": 10, "pool": cfg.pool,
               "rerank_depth": cfg.rerank_depth, "likelihood": scorer is not None, "modes": per_mode,

@@ -73,3 +73,15 @@ def test_index_search_stats_end_to_end_with_native_encoder(tmp_path):
 
     r = run("search", "", env=env)
     assert r.returncode == EXIT_USAGE and "empty" in r.stderr
+
+
+def test_latency_summary_reports_percentiles_and_the_slowest_queries():
+    from indexer.bench_latency import latency_summary
+
+    timed = [(float(ms), f"q{ms % 7}") for ms in range(1, 101)]  # 1..100 ms
+    out = latency_summary(timed, slowest=2)
+    assert out["n"] == 100 and out["p50_ms"] == 50.5
+    assert out["p99_ms"] == 100.0  # index int(0.99 * 100) = 99: the slowest of 100
+    assert out["slowest"] == [[100.0, "q2"], [99.0, "q1"]]
+    with pytest.raises(ValueError):
+        latency_summary([])
