@@ -82,8 +82,9 @@ def latency_summary(timed: list[tuple[float, str]], slowest: int = 3) -> dict:
     queries (to tell a slow kind of query from a stall)."""
     if not timed:
         raise ValueError("no timings")
-    times = sorted(ms for ms, _ in timed)
-    worst = sorted(timed, reverse=True)[:slowest]
+    ordered = sorted(timed)  # by time (then query)
+    times = [ms for ms, _ in ordered]
+    worst = ordered[::-1][:slowest]
     return {"p50_ms": round(statistics.median(times), 1),
             "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 1),
             "n": len(times), "slowest": [[round(ms, 1), q] for ms, q in worst]}
