@@ -19,9 +19,10 @@ from PIL import Image
 
 from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
 from captioning.decoding import beam_search
+from captioning.ensemble import DecoderEnsemble
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.tokenizer import DANGLING_WORDS, WordTokenizer, clean_words
-from retrieval.errors import ModelLoadError
+from retrieval.errors import InputError, ModelLoadError
 from retrieval.images import to_tensor
 from retrieval.weights import resolve_weights, save_payload
 from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower
@@ -57,6 +58,30 @@ def load_captioner(path: Path) -> tuple[CaptionDecoder, WordTokenizer, dict, str
     return model.eval(), tok, payload.get("meta", {}), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def parse_ensemble_spec(spec: str) -> list[tuple[str, float]]:
+    """``spec`` -> [(weights name or path, weight)]: one member, or several joined by ``+``, each
+    optionally ``@<weight>`` (default 1; weights are normalised to sum 1), e.g.
+    ``effl0-sat-v3@0.6+effl0-sat-v1@0.4``. A spec that names an existing file is that one file."""
+    if Path(spec).expanduser().is_file():
+        return [(spec, 1.0)]
+    out = []
+    for part in spec.split("+"):
+        name, sep, weight = part.rpartition("@")
+        if not sep:
+            name, weight = weight, ""
+        name = name.strip()
+        if not name:
+            raise InputError(f"native captioner {spec!r}: empty name (decoders are joined by '+')")
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            raise InputError(f"native captioner {spec!r}: weight {weight!r} of {name} is not a number") from None
+        if not value > 0 or value == float("inf"):
+            raise InputError(f"native captioner {spec!r}: weight of {name} must be a positive number, got {weight}")
+        out.append((name, value))
+    return out
+
+
 #: the native captioners' no-repeat n-gram size: no bigram twice, which stops SCST's "a man in a hat is
 #: wearing a hat" and raised dev CIDEr (docs/BENCHMARKS.md)
 NO_REPEAT_NGRAM = 2
@@ -82,11 +107,28 @@ class NativeCaptioner(Captioner):
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:
         self.device = device or torch.device("cpu")
-        path = resolve_weights(spec, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
-        self.model, self.tokenizer, self.meta, sha = load_captioner(path)
-        self.model.to(self.device)
-        name = f"native:{spec if path.parent == WEIGHTS_DIR else path.resolve()}"
-        self.info = CaptionerInfo(name=name, weights_sha256=sha)
+        members = []  # (name in provenance, weight, decoder, tokenizer, sha256)
+        for part, weight in parse_ensemble_spec(spec):
+            path = resolve_weights(part, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
+            model, tok, _, sha = load_captioner(path)
+            members.append((part if path.parent == WEIGHTS_DIR else str(path.resolve()), weight, model, tok, sha))
+        if len(members) == 1:
+            name, _, self.model, self.tokenizer, sha = members[0]
+            self.info = CaptionerInfo(name=f"native:{name}", weights_sha256=sha)
+        else:
+            self.tokenizer = members[0][3]
+            for m_name, _, _, tok, _ in members[1:]:
+                if tok.to_dict() != self.tokenizer.to_dict():
+                    raise ModelLoadError(f"native captioner {m_name} has another vocabulary than {members[0][0]}; "
+                                         f"an ensemble's decoders must share one tokenizer")
+            try:
+                self.model = DecoderEnsemble([m[2] for m in members], [m[1] for m in members])
+            except ValueError as exc:
+                raise ModelLoadError(f"native captioner ensemble {spec!r}: {exc}") from exc
+            name = "+".join(f"{m_name}@{w:g}" for (m_name, *_), w in zip(members, self.model.weights))
+            sha = hashlib.sha256(" ".join(f"{m[4]}@{w!r}" for m, w in zip(members, self.model.weights)).encode())
+            self.info = CaptionerInfo(name=f"native:{name}", weights_sha256=sha.hexdigest())
+        self.model.to(self.device).eval()
         self._image_tower = image_tower
         self._scorer: tuple[CaptionDecoder, torch.dtype] | None = None  # see _scoring_model
 
