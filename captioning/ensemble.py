@@ -36,10 +36,6 @@ class EnsembleCache:
 
     members: tuple[KVCache, ...]
 
-    @property
-    def length(self) -> int:
-        return self.members[0].length
-
     def reorder(self, index: torch.Tensor, cross: bool = True) -> EnsembleCache:
         return EnsembleCache(tuple(c.reorder(index, cross) for c in self.members))
 

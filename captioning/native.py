@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +59,16 @@ def load_captioner(path: Path) -> tuple[CaptionDecoder, WordTokenizer, dict, str
     return model.eval(), tok, payload.get("meta", {}), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class _Member(NamedTuple):
+    """One decoder of a native captioner spec, as loaded."""
+
+    name: str  # as recorded in provenance: the shipped name, or the resolved path
+    weight: float
+    decoder: CaptionDecoder
+    tokenizer: WordTokenizer
+    sha256: str
+
+
 def parse_ensemble_spec(spec: str) -> list[tuple[str, float]]:
     """``spec`` -> [(weights name or path, weight)]: one member, or several joined by ``+``, each
     optionally ``@<weight>`` (default 1; weights are normalised to sum 1), e.g.
@@ -76,7 +87,7 @@ def parse_ensemble_spec(spec: str) -> list[tuple[str, float]]:
             value = float(weight) if sep else 1.0
         except ValueError:
             raise InputError(f"native captioner {spec!r}: weight {weight!r} of {name} is not a number") from None
-        if not value > 0 or value == float("inf"):
+        if not (math.isfinite(value) and value > 0):
             raise InputError(f"native captioner {spec!r}: weight of {name} must be a positive number, got {weight}")
         out.append((name, value))
     return out
@@ -107,26 +118,29 @@ class NativeCaptioner(Captioner):
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:
         self.device = device or torch.device("cpu")
-        members = []  # (name in provenance, weight, decoder, tokenizer, sha256)
+        members = []
         for part, weight in parse_ensemble_spec(spec):
             path = resolve_weights(part, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
             model, tok, _, sha = load_captioner(path)
-            members.append((part if path.parent == WEIGHTS_DIR else str(path.resolve()), weight, model, tok, sha))
+            name = part if path.parent == WEIGHTS_DIR else str(path.resolve())
+            members.append(_Member(name, weight, model, tok, sha))
+        first = members[0]
+        self.tokenizer = first.tokenizer
         if len(members) == 1:
-            name, _, self.model, self.tokenizer, sha = members[0]
-            self.info = CaptionerInfo(name=f"native:{name}", weights_sha256=sha)
+            self.model = first.decoder
+            self.info = CaptionerInfo(name=f"native:{first.name}", weights_sha256=first.sha256)
         else:
-            self.tokenizer = members[0][3]
-            for m_name, _, _, tok, _ in members[1:]:
-                if tok.to_dict() != self.tokenizer.to_dict():
-                    raise ModelLoadError(f"native captioner {m_name} has another vocabulary than {members[0][0]}; "
+            for m in members[1:]:
+                if m.tokenizer.to_dict() != self.tokenizer.to_dict():
+                    raise ModelLoadError(f"native captioner {m.name} has another vocabulary than {first.name}; "
                                          f"an ensemble's decoders must share one tokenizer")
             try:
-                self.model = DecoderEnsemble([m[2] for m in members], [m[1] for m in members])
+                self.model = DecoderEnsemble([m.decoder for m in members], [m.weight for m in members])
             except ValueError as exc:
                 raise ModelLoadError(f"native captioner ensemble {spec!r}: {exc}") from exc
-            name = "+".join(f"{m_name}@{w:g}" for (m_name, *_), w in zip(members, self.model.weights))
-            sha = hashlib.sha256(" ".join(f"{m[4]}@{w!r}" for m, w in zip(members, self.model.weights)).encode())
+            weights = self.model.weights  # normalised to sum 1
+            name = "+".join(f"{m.name}@{w:g}" for m, w in zip(members, weights))
+            sha = hashlib.sha256(" ".join(f"{m.sha256}@{w!r}" for m, w in zip(members, weights)).encode())
             self.info = CaptionerInfo(name=f"native:{name}", weights_sha256=sha.hexdigest())
         self.model.to(self.device).eval()
         self._image_tower = image_tower
