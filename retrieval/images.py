@@ -100,8 +100,9 @@ def load_image(source: str | Path | bytes, draft_size: int = 448) -> DecodedImag
 def to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Resize to ``size`` x ``size`` (whole picture, no crop) and normalise: -> (3, size, size) float32."""
     im = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # (H, W, 3)
-    x = arr.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    return (x - m) / s
+    # numpy, not torch: this runs on the reader threads, and a torch op there would start an OpenMP
+    # team per thread whose spinning slows the model running on the main thread (docs/BENCHMARKS.md)
+    x = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)  # (3, H, W)
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy(np.ascontiguousarray((x - m) / s))

