@@ -29,7 +29,7 @@ from retrieval.weights import resolve_weights, save_payload
 from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_CAPTIONER = "effl0-sat-v3"
+DEFAULT_CAPTIONER = "effl0-sat-v4"
 FORMAT = "pixquery-native-captioner/1"
 
 
@@ -113,7 +113,7 @@ def decode_captions(model: CaptionDecoder, tok: WordTokenizer, grid: torch.Tenso
 
 
 class NativeCaptioner(Captioner):
-    """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v3``, the default)."""
+    """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v4``, the default)."""
 
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:

@@ -265,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward = CIDEr-D + this x sentence BLEU-4 (default 0: CIDEr-D only)")
     s.add_argument("--max-minutes", type=float, help="time budget: stop after it, evaluate, keep the best state")
     _common(t)
+    t = tsub.add_parser("average", help="average the weights of native captioners of one lineage into one decoder",
+                        description="Average the parameters of native captioners that share an architecture and "
+                                    "vocabulary (for example a self-critical model and the cross-entropy model it "
+                                    "was fine-tuned from): one decoder, decoded at the speed of one.")
+    t.add_argument("spec", help="captioners joined by '+', each a shipped name or a path with an optional @weight, "
+                                "e.g. 'effl0-sat-v3@0.5+effl0-sat-v1@0.5' (weights are normalised to sum 1)")
+    t.add_argument("--out", required=True, help="where to write the averaged weights")
+    t.add_argument("--data", help="Flickr8k folder: score the average on its dev split and record the scores")
+    t.add_argument("--beam", type=int, default=3, help="beam for the dev scores (default 3, the captioner's default)")
+    _common(t)
     return parser
 
 
@@ -592,6 +602,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else EngineConfig().cache_dir
     device = resolve_device(args.device or "auto")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.what == "average":
+        from captioning.average import write_average
+
+        meta = write_average(args.spec, Path(args.out), Path(args.data) if args.data else None,
+                             cache / "features", args.beam)
+        members = ", ".join(f"{m['captioner']} @ {m['weight']:.3g}" for m in meta["averaged"])
+        print(f"wrote {args.out} (average of {members}); log: {Path(args.out).with_suffix('.json')}")
+        if "dev" in meta:
+            print(f"dev {meta['dev']}")
+        return EXIT_OK
     if args.what == "captioner" and args.scst:
         from captioning.scst import ScstConfig, train_scst
 

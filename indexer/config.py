@@ -9,7 +9,7 @@ from pathlib import Path
 from captioning.captioner import DecodeOptions
 from retrieval.factory import DEFAULT_ENCODER
 
-DEFAULT_CAPTIONER: str | None = "native:effl0-sat-v3"  # "none" in PIXQUERY_CAPTIONER or --captioner switches it off
+DEFAULT_CAPTIONER: str | None = "native:effl0-sat-v4"  # "none" in PIXQUERY_CAPTIONER or --captioner switches it off
 # The caption decoder that rates query text against images (the ``likelihood`` signal of fused
 # ranking). It is a native captioner trained with cross-entropy, whatever writes the captions.
 DEFAULT_SCORER: str | None = "native:effl0-sat-v1"

@@ -144,8 +144,9 @@ def test_eval_captions_contract_and_perfect_unigrams(tmp_path):
 @pytest.mark.data
 @pytest.mark.slow
 def test_shipped_captioner_on_flickr8k_dev(tmp_path):
-    """The default captioner and decoding, as in docs/BENCHMARKS.md (measured: BLEU-4 0.2232, CIDEr 0.5717).
-    CIDEr is the captioner issue's target; BLEU-4 (target 0.23) is guarded at what was reached."""
+    """The default captioner and decoding, as in docs/BENCHMARKS.md (measured: BLEU-4 0.2303, CIDEr 0.5787;
+    the issue's targets are 0.23 and 0.55). BLEU-4 is guarded a little below the measurement, as other
+    CPUs' floating point can change a few of the 1,000 captions."""
     from conftest import FLICKR8K
 
     from indexer.evaluate import evaluate_captions
@@ -154,5 +155,5 @@ def test_shipped_captioner_on_flickr8k_dev(tmp_path):
     lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]
     (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
     report = evaluate_captions(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False))
-    assert report["n_images"] == 1000 and report["captioner"] == "native:effl0-sat-v3"
-    assert report["CIDEr"] >= 0.55 and report["BLEU-4"] >= 0.22
+    assert report["n_images"] == 1000 and report["captioner"] == "native:effl0-sat-v4"
+    assert report["CIDEr"] >= 0.55 and report["BLEU-4"] >= 0.228

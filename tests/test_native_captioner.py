@@ -91,7 +91,7 @@ def test_shipped_captioner_names_what_is_in_flickr_like_photos(name, word):
     assert word in caption, caption
 
 
-@pytest.mark.parametrize("name", ["effl0-sat-v1", "effl0-sat-v3"])  # v1 stays: existing indexes name it
+@pytest.mark.parametrize("name", ["effl0-sat-v1", "effl0-sat-v4"])  # v1 stays: the ranking's scorer
 def test_shipped_captioner_file_is_small_and_weights_only(name):
     from captioning.native import WEIGHTS_DIR
 
@@ -101,11 +101,11 @@ def test_shipped_captioner_file_is_small_and_weights_only(name):
     assert payload["format"] == "pixquery-native-captioner/1" and payload["meta"]["dev"]["beam"] == 3
 
 
-def test_default_captioner_is_the_scst_model():
+def test_default_captioner_is_the_averaged_model():
     from captioning.native import DEFAULT_CAPTIONER
     from indexer.config import DEFAULT_CAPTIONER as ENGINE_DEFAULT
 
-    assert DEFAULT_CAPTIONER == "effl0-sat-v3" and ENGINE_DEFAULT == "native:effl0-sat-v3"
+    assert DEFAULT_CAPTIONER == "effl0-sat-v4" and ENGINE_DEFAULT == "native:effl0-sat-v4"
 
 
 def test_default_decoding_completes_endings_and_bans_repeated_bigrams():
@@ -140,7 +140,7 @@ _SHIPPED: list = []
 
 def _shipped() -> NativeCaptioner:
     if not _SHIPPED:
-        _SHIPPED.append(create_captioner("native:effl0-sat-v3"))
+        _SHIPPED.append(create_captioner("native:effl0-sat-v4"))
     return _SHIPPED[0]
 
 

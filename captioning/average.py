@@ -1,0 +1,87 @@
+"""Weight averaging of native captioners (a weight-space ensemble: one decoder, one decoder's cost).
+
+Decoders fine-tuned from one another (v3 is v1 after self-critical training) lie in one basin of the
+loss, so their parameters can be interpolated (WiSE-FT, Wortsman et al. 2022)::
+
+    theta = sum_m weight_m * theta_m        (weights normalised to sum 1)
+
+Unlike :class:`captioning.ensemble.DecoderEnsemble`, which runs every member at every step, the
+result is a single decoder of the members' architecture, decoded at the speed of one. Averaging only
+makes sense for members of one lineage; the function checks what it can check (architecture,
+vocabulary, parameter names and shapes), and dev evaluation (``pixquery eval captions``) tells
+whether the average is any good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from captioning.model import CaptionDecoder
+from captioning.native import WEIGHTS_DIR, load_captioner, parse_ensemble_spec, save_captioner
+from captioning.tokenizer import WordTokenizer
+from retrieval.errors import InputError, ModelLoadError
+from retrieval.weights import resolve_weights
+
+
+def average_captioners(spec: str) -> tuple[CaptionDecoder, WordTokenizer, dict]:
+    """``spec`` as for an ensemble (``effl0-sat-v3@0.5+effl0-sat-v1@0.5``, names or paths) ->
+    (averaged decoder, the shared tokenizer, provenance: members, normalised weights, sha256s)."""
+    parts = parse_ensemble_spec(spec.removeprefix("native:"))
+    if len(parts) < 2:
+        raise InputError(f"averaging needs at least two captioners joined by '+', got {spec!r}")
+    loaded = []
+    for name, weight in parts:
+        path = resolve_weights(name, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
+        model, tok, _, sha = load_captioner(path)
+        loaded.append((name, weight, model, tok, sha))
+    total = sum(weight for _, weight, *_ in loaded)
+    first_name, _, first, first_tok, _ = loaded[0]
+    states = []
+    for name, weight, model, tok, _ in loaded:
+        if tok.to_dict() != first_tok.to_dict():
+            raise ModelLoadError(f"cannot average {name} with {first_name}: their vocabularies differ")
+        if asdict(model.cfg) != asdict(first.cfg):
+            raise ModelLoadError(f"cannot average {name} with {first_name}: their architectures differ "
+                                 f"({asdict(model.cfg)} against {asdict(first.cfg)})")
+        states.append((model.state_dict(), weight / total))
+    reference = states[0][0]
+    averaged = {}
+    for key, value in reference.items():
+        if value.is_floating_point():
+            averaged[key] = sum(state[key] * w for state, w in states)
+        else:  # integer buffers (none today) must agree
+            if any(not torch.equal(state[key], value) for state, _ in states):
+                raise ModelLoadError(f"cannot average: integer buffer {key} differs between members")
+            averaged[key] = value
+    first.load_state_dict(averaged)
+    meta = {"averaged": [{"captioner": name, "weight": weight / total, "sha256": sha}
+                         for name, weight, _, _, sha in loaded],
+            "spec": spec}
+    return first.eval(), first_tok, meta
+
+
+def write_average(spec: str, out: Path, data: Path | None = None, cache_dir: Path | None = None,
+                  beam: int = 3) -> dict:
+    """Average ``spec``'s captioners into the weight file ``out`` (fp16, ``weights_only``-loadable),
+    with dev scores (default decoding at ``beam``, cached grid features) when ``data`` is the
+    Flickr8k folder; -> the metadata saved with it (also written next to it as JSON)."""
+    model, tok, meta = average_captioners(spec)
+    if data is not None:
+        from captioning.train import evaluate_split
+        from retrieval.native.data import load_flickr8k
+        from retrieval.native.features import grid_features
+
+        dev = load_flickr8k(data, "dev")
+        grid = grid_features(dev.paths, cache_dir or Path.home() / ".cache" / "pixquery" / "features",
+                             torch.device("cpu"))
+        model.half().float()  # score what the fp16 file will hold
+        meta["dev"] = {"beam": beam, **{k: round(v, 4) for k, v in evaluate_split(model, tok, dev, grid, beam).items()}}
+    save_captioner(model, tok, out, meta)
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.with_suffix(".json").write_text(json.dumps({**meta, "sha256": sha}, indent=2) + "\n")
+    return meta
