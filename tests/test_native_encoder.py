@@ -156,6 +156,8 @@ def test_fold_batchnorm_keeps_what_the_network_computes():
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
         assert isinstance(net[2][1].act, torch.nn.ReLU)  # BatchNormAct2d's activation stays
         torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="training mode"):  # batch statistics cannot be folded
+        fold_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
 
 
 def test_folded_image_tower_matches_timm_with_its_batchnorms():

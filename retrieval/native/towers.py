@@ -68,12 +68,15 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     ``BatchNormAct2d`` also applies the activation) is replaced by its activation alone. In
     EfficientNet-Lite0 every convolution is followed by one; on CPU the separate normalisation passes
     took about a third of the tower's time (docs/BENCHMARKS.md). Only for a module that is never
-    trained: the running statistics are gone afterwards.
+    trained (the running statistics are gone afterwards) and whose registration order is its data
+    flow, as in timm's EfficientNets (a test checks the tower against timm's unfolded network).
     """
     names = list(module._modules)
     for conv_name, bn_name in zip(names, names[1:]):
         conv, bn = module._modules[conv_name], module._modules[bn_name]
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+            if bn.training:
+                raise ValueError(f"cannot fold {bn_name}: it is in training mode (call .eval() first)")
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
