@@ -22,33 +22,27 @@ from pathlib import Path
 import torch
 
 from captioning.model import CaptionDecoder
-from captioning.native import WEIGHTS_DIR, load_captioner, parse_ensemble_spec, save_captioner
+from captioning.native import load_members, save_captioner
 from captioning.tokenizer import WordTokenizer
 from retrieval.errors import InputError, ModelLoadError
-from retrieval.weights import resolve_weights
 
 
 def average_captioners(spec: str) -> tuple[CaptionDecoder, WordTokenizer, dict]:
     """``spec`` as for an ensemble (``effl0-sat-v3@0.5+effl0-sat-v1@0.5``, names or paths) ->
     (averaged decoder, the shared tokenizer, provenance: members, normalised weights, sha256s)."""
-    parts = parse_ensemble_spec(spec.removeprefix("native:"))
-    if len(parts) < 2:
+    members = load_members(spec.removeprefix("native:"))
+    if len(members) < 2:
         raise InputError(f"averaging needs at least two captioners joined by '+', got {spec!r}")
-    loaded = []
-    for name, weight in parts:
-        path = resolve_weights(name, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
-        model, tok, _, sha = load_captioner(path)
-        loaded.append((name, weight, model, tok, sha))
-    total = sum(weight for _, weight, *_ in loaded)
-    first_name, _, first, first_tok, _ = loaded[0]
+    total = sum(m.weight for m in members)
+    first = members[0]
     states = []
-    for name, weight, model, tok, _ in loaded:
-        if tok.to_dict() != first_tok.to_dict():
-            raise ModelLoadError(f"cannot average {name} with {first_name}: their vocabularies differ")
-        if asdict(model.cfg) != asdict(first.cfg):
-            raise ModelLoadError(f"cannot average {name} with {first_name}: their architectures differ "
-                                 f"({asdict(model.cfg)} against {asdict(first.cfg)})")
-        states.append((model.state_dict(), weight / total))
+    for m in members:
+        if m.tokenizer.to_dict() != first.tokenizer.to_dict():
+            raise ModelLoadError(f"cannot average {m.name} with {first.name}: their vocabularies differ")
+        if asdict(m.decoder.cfg) != asdict(first.decoder.cfg):
+            raise ModelLoadError(f"cannot average {m.name} with {first.name}: their architectures differ "
+                                 f"({asdict(m.decoder.cfg)} against {asdict(first.decoder.cfg)})")
+        states.append((m.decoder.state_dict(), m.weight / total))
     reference = states[0][0]
     averaged = {}
     for key, value in reference.items():
@@ -58,18 +52,19 @@ def average_captioners(spec: str) -> tuple[CaptionDecoder, WordTokenizer, dict]:
             if any(not torch.equal(state[key], value) for state, _ in states):
                 raise ModelLoadError(f"cannot average: integer buffer {key} differs between members")
             averaged[key] = value
-    first.load_state_dict(averaged)
-    meta = {"averaged": [{"captioner": name, "weight": weight / total, "sha256": sha}
-                         for name, weight, _, _, sha in loaded],
+    first.decoder.load_state_dict(averaged)
+    meta = {"averaged": [{"captioner": m.name, "weight": m.weight / total, "sha256": m.sha256} for m in members],
             "spec": spec}
-    return first.eval(), first_tok, meta
+    return first.decoder.eval(), first.tokenizer, meta
 
 
 def write_average(spec: str, out: Path, data: Path | None = None, cache_dir: Path | None = None,
                   beam: int = 3) -> dict:
     """Average ``spec``'s captioners into the weight file ``out`` (fp16, ``weights_only``-loadable),
-    with dev scores (default decoding at ``beam``, cached grid features) when ``data`` is the
-    Flickr8k folder; -> the metadata saved with it (also written next to it as JSON)."""
+    with dev scores (default decoding at ``beam``) when ``data`` is the Flickr8k folder and
+    ``cache_dir`` the grid-feature cache; -> the metadata saved with it (also written next to it as JSON)."""
+    if data is not None and cache_dir is None:
+        raise ValueError("scoring on dev needs the grid-feature cache folder (cache_dir)")
     model, tok, meta = average_captioners(spec)
     if data is not None:
         from captioning.train import evaluate_split
@@ -77,8 +72,7 @@ def write_average(spec: str, out: Path, data: Path | None = None, cache_dir: Pat
         from retrieval.native.features import grid_features
 
         dev = load_flickr8k(data, "dev")
-        grid = grid_features(dev.paths, cache_dir or Path.home() / ".cache" / "pixquery" / "features",
-                             torch.device("cpu"))
+        grid = grid_features(dev.paths, cache_dir, torch.device("cpu"))
         model.half().float()  # score what the fp16 file will hold
         meta["dev"] = {"beam": beam, **{k: round(v, 4) for k, v in evaluate_split(model, tok, dev, grid, beam).items()}}
     save_captioner(model, tok, out, meta)

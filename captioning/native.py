@@ -59,7 +59,7 @@ def load_captioner(path: Path) -> tuple[CaptionDecoder, WordTokenizer, dict, str
     return model.eval(), tok, payload.get("meta", {}), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class _Member(NamedTuple):
+class Member(NamedTuple):
     """One decoder of a native captioner spec, as loaded."""
 
     name: str  # as recorded in provenance: the shipped name, or the resolved path
@@ -93,6 +93,17 @@ def parse_ensemble_spec(spec: str) -> list[tuple[str, float]]:
     return out
 
 
+def load_members(spec: str) -> list[Member]:
+    """Load every decoder that ``spec`` names (see :func:`parse_ensemble_spec`), in order."""
+    members = []
+    for part, weight in parse_ensemble_spec(spec):
+        path = resolve_weights(part, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
+        model, tok, _, sha = load_captioner(path)
+        name = part if path.parent == WEIGHTS_DIR else str(path.resolve())
+        members.append(Member(name, weight, model, tok, sha))
+    return members
+
+
 #: the native captioners' no-repeat n-gram size: no bigram twice, which stops SCST's "a man in a hat is
 #: wearing a hat" and raised dev CIDEr (docs/BENCHMARKS.md)
 NO_REPEAT_NGRAM = 2
@@ -118,12 +129,7 @@ class NativeCaptioner(Captioner):
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:
         self.device = device or torch.device("cpu")
-        members = []
-        for part, weight in parse_ensemble_spec(spec):
-            path = resolve_weights(part, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
-            model, tok, _, sha = load_captioner(path)
-            name = part if path.parent == WEIGHTS_DIR else str(path.resolve())
-            members.append(_Member(name, weight, model, tok, sha))
+        members = load_members(spec)
         first = members[0]
         self.tokenizer = first.tokenizer
         if len(members) == 1:

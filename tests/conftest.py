@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
+from captioning.model import CaptionDecoder, DecoderConfig
+from captioning.tokenizer import WordTokenizer
 from retrieval.encoder import EncoderInfo, JointEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,3 +178,23 @@ class TinyCaptioner(Captioner):
 @pytest.fixture
 def tiny_captioner() -> TinyCaptioner:
     return TinyCaptioner()
+
+
+#: a tiny word vocabulary for random native decoders (ensembles, weight averaging)
+WORD_CAPTIONS = ["a dog runs", "a cat sits", "the dog sits on grass", "two children play in the water"]
+
+
+@pytest.fixture
+def tok() -> WordTokenizer:
+    """A word tokenizer over WORD_CAPTIONS."""
+    return WordTokenizer.build(WORD_CAPTIONS, min_count=1)
+
+
+def random_decoder(tok: WordTokenizer, seed: int, d_model: int = 32) -> CaptionDecoder:
+    """A one-layer native decoder with sharp random logits, so two seeds disagree and decoding has no ties."""
+    torch.manual_seed(seed)
+    model = CaptionDecoder(DecoderConfig(vocab_size=len(tok), d_model=d_model, n_layers=1, n_heads=2,
+                                         d_ff=64, max_len=12))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model.eval()

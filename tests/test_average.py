@@ -7,35 +7,19 @@ import json
 import pytest
 import torch
 
+from conftest import WORD_CAPTIONS, random_decoder
 from captioning.average import average_captioners, write_average
-from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.native import NativeCaptioner, load_captioner, save_captioner
 from captioning.tokenizer import WordTokenizer
 from indexer.cli import main
 from retrieval.errors import InputError, ModelLoadError
 
-CAPTIONS = ["a dog runs", "a cat sits", "the dog sits on grass", "two children play in the water"]
-
-
-def _decoder(tok: WordTokenizer, seed: int, d_model: int = 32) -> CaptionDecoder:
-    torch.manual_seed(seed)
-    model = CaptionDecoder(DecoderConfig(vocab_size=len(tok), d_model=d_model, n_layers=1, n_heads=2,
-                                         d_ff=64, max_len=12))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return model.eval()
-
-
-@pytest.fixture
-def tok() -> WordTokenizer:
-    return WordTokenizer.build(CAPTIONS, min_count=1)
-
 
 @pytest.fixture
 def files(tmp_path, tok):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    save_captioner(_decoder(tok, 0), tok, a, {})
-    save_captioner(_decoder(tok, 1), tok, b, {})
+    save_captioner(random_decoder(tok, 0), tok, a, {})
+    save_captioner(random_decoder(tok, 1), tok, b, {})
     return a, b
 
 
@@ -64,13 +48,13 @@ def test_average_refuses_what_cannot_be_averaged(files, tmp_path, tok):
     with pytest.raises(InputError, match="at least two"):
         average_captioners(str(a))
     wide = tmp_path / "wide.pt"
-    save_captioner(_decoder(tok, 2, d_model=48), tok, wide, {})
+    save_captioner(random_decoder(tok, 2, d_model=48), tok, wide, {})
     with pytest.raises(ModelLoadError, match="architectures differ"):
         average_captioners(f"{a}+{wide}")
-    other_tok = WordTokenizer.build(CAPTIONS[:-1] + ["two children play in the sand"], min_count=1)
+    other_tok = WordTokenizer.build(WORD_CAPTIONS[:-1] + ["two children play in the sand"], min_count=1)
     assert len(other_tok) == len(tok)  # same size, other words
     other = tmp_path / "other.pt"
-    save_captioner(_decoder(other_tok, 3), other_tok, other, {})
+    save_captioner(random_decoder(other_tok, 3), other_tok, other, {})
     with pytest.raises(ModelLoadError, match="vocabularies differ"):
         average_captioners(f"{a}+{other}")
 

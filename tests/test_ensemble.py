@@ -8,41 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_decoder
 from captioning.captioner import DecodeOptions, create_captioner
 from captioning.decoding import beam_search
 from captioning.ensemble import DecoderEnsemble
-from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.native import NativeCaptioner, parse_ensemble_spec, save_captioner
 from captioning.tokenizer import WordTokenizer
 from retrieval.errors import InputError, ModelLoadError
-
-CAPTIONS = ["a dog runs", "a cat sits", "the dog sits on grass", "two children play in the water"]
-
-
-def _decoder(tok: WordTokenizer, seed: int, d_model: int = 32) -> CaptionDecoder:
-    torch.manual_seed(seed)
-    model = CaptionDecoder(DecoderConfig(vocab_size=len(tok), d_model=d_model, n_layers=1, n_heads=2,
-                                         d_ff=64, max_len=12))
-    for p in model.parameters():  # sharp random logits, so the members disagree and decoding has no ties
-        torch.nn.init.normal_(p, std=0.5)
-    return model.eval()
-
-
-@pytest.fixture
-def tok() -> WordTokenizer:
-    return WordTokenizer.build(CAPTIONS, min_count=1)
 
 
 @pytest.fixture
 def two_files(tmp_path, tok) -> tuple[Path, Path]:
     paths = tmp_path / "a.pt", tmp_path / "b.pt"
-    save_captioner(_decoder(tok, 0), tok, paths[0], {})
-    save_captioner(_decoder(tok, 1, d_model=48), tok, paths[1], {})  # another width: memories differ in size
+    save_captioner(random_decoder(tok, 0), tok, paths[0], {})
+    save_captioner(random_decoder(tok, 1, d_model=48), tok, paths[1], {})  # another width: memories differ in size
     return paths
 
 
 def test_combined_log_probs_are_the_weighted_sum_of_the_members(tok):
-    a, b = _decoder(tok, 0), _decoder(tok, 1, d_model=48)
+    a, b = random_decoder(tok, 0), random_decoder(tok, 1, d_model=48)
     ens = DecoderEnsemble([a, b], [3, 1]).eval()
     assert ens.weights == [0.75, 0.25] and ens.cfg.d_model == 80
     grid = torch.randn(2, 1280, 7, 7)
@@ -61,7 +45,7 @@ def test_combined_log_probs_are_the_weighted_sum_of_the_members(tok):
 
 
 def test_greedy_search_follows_the_combined_argmax(tok):
-    a, b = _decoder(tok, 0), _decoder(tok, 1)
+    a, b = random_decoder(tok, 0), random_decoder(tok, 1)
     ens = DecoderEnsemble([a, b], [1, 1]).eval()
     grid = torch.randn(3, 1280, 7, 7)
     got = beam_search(ens, grid, tok.bos_id, tok.eos_id, beam_size=1, max_len=8, banned_ids=(tok.unk_id, tok.pad_id))
@@ -124,7 +108,7 @@ def test_ensemble_spec_parsing_and_errors(two_files, tmp_path):
 def test_members_must_share_the_vocabulary(two_files, tmp_path):
     other_tok = WordTokenizer.build(["completely different words here"], min_count=1)
     path = tmp_path / "c.pt"
-    save_captioner(_decoder(other_tok, 2), other_tok, path, {})
+    save_captioner(random_decoder(other_tok, 2), other_tok, path, {})
     with pytest.raises(ModelLoadError, match="another vocabulary"):
         NativeCaptioner(f"{two_files[0]}+{path}")
 
