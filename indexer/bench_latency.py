@@ -3,7 +3,7 @@
 The index is built directly (no images): N rows with synthetic Flickr-style captions (so the
 keyword index has a realistic vocabulary), random unit image and caption vectors, and random
 scorer memories. The models are the real ones: each query is parsed, embedded by the text tower,
-searched and (in fused mode) re-scored by the caption decoder, through ``Engine.search`` with
+searched and (in fused mode) re-scored by the caption decoder and the match head, through ``Engine.search`` with
 the models already loaded (a running app or API user; ``bench search`` measures cold processes).
 The modes take turns query by query, so a stall of the machine does not land on one mode only, and
 each mode's slowest timings are reported with their queries.
@@ -113,9 +113,11 @@ def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5
                     engine.search(q, k=10, mode=mode)
                     timed[mode].append(((time.perf_counter() - t0) * 1000, q))
         per_mode = {mode: latency_summary(timed[mode]) for mode in modes}
-        scorer = engine.ranker().scorer
+        ranker = engine.ranker()
+        scorer, matcher = ranker.scorer, ranker.matcher
     report = {"images": n_indexed, "build_seconds": built, "k": 10, "pool": cfg.pool,
-              "rerank_depth": cfg.rerank_depth, "likelihood": scorer is not None, "modes": per_mode,
+              "rerank_depth": cfg.rerank_depth, "likelihood": scorer is not None, "match": matcher is not None,
+              "modes": per_mode,
               "machine": machine()}
     if "image" in per_mode and "fused" in per_mode:
         report["fused_over_image_p50"] = round(per_mode["fused"]["p50_ms"] / per_mode["image"]["p50_ms"], 2)

@@ -41,8 +41,8 @@ def _captioning(p: argparse.ArgumentParser) -> None:
 
 def _weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="SPEC",
-                   help="fused-mode weights, e.g. image=1,caption=0.3,keyword=0,likelihood=2 (unnamed ones keep "
-                        "their defaults)")
+                   help="fused-mode weights, e.g. image=1,caption=0.3,keyword=0,likelihood=2,match=0 (unnamed ones "
+                        "keep their defaults)")
 
 
 def _weights_from(args: argparse.Namespace):
@@ -60,7 +60,7 @@ def _weights_from(args: argparse.Namespace):
         name = name.strip()
         if not sep or name not in FusionWeights().to_dict():
             raise InputError(f"--weights: expected NAME=NUMBER with NAME one of image, caption, keyword, "
-                             f"likelihood; got {part!r}")
+                             f"likelihood, match; got {part!r}")
         try:
             values[name] = float(value)
         except ValueError:
@@ -274,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="where to write the averaged weights")
     t.add_argument("--data", help="Flickr8k folder: score the average on its dev split and record the scores")
     t.add_argument("--beam", type=int, default=3, help="beam for the dev scores (default 3, the captioner's default)")
+    _common(t)
+    t = tsub.add_parser("matcher", help="train the match head that re-rates fused results (Flickr8k train split)",
+                        description="Train the match head: a small cross-attention model that rates how well a "
+                                    "query fits an image from the query's MiniLM token states and the scorer's "
+                                    "stored memory of the image, taught to pick each train caption's own image "
+                                    "among the images the joint encoder confuses it with.")
+    t.add_argument("--data", required=True, help="Flickr8k folder (images/, captions.tsv, train.txt, dev.txt)")
+    t.add_argument("--out", default="runs/matcher/matcher.pt", help="where to write the weights")
+    t.add_argument("--scorer", default="effl0-sat-v1",
+                   help="native captioner whose memories the head reads (default effl0-sat-v1, the default scorer)")
+    t.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    t.add_argument("--batch-size", type=int, default=24, help="train captions per step (default 24)")
+    t.add_argument("--negatives", type=int, default=7, help="other images per caption in a step (default 7)")
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--seed", type=int, default=0)
     _common(t)
     return parser
 
@@ -611,6 +626,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} (average of {members}); log: {Path(args.out).with_suffix('.json')}")
         if "dev" in meta:
             print(f"dev {meta['dev']}")
+        return EXIT_OK
+    if args.what == "matcher":
+        from captioning.match_train import TrainMatcherConfig, train_matcher
+
+        mcfg = TrainMatcherConfig(data=Path(args.data), out=Path(args.out), cache_dir=cache / "features",
+                                  scorer=args.scorer.removeprefix("native:"), steps=args.steps,
+                                  batch_size=args.batch_size, negatives=args.negatives, lr=args.lr, seed=args.seed,
+                                  progress=not args.quiet)
+        meta = train_matcher(mcfg)
+        print(f"wrote {mcfg.out} ({meta['minutes']} min); log: {mcfg.out.with_suffix('.json')}")
+        print(f"dev {meta['dev']}")
         return EXIT_OK
     if args.what == "captioner" and args.scst:
         from captioning.scst import ScstConfig, train_scst

@@ -13,6 +13,9 @@ DEFAULT_CAPTIONER: str | None = "native:effl0-sat-v4"  # "none" in PIXQUERY_CAPT
 # The caption decoder that rates query text against images (the ``likelihood`` signal of fused
 # ranking). It is a native captioner trained with cross-entropy, whatever writes the captions.
 DEFAULT_SCORER: str | None = "native:effl0-sat-v1"
+# The match head that reads the scorer's memories (the ``match`` signal); trained on that scorer's
+# memories, so it is used only beside it.
+DEFAULT_MATCHER: str | None = "native:effl0-match-v1"
 
 ENV_DB = "PIXQUERY_DB"  # index folder
 ENV_ENCODER = "PIXQUERY_ENCODER"
@@ -20,6 +23,7 @@ ENV_DEVICE = "PIXQUERY_DEVICE"
 ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
 ENV_CAPTIONER = "PIXQUERY_CAPTIONER"  # "none" switches captions off
 ENV_SCORER = "PIXQUERY_SCORER"  # "none" switches the likelihood signal off
+ENV_MATCHER = "PIXQUERY_MATCHER"  # "none" switches the match signal off
 
 
 def default_index_dir() -> Path:
@@ -51,8 +55,9 @@ class EngineConfig:
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
     captioner: str | None = field(default_factory=lambda: _model_from_env(ENV_CAPTIONER, DEFAULT_CAPTIONER))  # None: no captions
     scorer: str | None = field(default_factory=lambda: _model_from_env(ENV_SCORER, DEFAULT_SCORER))  # None: off
+    matcher: str | None = field(default_factory=lambda: _model_from_env(ENV_MATCHER, DEFAULT_MATCHER))  # None: off
     pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
-    rerank_depth: int = 10  # fused ranking: the best candidates the scorer re-rates
+    rerank_depth: int = 10  # fused ranking: the best candidates the scorer and the match head re-rate
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     batch_size: int = 32
     workers: int = 2  # decode threads

@@ -69,6 +69,8 @@ class Engine:
         self._encoder = encoder
         self._captioner = captioner
         self._scorer: Captioner | None = scorer
+        self._matcher = None  # captioning.matcher.Matcher, built with the first ranker
+        self._matcher_checked = False
         self._store: Store | None = None
         self._vectors: VectorBundle | None = None
 
@@ -147,6 +149,25 @@ class Engine:
                                  f"a native captioner (or none)")
             self._scorer = scorer
         return self._scorer
+
+    @property
+    def matcher(self):  # noqa: ANN201 - captioning.matcher.Matcher | None
+        """The match head beside the scorer (None: off, no scorer, or trained on another scorer's memories)."""
+        if not self._matcher_checked and self.config.matcher and self.scorer is not None:
+            self._matcher_checked = True
+            from captioning.matcher import Matcher
+            from retrieval.device import resolve_device
+
+            matcher = Matcher(self.config.matcher, device=resolve_device(self.config.device),
+                              text_tower=getattr(self.encoder, "text_tower", None)
+                              if self.encoder.info.name.startswith("native:") else None)
+            scorer_sha = self.scorer.info.weights_sha256
+            if matcher.scorer_sha256 != scorer_sha or matcher.memory_dim != int(np.prod(self.scorer.memory_shape)):
+                log.warning("the match head %s was trained on the memories of another scorer than %s; "
+                            "fused ranking runs without it", matcher.name, self.scorer.info.name)
+            else:
+                self._matcher = matcher
+        return self._matcher
 
     def _models(self) -> ImageModels:
         return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer)
@@ -318,9 +339,12 @@ class Engine:
         return (vectors.images if mode == "image" else vectors.captions).search(queries, k)
 
     def ranker(self) -> Ranker:
-        """The ranker over this index (the likelihood signal only when the stored memories are the scorer's)."""
+        """The ranker over this index (the likelihood and match signals only when the stored memories
+        are the scorer's)."""
         store, vectors = self._ready()
-        return Ranker(store, vectors, self.scorer if self._scorer_matches(store) else None)
+        if not self._scorer_matches(store):
+            return Ranker(store, vectors)
+        return Ranker(store, vectors, self.scorer, self.matcher)
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,

@@ -3,6 +3,7 @@
 Contract (other tools parse it): with ``--json`` stdout is exactly one JSON object::
 
     {"n_images": N, "n_queries": Q, "encoder": "...", "captioner": "..." | null,
+     "scorer": "..." | null, "matcher": "..." | null, "pool": n, "rerank_depth": n,
      "weights": {...fused weights used...},
      "text_to_image": {"<mode>": {"R@1": %, "R@5": %, "R@10": %, "medr": rank}, ...},
      "image_to_text": {"R@1": %, "R@5": %, "R@10": %}}
@@ -38,6 +39,7 @@ from retrieval.native.data import read_captions
 TUNE_CAPTION = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 TUNE_KEYWORD = (0.0, 0.05, 0.1, 0.2, 0.3)
 TUNE_LIKELIHOOD = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+TUNE_MATCH = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
 def _link_images(images: Path, names: list[str], into: Path) -> None:
@@ -117,6 +119,7 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
             out = {"n_images": n, "n_queries": len(texts), "encoder": engine.encoder.info.name,
                    "captioner": engine.captioner.info.name if engine.captioner else None,
                    "scorer": ranker.scorer.info.name if ranker.scorer else None,
+                   "matcher": ranker.matcher.name if ranker.matcher else None,
                    "weights": weights.to_dict(), "pool": cfg.pool, "rerank_depth": cfg.rerank_depth,
                    "text_to_image": t2i, "image_to_text": i2t}
             if tune:
@@ -135,10 +138,11 @@ def _first_stage_ranks(pools: list[tuple[np.ndarray, dict]], owner_ids: np.ndarr
 def tune_weights(ranker: Ranker, q: np.ndarray, parsed: list, owner_ids: np.ndarray, pool: int, depth: int,
                  progress: bool = True) -> dict:
     """Grid search of the fused weights on these queries: first the caption and keyword weights
-    (image fixed at 1) by the mean of R@1, R@5 and R@10 without the likelihood signal; then, with
-    those, the likelihood weight. Returns every point tried and the best."""
+    (image fixed at 1) by the mean of R@1, R@5 and R@10 without the second-stage signals; then, with
+    those, the likelihood weight and (when the index has a match head) the match weight together.
+    Returns every point tried and the best."""
     n_images = len(ranker.vectors)
-    every = FusionWeights(1.0, 1.0, 1.0, 1.0)
+    every = FusionWeights(1.0, 1.0, 1.0, 1.0, 1.0)
     pools = [ranker.pool(q[j], parsed[j], every, None, pool)
              for j in tqdm(range(len(q)), desc="tuning: candidate pools", unit="query", disable=not progress)]
 
@@ -148,7 +152,7 @@ def tune_weights(ranker: Ranker, q: np.ndarray, parsed: list, owner_ids: np.ndar
 
     grid, best = [], None
     for wc, wk in itertools.product(TUNE_CAPTION, TUNE_KEYWORD):
-        w = FusionWeights(1.0, wc, wk, 0.0)
+        w = FusionWeights(1.0, wc, wk, 0.0, 0.0)
         rep, s = score(_first_stage_ranks(pools, owner_ids, w, n_images))
         grid.append({"caption": wc, "keyword": wk, **rep})
         if best is None or s > best[0]:
@@ -157,28 +161,31 @@ def tune_weights(ranker: Ranker, q: np.ndarray, parsed: list, owner_ids: np.ndar
     out = {"first_stage": grid, "best_first_stage": base.to_dict()}
     if ranker.scorer is None:
         return out
-    # likelihood of each query for its `depth` best first-stage candidates, computed once
-    firsts, tops, lls = [], [], []
-    for j in tqdm(range(len(q)), desc="tuning: likelihood", unit="query", disable=not progress):
+    # the second-stage signals of each query's `depth` best first-stage candidates, computed once
+    firsts, tops, seconds = [], [], []
+    for j in tqdm(range(len(q)), desc="tuning: likelihood and match", unit="query", disable=not progress):
         cand, sig = pools[j]
         fused = Ranker.first_stage(sig, base) if len(cand) else np.zeros(0)
         top = np.argsort(-fused, kind="stable")[:depth]
         firsts.append(fused)
         tops.append(top)
-        lls.append(ranker.likelihood(cand[top], parsed[j].positive_text))
-    sweep, best_l = [], None
-    for wl in TUNE_LIKELIHOOD:
+        seconds.append(ranker.rerank_signals(cand[top], parsed[j].positive_text))
+    match_grid = TUNE_MATCH if ranker.matcher is not None else (0.0,)
+    sweep, best_2 = [], None
+    for wl, wm in itertools.product(TUNE_LIKELIHOOD, match_grid):
         ranked = []
-        for (cand, sig), fused, top, ll in zip(pools, firsts, tops, lls):
-            final = (Ranker.add_likelihood(fused, top, ll, wl, Ranker.stage_total(sig, base))
-                     if wl and len(cand) else fused)
+        for (cand, sig), fused, top, second in zip(pools, firsts, tops, seconds):
+            final = fused
+            for name, weight in (("likelihood", wl), ("match", wm)):
+                if weight and name in second and len(cand):
+                    final = Ranker.add_likelihood(final, top, second[name], weight, Ranker.stage_total(sig, base))
             ranked.append(cand[np.argsort(-final, kind="stable")])
         rep, s = score(_ranks(ranked, owner_ids, n_images))
-        sweep.append({"likelihood": wl, **rep})
-        if best_l is None or s > best_l[0]:
-            best_l = (s, wl)
-    out["likelihood"] = sweep
-    out["best"] = {**base.to_dict(), "likelihood": best_l[1]}
+        sweep.append({"likelihood": wl, "match": wm, **rep})
+        if best_2 is None or s > best_2[0]:
+            best_2 = (s, wl, wm)
+    out["second_stage"] = sweep
+    out["best"] = {**base.to_dict(), "likelihood": best_2[1], "match": best_2[2]}
     return out
 
 

@@ -20,24 +20,27 @@ class FusionWeights:
 
     image: query vs image embedding; caption: query vs the embedding of the generated caption;
     keyword: BM25 of the query words in the generated caption; likelihood: how likely the caption
-    decoder finds the query as a caption of the image (re-scores the best candidates only).
+    decoder finds the query as a caption of the image; match: how well the match head finds the query
+    fits the image (these two re-score the best candidates only).
     Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune`` (docs/BENCHMARKS.md).
     """
 
     image: float = 1.0
     caption: float = 0.0
     keyword: float = 0.05
-    likelihood: float = 0.5
+    likelihood: float = 0.3
+    match: float = 0.1
 
     def __post_init__(self) -> None:
-        values = (self.image, self.caption, self.keyword, self.likelihood)
+        values = (self.image, self.caption, self.keyword, self.likelihood, self.match)
         if any(not (v >= 0) or v > 100 for v in values):  # `not >=` also catches NaN
             raise InputError(f"fusion weights must be between 0 and 100, got {self.to_dict()}")
         if not any(v > 0 for v in values[:3]):
             raise InputError("at least one of the image, caption and keyword weights must be above 0")
 
     def to_dict(self) -> dict[str, float]:
-        return {"image": self.image, "caption": self.caption, "keyword": self.keyword, "likelihood": self.likelihood}
+        return {"image": self.image, "caption": self.caption, "keyword": self.keyword, "likelihood": self.likelihood,
+                "match": self.match}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
     keyword     BM25 of the query words in the generated caption          (SQLite FTS5; for a pool of
                 candidates, indexer/pool_keywords.py with the index's term statistics)
     likelihood  log P(query | image) under the caption decoder            (memories.faiss)
+    match       the match head's logit for the query and the decoder memory (memories.faiss)
 
 Modes ``image``, ``caption`` and ``keyword`` rank by one signal. ``fused`` takes the union of
 the best ``pool`` candidates of each of the first three (the caption and keyword searches only when
@@ -14,7 +15,8 @@ and sums them with the query's weights (a normalised weighted sum beat reciproca
 Flickr8k dev; docs/MODELS.md). It then asks the caption decoder how likely it is to have written
 the query for each of the ``depth`` best candidates, and adds that log-probability (in nats, relative
 to the most likely candidate) with its own weight; candidates below ``depth`` count as the least
-likely of them.
+likely of them. The match head (captioning/matcher.py) rates the same candidates from the same
+stored memories, and its logit is added the same way, with its own weight.
 
 Excluded terms (``-people``) move the query vector away from them and drop every candidate whose
 caption mentions them (an FTS5 match over the candidates' captions); weighted terms (``grass^2``) add
@@ -83,9 +85,13 @@ def query_vector(parsed: ParsedQuery, embed: Callable[[list[str]], np.ndarray],
 class Ranker:
     """Ranks one index for one query at a time. ``scorer`` (optional) rates text against images."""
 
-    def __init__(self, store: Store, vectors: VectorBundle, scorer=None) -> None:  # noqa: ANN001 - NativeCaptioner
+    def __init__(self, store: Store, vectors: VectorBundle, scorer=None,  # noqa: ANN001 - NativeCaptioner
+                 matcher=None) -> None:  # noqa: ANN001 - captioning.matcher.Matcher
+        """``scorer`` and ``matcher`` read the stored memories, so both need them (the caller checks that
+        they are the scorer's, and that the matcher was trained on that scorer's memories)."""
         self.store, self.vectors = store, vectors
         self.scorer = scorer if vectors.memories is not None and len(vectors.memories) else None
+        self.matcher = matcher if self.scorer is not None else None
 
     # --- single signals ------------------------------------------------------------------------
     def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None) -> dict[int, float]:
@@ -137,12 +143,25 @@ class Ranker:
 
     def likelihood(self, ids: np.ndarray, text: str) -> np.ndarray:
         """log P(text | image) for ``ids`` (NaN where an image has no stored memory)."""
-        out = np.full(len(ids), np.nan)
-        if self.scorer is None or not len(ids):
+        found = self.rerank_signals(ids, text, likelihood=True, match=False)
+        return found.get("likelihood", np.full(len(ids), np.nan))
+
+    def rerank_signals(self, ids: np.ndarray, text: str, likelihood: bool = True,
+                       match: bool = True) -> dict[str, np.ndarray]:
+        """The second-stage signals asked for and available, from one read of the stored memories:
+        {"likelihood": log P(text | image), "match": the match head's logit}, each (len(ids),), NaN
+        where an image has no stored memory."""
+        wanted = [name for name, on, model in (("likelihood", likelihood, self.scorer), ("match", match, self.matcher))
+                  if on and model is not None]
+        out = {name: np.full(len(ids), np.nan) for name in wanted}
+        if not wanted or not len(ids):
             return out
         have, mem = self.vectors.memories.reconstruct_present(ids)  # (m, S * D_dec)
         if have.any():
-            out[have] = self.scorer.log_likelihood(mem, text)
+            if "likelihood" in out:
+                out["likelihood"][have] = self.scorer.log_likelihood(mem, text)
+            if "match" in out:
+                out["match"][have] = self.matcher.score(mem, text)
         return out
 
     # --- modes --------------------------------------------------------------------------------
@@ -219,7 +238,7 @@ class Ranker:
         likely candidate) to ``fused`` (n,) for the candidates ``top``; every other candidate (below
         the depth, or without a memory) counts as the least likely one. Raw log-probabilities, not
         z-scores: ten candidates are too few to estimate a spread, and a difference of one nat means
-        the same for every query."""
+        the same for every query. The match head's logits are added the same way."""
         if np.isnan(ll).all():
             return fused
         rel = ll - np.nanmax(ll)  # (len(top),) <= 0
@@ -233,11 +252,14 @@ class Ranker:
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
         fused = self.first_stage(signals, weights)
-        if parsed is not None and weights.likelihood > 0 and self.scorer is not None and depth > 0:
+        want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
+        if parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0:
             top = np.argsort(-fused, kind="stable")[:depth]
-            ll = np.full(len(cand), np.nan)
-            ll[top] = self.likelihood(cand[top], parsed.positive_text)
-            fused = self.add_likelihood(fused, top, ll[top], weights.likelihood, self.stage_total(signals, weights))
-            signals["likelihood"] = ll
+            second = self.rerank_signals(cand[top], parsed.positive_text, want_ll, want_match)
+            total = self.stage_total(signals, weights)
+            for name, values in second.items():  # both from the first stage's order, so neither depends on the other
+                fused = self.add_likelihood(fused, top, values, getattr(weights, name), total)
+                signals[name] = np.full(len(cand), np.nan)
+                signals[name][top] = values
         order = np.argsort(-fused, kind="stable")[:k]
         return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()})

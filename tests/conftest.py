@@ -198,3 +198,18 @@ def random_decoder(tok: WordTokenizer, seed: int, d_model: int = 32) -> CaptionD
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.5)
     return model.eval()
+
+
+@pytest.fixture
+def tiny_scorer_weights(tmp_path) -> Path:
+    """A native captioner file with a tiny random decoder (d_model 32), to rate text against images."""
+    from captioning.native import save_captioner
+
+    torch.manual_seed(0)
+    tok = WordTokenizer.build(["a dog runs", "a cat sits", "the dog sits on grass"], min_count=1)
+    model = CaptionDecoder(DecoderConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=12))
+    for p in model.parameters():  # sharper random logits, so images get clearly different likelihoods
+        torch.nn.init.normal_(p, std=0.5)
+    path = tmp_path / "scorer.pt"
+    save_captioner(model, tok, path, {"note": "tiny random scorer"})
+    return path

@@ -30,7 +30,7 @@ def test_eval_report_matches_contract_and_hand_count(tmp_path):
     images, caps = captioned_set(tmp_path)
     cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False, captioner=None)
     report = evaluate_retrieval(images, caps, cfg, encoder=TinyEncoder())
-    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "weights", "pool",
+    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "matcher", "weights", "pool",
                            "rerank_depth", "text_to_image", "image_to_text"}
     assert (report["n_images"], report["n_queries"], report["encoder"]) == (4, 9, "test:tiny")
     assert set(report["text_to_image"]) == {"image", "caption", "keyword", "fused"}
@@ -66,7 +66,7 @@ def test_eval_reports_caption_and_keyword_modes_from_generated_captions(tmp_path
     assert t2i["fused"]["R@1"] >= t2i["image"]["R@1"] - 0.01
     tuning = report["tuning"]
     assert len(tuning["first_stage"]) > 1 and set(tuning["best_first_stage"]) == {"image", "caption", "keyword",
-                                                                                "likelihood"}
+                                                                                "likelihood", "match"}
 
 
 def test_eval_cli_prints_exactly_one_json_object(tmp_path, capsys, monkeypatch):
@@ -105,8 +105,9 @@ def test_native_encoder_reaches_issue_figures_on_flickr8k_dev(tmp_path):
 @pytest.mark.data
 @pytest.mark.slow
 def test_fused_ranking_beats_image_mode_on_flickr8k_dev(tmp_path):
-    """The shipped models and default weights, as in docs/BENCHMARKS.md (measured: fused R@1 28.22 vs
-    image 22.66). The issue asks for +6; +5.5 is what was reached, so this guards against regressions."""
+    """The shipped models and default weights, as in docs/BENCHMARKS.md (measured: fused R@1 28.86 vs
+    image 22.66, +6.20; the issue asks for +6). Guarded a little below the measurement (+5.9), as a CPU
+    without bfloat16 units scores in float32 and can move a few of the 5,000 queries."""
     from conftest import FLICKR8K
 
     dev = set((FLICKR8K / "dev.txt").read_text().split())
@@ -115,8 +116,8 @@ def test_fused_ranking_beats_image_mode_on_flickr8k_dev(tmp_path):
     report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False),
                                 modes=("image", "fused"))
     image, fused = report["text_to_image"]["image"], report["text_to_image"]["fused"]
-    assert report["scorer"] is not None  # the likelihood signal took part
-    assert fused["R@1"] >= 28 and fused["R@1"] >= image["R@1"] + 5
+    assert report["scorer"] is not None and report["matcher"] is not None  # both second-stage signals took part
+    assert fused["R@1"] >= 28.5 and fused["R@1"] >= image["R@1"] + 5.9
     assert fused["R@5"] >= image["R@5"] and fused["R@10"] >= image["R@10"]
 
 

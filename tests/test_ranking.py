@@ -234,22 +234,6 @@ def test_scorer_memories_are_stored_carried_and_used(tmp_path, tiny_scorer_weigh
         assert len(vectors.memories) == 2 and set(vectors.memories.ids()) == set(vectors.images.ids())
 
 
-@pytest.fixture
-def tiny_scorer_weights(tmp_path) -> Path:
-    from captioning.model import CaptionDecoder, DecoderConfig
-    from captioning.native import save_captioner
-    from captioning.tokenizer import WordTokenizer
-
-    torch.manual_seed(0)
-    tok = WordTokenizer.build(["a dog runs", "a cat sits", "the dog sits on grass"], min_count=1)
-    model = CaptionDecoder(DecoderConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=12))
-    for p in model.parameters():  # sharper random logits, so images get clearly different likelihoods
-        torch.nn.init.normal_(p, std=0.5)
-    path = tmp_path / "scorer.pt"
-    save_captioner(model, tok, path, {"note": "tiny random scorer"})
-    return path
-
-
 def test_log_likelihood_batches_and_pads_like_single_texts(tiny_scorer_weights):
     from captioning.native import NativeCaptioner
 

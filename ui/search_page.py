@@ -40,7 +40,8 @@ PRESETS: dict[str, tuple[str, FusionWeights | None]] = {
     "Custom": ("fused", None),
 }
 WEIGHT_LABELS = {"image": "Looks like (image)", "caption": "Caption meaning", "keyword": "Caption words",
-                 "likelihood": "Captioner agrees (re-scores the best)"}
+                 "likelihood": "Captioner agrees (re-scores the best)",
+                 "match": "Match head agrees (re-scores the best)"}
 
 
 def _init_state() -> None:

@@ -9,6 +9,8 @@ See docs/MODELS.md for where the files live and the measured sanity checks.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +25,7 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 GRID_DIM = 1280  # channels of the 7x7 feature grid
 TEXT_DIM = 384
 TEXT_MAX_LENGTH = 64  # tokens; queries and captions are short (sentence-transformers allows 256)
+TOKEN_CACHE_SIZE = 64  # recent short texts whose token states are kept (a query's, for the match head)
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -126,6 +129,8 @@ class TextTower(nn.Module):
             raise ModelLoadError(f"could not load MiniLM from {path}: {exc}") from exc
         self.tokenizer.enable_truncation(max_length=TEXT_MAX_LENGTH)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> token ids (B, T) and attention mask (B, T), with [CLS]/[SEP] as BERT expects."""
@@ -134,9 +139,32 @@ class TextTower(nn.Module):
         mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long, device=device)
         return ids, mask
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
+    def token_states(self, texts: list[str], cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> last-layer token states (B, T, 384) and attention mask (B, T).
+
+        With ``cache``, a call of at most 8 texts keeps each one's states, and a single text seen
+        recently is not run again: a search embeds its query, then the match head reads the same states.
+        """
+        if cache and len(texts) == 1:
+            with self._cache_lock:
+                hit = self._cache.get(texts[0])
+                if hit is not None:
+                    self._cache.move_to_end(texts[0])
+                    return hit
         device = self.bert.embeddings.word_embeddings.weight.device
         ids, mask = self.tokenize(texts, device)
         hidden = self.bert(ids, mask)  # (B, T, 384)
+        if cache and len(texts) <= 8:
+            with self._cache_lock:
+                for i, text in enumerate(texts):
+                    n = int(mask[i].sum())
+                    self._cache[text] = (hidden[i:i + 1, :n], mask[i:i + 1, :n])
+                    self._cache.move_to_end(text)
+                while len(self._cache) > TOKEN_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return hidden, mask
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        hidden, mask = self.token_states(texts)
         m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, 384)

@@ -1,0 +1,197 @@
+"""The match head: its model, weight files, the text tower's token states, its place in fused ranking,
+and `pixquery train matcher` on a tiny Flickr8k-shaped folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.matcher import MAX_TOKENS, Matcher, MatcherConfig, MatchHead, load_matcher, save_matcher
+from indexer.config import EngineConfig
+from indexer.engine import Engine
+from indexer.query import FusionWeights
+from retrieval.errors import ModelLoadError
+
+SAMPLES = Path(__file__).resolve().parents[1] / "indexer" / "sample_photos"
+TINY = MatcherConfig(memory_dim=32, memory_len=49, d_model=16, n_layers=1, n_heads=2, dropout=0.0)
+
+
+def _random_head(seed: int = 0, cfg: MatcherConfig = TINY) -> MatchHead:
+    torch.manual_seed(seed)
+    head = MatchHead(cfg)
+    for p in head.parameters():  # spread the logits, so images get clearly different scores
+        torch.nn.init.normal_(p, std=0.5)
+    return head.eval()
+
+
+def test_padding_tokens_do_not_change_the_logit():
+    head = _random_head()
+    g = torch.Generator().manual_seed(1)
+    tokens, memory = torch.randn(3, 5, 384, generator=g), torch.randn(3, 49, 32, generator=g)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    padded = torch.cat([tokens, 100 * torch.randn(3, 4, 384, generator=g)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        plain, with_pads = head(tokens, mask, memory), head(padded, padded_mask, memory)
+    assert plain.shape == (3,)
+    torch.testing.assert_close(plain, with_pads)
+    assert len(set(np.round(plain.numpy(), 4))) == 3  # the logits differ between images
+
+
+def test_weights_roundtrip_in_fp16_and_bad_files_are_refused(tmp_path):
+    head = _random_head()
+    path = tmp_path / "m.pt"
+    save_matcher(head, path, {"scorer_sha256": "abc"})
+    loaded, meta, sha = load_matcher(path)
+    assert meta == {"scorer_sha256": "abc"} and sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    for name, value in head.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value.half().float())
+    assert torch.load(path, map_location="cpu", weights_only=True)["format"] == "pixquery-native-matcher/1"
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="could not load the match head"):
+        load_matcher(tmp_path / "junk.pt")
+    with pytest.raises(ModelLoadError, match="do not exist"):
+        Matcher(str(tmp_path / "missing.pt"))
+    with pytest.raises(ModelLoadError, match="unknown match head"):
+        Matcher("no-such-head")
+
+
+def test_text_tower_token_states_pool_to_its_embedding_and_are_cached():
+    from retrieval.native.towers import TOKEN_CACHE_SIZE, TextTower
+
+    tower = TextTower().eval()
+    with torch.inference_mode():
+        states, mask = tower.token_states(["a dog runs on the grass", "snow"])
+        pooled = tower(["a dog runs on the grass", "snow"])
+        first = tower.token_states(["a dog runs on the grass"])  # kept from the batch call above
+        again = tower.token_states(["a dog runs on the grass"])
+    manual = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(pooled, manual)
+    assert again[0] is first[0] and first[0].shape[1] == int(mask[0].sum())
+    torch.testing.assert_close(first[0][0], states[0, :first[0].shape[1]], atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        for i in range(TOKEN_CACHE_SIZE + 5):
+            tower.token_states([f"query {i}"])
+        tower.token_states([f"text {i}" for i in range(9)])  # a batch of more than 8 is not kept
+    assert len(tower._cache) == TOKEN_CACHE_SIZE and "text 0" not in tower._cache
+
+
+def test_matcher_scores_memories_as_its_head_does(tmp_path):
+    head = _random_head()
+    save_matcher(head, tmp_path / "m.pt", {"scorer_sha256": "abc"})
+    matcher = Matcher(str(tmp_path / "m.pt"))
+    mem = np.random.default_rng(0).standard_normal((4, 49 * 32)).astype(np.float32)
+    scores = matcher.score(mem, "a dog runs")
+    tokens, mask = matcher.text_tower.token_states(["a dog runs"])
+    loaded, _, _ = load_matcher(tmp_path / "m.pt")
+    with torch.no_grad():
+        manual = loaded(tokens.expand(4, -1, -1), mask.bool().expand(4, -1), torch.from_numpy(mem).view(4, 49, 32))
+    np.testing.assert_allclose(scores, manual.numpy(), rtol=1e-5, atol=1e-5)
+    assert matcher.scorer_sha256 == "abc" and matcher.memory_dim == 49 * 32
+    assert matcher.score(np.zeros((0, 49 * 32), np.float32), "a dog").shape == (0,)
+    with pytest.raises(ValueError, match="width"):
+        matcher.score(mem[:, :100], "a dog")
+    long_query = " ".join(["dog"] * 100)  # more tokens than the head reads: cut, not an error
+    assert np.isfinite(matcher.score(mem, long_query)).all() and MAX_TOKENS < 100
+
+
+# --- in fused ranking -------------------------------------------------------------------------------
+@pytest.fixture
+def scorer_and_matcher(tmp_path, tiny_scorer_weights) -> tuple[Path, Path]:
+    """A tiny random scorer (d_model 32) and a random match head that records that scorer's sha256."""
+    matcher = tmp_path / "matcher.pt"
+    sha = hashlib.sha256(tiny_scorer_weights.read_bytes()).hexdigest()
+    save_matcher(_random_head(), matcher, {"scorer_sha256": sha})
+    return tiny_scorer_weights, matcher
+
+
+def _photos(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    root.mkdir()
+    for n in ("cat_tabby_chelsea_01.jpg", "surfer_on_wave_01.jpg", "woman_with_dog_on_grass_01.jpg",
+              "people_playing_soccer_01.jpg"):
+        shutil.copy(SAMPLES / n, root / n)
+    return root
+
+
+def test_fused_search_adds_the_match_signal_beside_its_scorer(tmp_path, scorer_and_matcher):
+    from retrieval.factory import DEFAULT_ENCODER, create_encoder
+
+    scorer, matcher = scorer_and_matcher
+    cfg = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None, scorer=f"native:{scorer}",
+                       matcher=f"native:{matcher}")
+    with Engine(cfg, encoder=create_encoder(DEFAULT_ENCODER)) as engine:
+        engine.index(_photos(tmp_path))
+        hits = engine.search("a dog runs", k=4, mode="fused", weights=FusionWeights(0.01, 0, 0, 0, 100))
+        assert all("match" in h.scores and "likelihood" not in h.scores for h in hits)
+        # with a large match weight the order follows the match head, and its values are the head's own
+        assert [h.scores["match"] for h in hits] == sorted((h.scores["match"] for h in hits), reverse=True)
+        ranker = engine.ranker()
+        direct = ranker.matcher.score(ranker.vectors.memories.reconstruct(np.array([h.id for h in hits])),
+                                      "a dog runs")
+        np.testing.assert_allclose([h.scores["match"] for h in hits], direct, rtol=1e-5, atol=1e-5)
+        both = engine.search("a dog runs", k=4, mode="fused", weights=FusionWeights(1, 0, 0, 0.5, 0.5))
+        assert all({"likelihood", "match"} <= set(h.scores) for h in both)
+        off = engine.search("a dog runs", k=4, mode="fused", weights=FusionWeights(1, 0, 0, 0.5, 0))
+        assert all("match" not in h.scores for h in off)
+
+
+def test_a_match_head_of_another_scorer_is_left_out_with_a_warning(tmp_path, scorer_and_matcher, caplog):
+    from retrieval.factory import DEFAULT_ENCODER, create_encoder
+
+    scorer, _ = scorer_and_matcher
+    other = tmp_path / "other.pt"
+    save_matcher(_random_head(), other, {"scorer_sha256": "0" * 64})
+    cfg = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None, scorer=f"native:{scorer}",
+                       matcher=f"native:{other}")
+    with Engine(cfg, encoder=create_encoder(DEFAULT_ENCODER)) as engine, caplog.at_level(logging.WARNING):
+        engine.index(_photos(tmp_path))
+        hits = engine.search("a dog runs", k=2, mode="fused")
+    assert hits and all("match" not in h.scores and "likelihood" in h.scores for h in hits)
+    assert "trained on the memories of another scorer" in caplog.text
+
+
+# --- training -------------------------------------------------------------------------------------
+def _tiny_flickr(tmp_path: Path) -> Path:
+    """A Flickr8k-shaped folder of bundled sample photos with made-up captions: 6 train, 3 dev images."""
+    root = tmp_path / "flickr"
+    (root / "images").mkdir(parents=True)
+    photos = sorted(p.name for p in SAMPLES.glob("*.jpg"))[:9]
+    lines = []
+    for name in photos:
+        shutil.copy(SAMPLES / name, root / "images" / name)
+        words = name.rsplit("_", 1)[0].replace("_", " ")
+        lines += [f"{name}\ta photo of {words}", f"{name}\t{words}", f"{name}\tthere is a {words} here"]
+    (root / "captions.tsv").write_text("\n".join(lines) + "\n")
+    (root / "train.txt").write_text("\n".join(photos[:6]) + "\n")
+    (root / "dev.txt").write_text("\n".join(photos[6:]) + "\n")
+    return root
+
+
+def test_train_matcher_cli_writes_a_head_for_the_shipped_scorer(tmp_path, capsys):
+    from captioning.native import WEIGHTS_DIR
+    from indexer.cli import main
+
+    out = tmp_path / "m.pt"
+    args = ["train", "matcher", "--data", str(_tiny_flickr(tmp_path)), "--out", str(out), "--steps", "3",
+            "--batch-size", "4", "--negatives", "3", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    head, meta, _ = load_matcher(out)
+    shipped_scorer = hashlib.sha256((WEIGHTS_DIR / "effl0-sat-v1.pt").read_bytes()).hexdigest()
+    assert meta["scorer_sha256"] == shipped_scorer and head.cfg.memory_dim == 384
+    log = json.loads(out.with_suffix(".json").read_text())
+    assert [h["step"] for h in log["history"]] == [3] and np.isfinite(log["history"][0]["loss"])
+    assert 0 <= log["dev"]["own_first_pct"] <= 100 and log["dev"]["own_first_of"] == 3
+    # bad input: a clear message and exit code, nothing written
+    assert main([*args[:5], str(tmp_path / "m2.pt"), "--negatives", "9", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "only 6 images" in capsys.readouterr().err and not (tmp_path / "m2.pt").exists()
+    assert main(["train", "matcher", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m3.pt")]) == 2
+    assert "Flickr8k" in capsys.readouterr().err
