@@ -140,6 +140,7 @@ class Matcher:
         self.name = f"native:{name if path.parent == WEIGHTS_DIR else path.resolve()}"
         self.scorer_sha256: str | None = self.meta.get("scorer_sha256")
         self._text_tower = text_tower
+        self._prepared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def text_tower(self):  # noqa: ANN201 - TextTower
@@ -154,6 +155,22 @@ class Matcher:
         return self.head.cfg.memory_len * self.head.cfg.memory_dim
 
     @torch.inference_mode()
+    def prepare(self, texts: Sequence[str], batch: int = 256) -> None:
+        """Compute the token states of many texts at once (an evaluation's queries), in batches, for
+        later :meth:`score` calls; replaces what an earlier call prepared."""
+        self._prepared = {}
+        for start in range(0, len(texts), batch):
+            chunk = list(texts[start:start + batch])
+            states, mask = self.text_tower.token_states(chunk, cache=False)
+            for i, text in enumerate(chunk):
+                n = min(int(mask[i].sum()), MAX_TOKENS)
+                self._prepared[text] = (states[i:i + 1, :n].clone(), mask[i:i + 1, :n].clone())
+
+    def _token_states(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self._prepared.get(text)
+        return found if found is not None else self.text_tower.token_states([text])
+
+    @torch.inference_mode()
     def score(self, memory: np.ndarray, text: str) -> np.ndarray:
         """Match logits of ``text`` against N images' flat memories (N, S * D) -> (N,); higher fits better."""
         n = len(memory)
@@ -161,7 +178,7 @@ class Matcher:
             return np.zeros(0, dtype=np.float32)
         if memory.shape[1] != self.memory_dim:
             raise ValueError(f"memories of width {memory.shape[1]}, the match head reads {self.memory_dim}")
-        tokens, mask = self.text_tower.token_states([text])
+        tokens, mask = self._token_states(text)
         tokens, mask = tokens[:, :MAX_TOKENS], mask[:, :MAX_TOKENS].bool()
         cfg = self.head.cfg
         mem = torch.as_tensor(np.asarray(memory, dtype=np.float32), device=self.device)

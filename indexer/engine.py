@@ -154,13 +154,13 @@ class Engine:
     def matcher(self):  # noqa: ANN201 - captioning.matcher.Matcher | None
         """The match head beside the scorer (None: off, no scorer, or trained on another scorer's memories)."""
         if not self._matcher_checked and self.config.matcher and self.scorer is not None:
-            self._matcher_checked = True
             from captioning.matcher import Matcher
             from retrieval.device import resolve_device
 
-            matcher = Matcher(self.config.matcher, device=resolve_device(self.config.device),
+            matcher = Matcher(self.config.matcher, device=resolve_device(self.config.device),  # may raise: exit 4
                               text_tower=getattr(self.encoder, "text_tower", None)
                               if self.encoder.info.name.startswith("native:") else None)
+            self._matcher_checked = True
             scorer_sha = self.scorer.info.weights_sha256
             if matcher.scorer_sha256 != scorer_sha or matcher.memory_dim != int(np.prod(self.scorer.memory_shape)):
                 log.warning("the match head %s was trained on the memories of another scorer than %s; "

@@ -102,6 +102,8 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
             cache = dict(zip(needed, embedded))
             q = np.stack([query_vector(p, lambda ts: np.stack([cache[t] for t in ts])) for p in parsed])  # (Q, D)
             ranker = engine.ranker()
+            if ranker.matcher is not None and ("fused" in modes or tune):  # token states in batches, not one by one
+                ranker.matcher.prepare(list(dict.fromkeys(p.positive_text for p in parsed)), query_batch)
             n = len(names)
             t2i = {}
             for mode in modes:

@@ -89,25 +89,11 @@ def test_eval_refuses_missing_images(tmp_path):
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_native_encoder_reaches_issue_figures_on_flickr8k_dev(tmp_path):
-    from conftest import FLICKR8K
-
-    dev = set((FLICKR8K / "dev.txt").read_text().split())
-    lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]
-    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
-    cfg = EngineConfig(progress=False, captioner=None)  # image mode needs no captions
-    report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", cfg, modes=("image",))
-    r = report["text_to_image"]["image"]
-    assert (report["n_images"], report["n_queries"]) == (1000, 5000)
-    assert r["R@1"] >= 21 and r["R@5"] >= 49 and r["R@10"] >= 63
-
-
-@pytest.mark.data
-@pytest.mark.slow
-def test_fused_ranking_beats_image_mode_on_flickr8k_dev(tmp_path):
-    """The shipped models and default weights, as in docs/BENCHMARKS.md (measured: fused R@1 28.86 vs
-    image 22.66, +6.20; the issue asks for +6). Guarded a little below the measurement (+5.9), as a CPU
-    without bfloat16 units scores in float32 and can move a few of the 5,000 queries."""
+def test_shipped_models_reach_issue_figures_on_flickr8k_dev(tmp_path):
+    """The shipped models and default weights, as in docs/BENCHMARKS.md. Ranking issue: fused R@1
+    28.86 vs image 22.66 (+6.20; it asks for +6), guarded a little below the measurement (+5.9), as a
+    CPU without bfloat16 units scores in float32 and can move a few of the 5,000 queries. Encoder
+    issue: the image mode (which captions do not touch) reaches R@1/5/10 of 21, 49 and 63."""
     from conftest import FLICKR8K
 
     dev = set((FLICKR8K / "dev.txt").read_text().split())
@@ -116,6 +102,8 @@ def test_fused_ranking_beats_image_mode_on_flickr8k_dev(tmp_path):
     report = evaluate_retrieval(FLICKR8K / "images", tmp_path / "dev.tsv", EngineConfig(progress=False),
                                 modes=("image", "fused"))
     image, fused = report["text_to_image"]["image"], report["text_to_image"]["fused"]
+    assert (report["n_images"], report["n_queries"]) == (1000, 5000)
+    assert image["R@1"] >= 21 and image["R@5"] >= 49 and image["R@10"] >= 63
     assert report["scorer"] is not None and report["matcher"] is not None  # both second-stage signals took part
     assert fused["R@1"] >= 28.5 and fused["R@1"] >= image["R@1"] + 5.9
     assert fused["R@5"] >= image["R@5"] and fused["R@10"] >= image["R@10"]

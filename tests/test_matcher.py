@@ -100,6 +100,12 @@ def test_matcher_scores_memories_as_its_head_does(tmp_path):
         matcher.score(mem[:, :100], "a dog")
     long_query = " ".join(["dog"] * 100)  # more tokens than the head reads: cut, not an error
     assert np.isfinite(matcher.score(mem, long_query)).all() and MAX_TOKENS < 100
+    # token states prepared in a padded batch (an evaluation's queries) score as one text alone does
+    alone = [matcher.score(mem, t) for t in ("a dog runs", long_query, "snow")]
+    matcher.prepare(["a dog runs", long_query, "snow"], batch=2)
+    assert set(matcher._prepared) == {"a dog runs", long_query, "snow"}
+    for text, expected in zip(("a dog runs", long_query, "snow"), alone):
+        np.testing.assert_allclose(matcher.score(mem, text), expected, rtol=1e-4, atol=1e-4)
 
 
 # --- in fused ranking -------------------------------------------------------------------------------
@@ -156,6 +162,12 @@ def test_a_match_head_of_another_scorer_is_left_out_with_a_warning(tmp_path, sco
         hits = engine.search("a dog runs", k=2, mode="fused")
     assert hits and all("match" not in h.scores and "likelihood" in h.scores for h in hits)
     assert "trained on the memories of another scorer" in caplog.text
+    # a match head that cannot be loaded is a model error (the CLI's exit 4), not a silent fallback
+    missing = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None, scorer=f"native:{scorer}",
+                           matcher=str(tmp_path / "missing.pt"))
+    with Engine(missing, encoder=create_encoder(DEFAULT_ENCODER)) as engine:
+        with pytest.raises(ModelLoadError, match="do not exist"):
+            engine.search("a dog runs", k=2, mode="fused")
 
 
 # --- training -------------------------------------------------------------------------------------
