@@ -108,6 +108,20 @@ def test_matcher_scores_memories_as_its_head_does(tmp_path):
         np.testing.assert_allclose(matcher.score(mem, text), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_shipped_match_head_belongs_to_the_shipped_scorer():
+    from captioning.matcher import DEFAULT_MATCHER, WEIGHTS_DIR
+    from captioning.native import NativeCaptioner
+    from indexer.config import DEFAULT_MATCHER as ENGINE_MATCHER, DEFAULT_SCORER
+
+    assert ENGINE_MATCHER == f"native:{DEFAULT_MATCHER}"
+    path = WEIGHTS_DIR / f"{DEFAULT_MATCHER}.pt"
+    assert path.stat().st_size < 5_000_000
+    matcher, scorer = Matcher(DEFAULT_MATCHER), NativeCaptioner(DEFAULT_SCORER.removeprefix("native:"))
+    # without this the Engine would leave the head out of every search (with a warning)
+    assert matcher.scorer_sha256 == scorer.info.weights_sha256
+    assert matcher.memory_dim == int(np.prod(scorer.memory_shape))
+
+
 # --- in fused ranking -------------------------------------------------------------------------------
 @pytest.fixture
 def scorer_and_matcher(tmp_path, tiny_scorer_weights) -> tuple[Path, Path]:
