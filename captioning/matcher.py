@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from retrieval.errors import ModelLoadError
+from retrieval.native.towers import TEXT_DIM
 from retrieval.weights import resolve_weights, save_payload
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MATCHER = "effl0-match-v1"
 FORMAT = "pixquery-native-matcher/1"
-TEXT_DIM = 384  # MiniLM-L6 hidden size
 MAX_TOKENS = 32  # query tokens read (with [CLS] and [SEP]); queries are short
 
 
@@ -186,13 +186,18 @@ class Matcher:
         return self.head(tokens.expand(n, -1, -1), mask.expand(n, -1), mem).float().cpu().numpy()
 
 
-def text_token_states(tower, texts: Sequence[str], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """MiniLM token states of many texts for training: (N, MAX_TOKENS, 384) float16 and (N, MAX_TOKENS) bool."""
+def text_token_states(tower, texts: Sequence[str],  # noqa: ANN001 - TextTower
+                      batch: int = 256) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """MiniLM states of many texts for training, from one pass of the tower: token states
+    (N, MAX_TOKENS, 384) float16, their mask (N, MAX_TOKENS) bool, and the mean-pooled states of all
+    tokens (N, 384), as the tower's forward gives them."""
     states = np.zeros((len(texts), MAX_TOKENS, TEXT_DIM), dtype=np.float16)
     masks = np.zeros((len(texts), MAX_TOKENS), dtype=bool)
+    pooled = []
     for start in range(0, len(texts), batch):
         h, m = tower.token_states(list(texts[start:start + batch]), cache=False)
         t = min(h.shape[1], MAX_TOKENS)
         states[start:start + len(h), :t] = h[:, :t].float().cpu().numpy()
         masks[start:start + len(h), :t] = m[:, :t].bool().cpu().numpy()
-    return states, masks
+        pooled.append(tower.pool(h, m))
+    return states, masks, torch.cat(pooled) if pooled else torch.zeros(0, TEXT_DIM)

@@ -157,9 +157,9 @@ class Engine:
             from captioning.matcher import Matcher
             from retrieval.device import resolve_device
 
+            # a scorer implies the native encoder (see scorer), whose text tower and its cache are shared
             matcher = Matcher(self.config.matcher, device=resolve_device(self.config.device),  # may raise: exit 4
-                              text_tower=getattr(self.encoder, "text_tower", None)
-                              if self.encoder.info.name.startswith("native:") else None)
+                              text_tower=getattr(self.encoder, "text_tower", None))
             self._matcher_checked = True
             scorer_sha = self.scorer.info.weights_sha256
             if matcher.scorer_sha256 != scorer_sha or matcher.memory_dim != int(np.prod(self.scorer.memory_shape)):

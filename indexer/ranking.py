@@ -141,11 +141,6 @@ class Ranker:
         phrases = [p for p in (fts_phrase(t, drop_stopwords=False) for t in parsed.negative) if p]
         return texts.matching(" OR ".join(phrases)) if phrases else set()
 
-    def likelihood(self, ids: np.ndarray, text: str) -> np.ndarray:
-        """log P(text | image) for ``ids`` (NaN where an image has no stored memory)."""
-        found = self.rerank_signals(ids, text, likelihood=True, match=False)
-        return found.get("likelihood", np.full(len(ids), np.nan))
-
     def rerank_signals(self, ids: np.ndarray, text: str, likelihood: bool = True,
                        match: bool = True) -> dict[str, np.ndarray]:
         """The second-stage signals asked for and available, from one read of the stored memories:

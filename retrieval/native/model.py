@@ -160,4 +160,10 @@ class NativeEncoder(JointEncoder):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return l2_normalize(self.heads.embed_text(self.text_tower(list(texts))))
+        return self.encode_text_features(self.text_tower(list(texts)))
+
+    @torch.inference_mode()
+    def encode_text_features(self, pooled: torch.Tensor) -> np.ndarray:
+        """(B, 384) mean-pooled text-tower states -> (B, dim) embeddings (what encode_texts does after
+        the tower, for callers that already ran it)."""
+        return l2_normalize(self.heads.embed_text(pooled))

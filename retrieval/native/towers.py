@@ -164,7 +164,11 @@ class TextTower(nn.Module):
                     self._cache.popitem(last=False)
         return hidden, mask
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        hidden, mask = self.token_states(texts)
+    @staticmethod
+    def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states (B, T, 384) and mask (B, T) -> their mean over the real tokens (B, 384)."""
         m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, 384)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        return self.pool(*self.token_states(texts))  # (B, 384)
