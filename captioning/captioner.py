@@ -1,19 +1,20 @@
-"""The one interface every captioner implements, and ``create_captioner`` that builds one by name.
+"""The interfaces every captioner implements (``create_captioner`` in ``captioning/factory.py`` builds one).
 
-Names:
-* ``native:<weights>``: pixquery's own attention decoder over the native image tower's grid
-  (``native:effl0-sat-v1`` shipped, or a path to a file written by ``pixquery train captioner``).
-* ``hf:<model id or local folder>``: a Hugging Face image-to-text model (BLIP, GIT, VisionEncoderDecoder).
-* ``openclip:coca_<arch>/<pretrained tag or checkpoint path>``: an open_clip CoCa model.
+* :class:`Captioner`: pixels -> captions (every family);
+* :class:`GridCaptioner`: captions from an image tower's grid, so indexing runs the tower once for the
+  embedding and the caption (native captioners beside the native encoder);
+* :class:`TextScorer`: rates a text against images from a per-image decoder memory stored at indexing
+  time (the ``likelihood`` signal of fused ranking; native captioners).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,13 +38,27 @@ class CaptionerInfo:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How captions are decoded (applies to every captioner that can honour it)."""
+    """How captions are decoded (applies to every captioner that can honour it); checked when made."""
 
     beam_size: int = 3
     max_len: int = 20  # words
     length_penalty: float = 1.0
     no_repeat_ngram_size: int | None = None  # 0: off; None: the captioner's own (2 for native, docs/BENCHMARKS.md)
     complete_endings: bool = True  # native captioners never end on a function word ("... through the")
+
+    MAX_BEAM = 20
+    MAX_WORDS = 100
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= self.MAX_BEAM:
+            raise InputError(f"the beam size must be a whole number from 1 to {self.MAX_BEAM}, got {self.beam_size}")
+        if not isinstance(self.max_len, int) or not 1 <= self.max_len <= self.MAX_WORDS:
+            raise InputError(f"the longest caption must be 1 to {self.MAX_WORDS} words, got {self.max_len}")
+        if not math.isfinite(self.length_penalty):
+            raise InputError(f"the length penalty must be a finite number, got {self.length_penalty}")
+        if self.no_repeat_ngram_size is not None and (
+                not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0):
+            raise InputError(f"the no-repeat n-gram size must be 0 (off) or more, got {self.no_repeat_ngram_size}")
 
 
 class Captioner(ABC):
@@ -68,27 +83,32 @@ class Captioner(ABC):
         return self.caption_pixels(torch.stack([self.preprocess(im) for im in images]), options)
 
 
-def create_captioner(
-    name: str,
-    device: torch.device | None = None,
-    cache_dir: str | Path | None = None,
-    offline: bool = False,
-) -> Captioner:
-    """Build the captioner called ``name`` on ``device`` (already resolved; CPU when None)."""
-    kind, sep, spec = (name or "").partition(":")
-    if not sep or not spec:
-        raise InputError(f"captioner name {name!r} must look like 'native:<weights>', 'hf:<model>' or 'openclip:coca_*'")
-    device = device or torch.device("cpu")
-    if kind == "native":
-        from captioning.native import NativeCaptioner
+class GridCaptioner(Captioner):
+    """A captioner that reads an image tower's grid (see :class:`retrieval.encoder.GridEncoder`)."""
 
-        return NativeCaptioner(spec, device=device)
-    if kind == "hf":
-        from captioning.hf_captioner import HFCaptioner
+    @abstractmethod
+    def caption_grid(self, grid: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
+        """(B, C, h, w) grid features -> B captions."""
 
-        return HFCaptioner.from_spec(spec, device=device, cache_dir=cache_dir, offline=offline)
-    if kind == "openclip":
-        from captioning.coca_captioner import CocaCaptioner
 
-        return CocaCaptioner.from_spec(spec, device=device, cache_dir=cache_dir, offline=offline)
-    raise InputError(f"unknown captioner family {kind!r} in {name!r}: use native:, hf: or openclip:")
+class TextScorer(ABC):
+    """Rates how likely a text is as a caption of images, from their stored decoder memories.
+
+    :meth:`memory` runs at indexing time on the image tower's grid; :meth:`log_likelihood` runs at
+    search time on stored memories, without the images.
+    """
+
+    info: CaptionerInfo
+
+    @property
+    @abstractmethod
+    def memory_shape(self) -> tuple[int, int]:
+        """(S, D): what is stored per image (flattened to S * D floats)."""
+
+    @abstractmethod
+    def memory(self, grid: torch.Tensor) -> np.ndarray:
+        """(B, C, h, w) grid -> (B, S * D) float32 memories."""
+
+    @abstractmethod
+    def log_likelihood(self, memory: np.ndarray, texts: str | Sequence[str]) -> np.ndarray:
+        """log P(text | image) for N images given their (N, S * D) memories -> (N,)."""

@@ -32,7 +32,7 @@ from PIL import Image
 
 from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
 from captioning.decoding import beam_search
-from captioning.hf_captioner import TOKEN_SLACK, check_decode_options
+from captioning.hf_captioner import TOKEN_SLACK
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.openclip_encoder import load_open_clip, parse_spec
 
@@ -156,7 +156,6 @@ class CocaCaptioner(Captioner):
     def caption_pixels(self, pixels: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
         """(B, 3, H, W) -> B captions, at most ``max_len`` + :data:`TOKEN_SLACK` BPE tokens each
         (capped by the model's context length)."""
-        check_decode_options(options)
         if pixels.shape[0] == 0:
             return []
         max_tokens = min(options.max_len + TOKEN_SLACK, self._stepper.cfg.max_len - 1)

@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
+from captioning.captioner import CaptionerInfo, DecodeOptions, GridCaptioner, TextScorer
 from captioning.decoding import beam_search
 from captioning.ensemble import DecoderEnsemble
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.tokenizer import DANGLING_WORDS, WordTokenizer, clean_words
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.images import to_tensor
-from retrieval.weights import resolve_weights, save_payload
+from retrieval.shipped import is_shipped, resolve_weights
+from retrieval.weights import save_payload
 from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_CAPTIONER = "effl0-sat-v4"
+DEFAULT_CAPTIONER = "effl0-sat-v4"  # retrieval/shipped.py
 FORMAT = "pixquery-native-captioner/1"
 
 
@@ -72,7 +72,7 @@ class Member(NamedTuple):
 def parse_ensemble_spec(spec: str) -> list[tuple[str, float]]:
     """``spec`` -> [(weights name or path, weight)]: one member, or several joined by ``+``, each
     optionally ``@<weight>`` (default 1; weights are normalised to sum 1), e.g.
-    ``effl0-sat-v3@0.6+effl0-sat-v1@0.4``. A spec that names an existing file is that one file."""
+    ``effl0-sat-v4@0.6+effl0-sat-v1@0.4``. A spec that names an existing file is that one file."""
     if Path(spec).expanduser().is_file():
         return [(spec, 1.0)]
     out = []
@@ -97,9 +97,9 @@ def load_members(spec: str) -> list[Member]:
     """Load every decoder that ``spec`` names (see :func:`parse_ensemble_spec`), in order."""
     members = []
     for part, weight in parse_ensemble_spec(spec):
-        path = resolve_weights(part, WEIGHTS_DIR, "native captioner", "pixquery train captioner")
+        path = resolve_weights(part, "captioner")
         model, tok, _, sha = load_captioner(path)
-        name = part if path.parent == WEIGHTS_DIR else str(path.resolve())
+        name = is_shipped(path) or str(path.resolve())
         members.append(Member(name, weight, model, tok, sha))
     return members
 
@@ -123,7 +123,7 @@ def decode_captions(model: CaptionDecoder, tok: WordTokenizer, grid: torch.Tenso
     return [tok.decode(s) for s in seqs]
 
 
-class NativeCaptioner(Captioner):
+class NativeCaptioner(GridCaptioner, TextScorer):
     """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v4``, the default)."""
 
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,

@@ -7,17 +7,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioning.captioner import DecodeOptions
-from retrieval.factory import DEFAULT_ENCODER
+from indexer.storage.store import sqlite_path
+from indexer.storage.vectors import INDEX_TYPES
+from retrieval.errors import InputError
+from retrieval.shipped import DEFAULTS
 
-DEFAULT_CAPTIONER: str | None = "native:effl0-sat-v4"  # "none" in PIXQUERY_CAPTIONER or --captioner switches it off
-# The caption decoder that rates query text against images (the ``likelihood`` signal of fused
-# ranking). It is a native captioner trained with cross-entropy, whatever writes the captions.
-DEFAULT_SCORER: str | None = "native:effl0-sat-v1"
-# The match head that reads the scorer's memories (the ``match`` signal); trained on that scorer's
-# memories, so it is used only beside it.
-DEFAULT_MATCHER: str | None = "native:effl0-match-v1"
+# The defaults come from the registry of shipped weights (retrieval/shipped.py): the captioner writes
+# the captions ("none" in PIXQUERY_CAPTIONER or --captioner switches it off); the scorer is the caption
+# decoder that rates query text against images (the ``likelihood`` signal of fused ranking), a native
+# captioner trained with cross-entropy whatever writes the captions; the match head reads the scorer's
+# memories (the ``match`` signal), so it is used only beside the scorer it was trained on.
 
 ENV_DB = "PIXQUERY_DB"  # index folder
+ENV_DB_URL = "PIXQUERY_DB_URL"  # the metadata database, when it is not the index folder's SQLite file
 ENV_ENCODER = "PIXQUERY_ENCODER"
 ENV_DEVICE = "PIXQUERY_DEVICE"
 ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
@@ -50,12 +52,15 @@ def _model_from_env(var: str, default: str | None) -> str | None:
 class EngineConfig:
     index_dir: Path = field(default_factory=default_index_dir)
     encoder: str | None = None  # None: the index's own encoder, or the default for a new index
+    # any SQLAlchemy URL for the metadata (None: SQLite in index_dir); the vector files stay in index_dir
+    db_url: str | None = field(default_factory=lambda: os.environ.get(ENV_DB_URL) or None)
+    index_type: str = "flat"  # the vector search structure (indexer/storage/vectors.py)
     device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
     cache_dir: Path = field(default_factory=default_cache_dir)
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
-    captioner: str | None = field(default_factory=lambda: _model_from_env(ENV_CAPTIONER, DEFAULT_CAPTIONER))  # None: no captions
-    scorer: str | None = field(default_factory=lambda: _model_from_env(ENV_SCORER, DEFAULT_SCORER))  # None: off
-    matcher: str | None = field(default_factory=lambda: _model_from_env(ENV_MATCHER, DEFAULT_MATCHER))  # None: off
+    captioner: str | None = field(default_factory=lambda: _model_from_env(ENV_CAPTIONER, DEFAULTS["captioner"]))  # None: no captions
+    scorer: str | None = field(default_factory=lambda: _model_from_env(ENV_SCORER, DEFAULTS["scorer"]))  # None: off
+    matcher: str | None = field(default_factory=lambda: _model_from_env(ENV_MATCHER, DEFAULTS["matcher"]))  # None: off
     pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
     rerank_depth: int = 10  # fused ranking: the best candidates the scorer and the match head re-rate
     decode: DecodeOptions = field(default_factory=DecodeOptions)
@@ -68,37 +73,26 @@ class EngineConfig:
         self.cache_dir = Path(self.cache_dir).expanduser()
         if self.encoder is None and os.environ.get(ENV_ENCODER):
             self.encoder = os.environ[ENV_ENCODER]
+        if self.index_type not in INDEX_TYPES:
+            raise InputError(f"unknown vector index type {self.index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise InputError("the batch size and the number of reader threads must be at least 1")
 
     @property
-    def db_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+    def url(self) -> str:
+        """The metadata database's SQLAlchemy URL."""
+        return self.db_url or f"sqlite:///{self.index_dir / 'pixquery.sqlite'}"
 
     @property
-    def db_path(self) -> Path:
-        return self.index_dir / "pixquery.sqlite"
+    def db_file(self) -> Path | None:
+        """The metadata database's file (None when it is a server's)."""
+        return sqlite_path(self.url)
 
     @property
-    def vectors_path(self) -> Path:
-        """Image embeddings."""
-        return self.index_dir / "images.faiss"
-
-    @property
-    def caption_vectors_path(self) -> Path:
-        """Embeddings of the generated captions."""
-        return self.index_dir / "captions.faiss"
-
-    @property
-    def memory_path(self) -> Path:
-        """The scorer's per-image decoder memories (8-bit)."""
-        return self.index_dir / "memories.faiss"
-
-    @property
-    def index_files(self) -> tuple[Path, ...]:
-        """Every file an index consists of (``drop`` deletes exactly these)."""
-        db = self.db_path
-        return (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
-                self.vectors_path, self.caption_vectors_path, self.memory_path)
+    def vectors_dir(self) -> Path:
+        """The vector segments and their manifests (indexer/storage/bundle.py)."""
+        return self.index_dir / "vectors"
 
     @property
     def default_encoder(self) -> str:
-        return DEFAULT_ENCODER
+        return DEFAULTS["encoder"]

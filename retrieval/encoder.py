@@ -63,6 +63,23 @@ class JointEncoder(ABC):
         return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
 
 
+class GridEncoder(JointEncoder):
+    """An encoder whose image tower yields a feature grid that other models can read (the native fast
+    path): the model stage runs :meth:`grid` once per image and hands the same grid to the embedding
+    head (:meth:`encode_grid`), a :class:`captioning.captioner.GridCaptioner` and a caption scorer."""
+
+    @abstractmethod
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed pixels -> (B, C, h, w) grid features."""
+
+    @abstractmethod
+    def encode_grid(self, grid: torch.Tensor) -> np.ndarray:
+        """(B, C, h, w) grid features -> (B, dim) float32, L2-normalised."""
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.encode_grid(self.grid(pixels))
+
+
 def l2_normalize(x: torch.Tensor) -> np.ndarray:
     """(B, D) tensor -> float32 numpy with unit rows (zero rows stay zero)."""
     x = x.float()

@@ -1,7 +1,8 @@
 """``create_encoder(name, ...)``: the one place that turns an encoder name into a model.
 
 Names:
-* ``native:<heads>``: the offline default (``native:effl0-minilm-v1``) or ``native:/path/heads.pt``.
+* ``native:<heads>``: the offline default (``DEFAULT_ENCODER``, from retrieval/shipped.py) or
+  ``native:/path/heads.pt``.
 * ``openclip:<architecture>/<pretrained tag or checkpoint path>``, e.g.
   ``openclip:ViT-B-32/laion2b_s34b_b79k`` or ``openclip:ViT-B-32//models/my_clip.pt``.
 """
@@ -14,8 +15,9 @@ import torch
 
 from retrieval.encoder import JointEncoder
 from retrieval.errors import InputError
+from retrieval.shipped import DEFAULTS
 
-DEFAULT_ENCODER = "native:effl0-minilm-v1"
+DEFAULT_ENCODER = DEFAULTS["encoder"]
 
 
 def create_encoder(

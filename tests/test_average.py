@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import WORD_CAPTIONS, random_decoder
-from captioning.average import average_captioners, write_average
+from captioning.training.average import average_captioners, write_average
 from captioning.native import NativeCaptioner, load_captioner, save_captioner
 from captioning.tokenizer import WordTokenizer
 from indexer.cli import main

@@ -21,7 +21,8 @@ from PIL import Image
 
 import open_clip  # declared dependencies: fail loudly if they are missing
 import transformers
-from captioning.captioner import CaptionerInfo, DecodeOptions, create_captioner
+from captioning.captioner import CaptionerInfo, DecodeOptions
+from captioning.factory import create_captioner
 from captioning.coca_captioner import clean_caption
 from captioning.hf_captioner import TOKEN_SLACK, weights_sha256
 from conftest import register_open_clip_config
@@ -192,10 +193,7 @@ def test_hf_decode_options_are_honoured(hf_folders: dict[str, Path]) -> None:
         assert len(set(c.split())) == len(c.split())  # ... and stops when repeats are banned
     for c in cap.caption_pixels(pixels, DecodeOptions(beam_size=2, max_len=1)):
         assert len(c.split()) <= 1 + TOKEN_SLACK
-    for bad in (DecodeOptions(beam_size=0), DecodeOptions(max_len=0), DecodeOptions(no_repeat_ngram_size=-1),
-                DecodeOptions(length_penalty=float("nan"))):
-        with pytest.raises(InputError):
-            cap.caption_pixels(pixels, bad)
+    # bad options never reach a captioner: DecodeOptions refuses them when made (test_decode_options_validate)
 
 
 def test_hf_empty_caption_stays_empty(hf_folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,8 +362,6 @@ def test_coca_beam_search(coca_ckpt: Path) -> None:
         assert got == [cap.caption_pixels(p[None], options)[0] for p in pixels]  # batching changes nothing
     assert cap.caption_pixels(pixels[:0]) == []
     assert not cap.model.training
-    with pytest.raises(InputError):
-        cap.caption_pixels(pixels, DecodeOptions(beam_size=0))
 
 
 def test_coca_info(coca_ckpt: Path, tmp_path: Path) -> None:
@@ -407,3 +403,12 @@ def test_clean_caption() -> None:
     assert clean_caption("<start_of_text>a dog 's ball on the  beach . <end_of_text>!!") == "a dog's ball on the beach."
     assert clean_caption("two cats , one dog ") == "two cats, one dog"
     assert clean_caption("") == ""
+
+
+@pytest.mark.parametrize("bad", [dict(beam_size=0), dict(beam_size=2.5), dict(beam_size=21), dict(max_len=0),
+                                 dict(max_len=101), dict(no_repeat_ngram_size=-1), dict(length_penalty=float("nan")),
+                                 dict(length_penalty=float("inf"))])
+def test_decode_options_validate(bad):
+    with pytest.raises(InputError):
+        DecodeOptions(**bad)
+    assert DecodeOptions(beam_size=1, max_len=1, no_repeat_ngram_size=0, length_penalty=0.0).beam_size == 1

@@ -10,13 +10,15 @@ import sqlite3
 import numpy as np
 
 from conftest import TinyCaptioner, TinyEncoder, make_image
-from indexer.store import SCHEMA_VERSION, Store
+from indexer.storage.schema import SCHEMA_VERSION
+from indexer.storage.store import Store
 from test_pipeline import engine_at
 
 
 def caption_state(engine):
     """{file name: (caption, caption vector or None)} from the store and the caption index."""
-    store, vectors = engine._ready()
+    index = engine.open()
+    store, vectors = index.store, index.vectors
     out = {}
     for row in store.all_images():
         vec = vectors.captions.reconstruct(np.array([row.id]))[0] if vectors.captions.contains(row.id) else None
@@ -38,7 +40,7 @@ def test_every_new_image_is_captioned_and_caption_embedded(tmp_path, photo_dir):
     assert hit.caption == "a green picture"
     stats = engine.stats()
     assert stats["captioned"] == 14 and stats["captioner"]["name"] == "test:tiny-captioner"
-    store, _ = engine._ready()
+    store = engine.open().store
     row = store.image_by_path(str(photo_dir / "a" / "red.png"))
     assert row.captioner == cap.info.fingerprint and row.captioned_at is not None
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.cli import EXIT_INDEX, EXIT_OK, EXIT_USAGE, main
+from indexer.cli import main
+from indexer.cli.args import EXIT_INDEX, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "indexer" / "sample_photos"
@@ -76,7 +77,7 @@ def test_index_search_stats_end_to_end_with_native_encoder(tmp_path):
 
 
 def test_latency_summary_reports_percentiles_and_the_slowest_queries():
-    from indexer.bench_latency import latency_summary
+    from indexer.lab.bench_latency import latency_summary
 
     timed = [(float(ms), f"q{ms % 7}") for ms in range(1, 101)]  # 1..100 ms
     out = latency_summary(timed, slowest=2)

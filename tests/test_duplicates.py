@@ -12,13 +12,15 @@ import pytest
 from PIL import Image
 
 from conftest import TinyEncoder, make_image
-from indexer.cli import EXIT_OK, EXIT_USAGE, main
+from indexer.cli import main
+from indexer.cli.args import EXIT_OK, EXIT_USAGE
 from indexer.config import EngineConfig
-from indexer.duplicates import DuplicateGroup, find_duplicates, summarize
+from indexer.search.duplicates import DuplicateGroup, find_duplicates, summarize
 from indexer.engine import Engine
 from indexer.errors import InputError
-from indexer.query import Filters
-from indexer.vectors import VectorIndex
+from indexer.storage.filters import Filters
+from indexer.storage.segments import SegmentLog
+from indexer.storage.vectors import VectorIndex
 
 STRIPES = {name: (i * 30 % 255, 90, 200) for i, name in enumerate(TinyEncoder.COLOURS)}
 
@@ -165,8 +167,8 @@ def test_find_duplicates_against_brute_force_oracle_in_small_batches():
     x[400] = x[401] = x[402] = x[300]  # one exact group of 4 (same hash), identical vectors
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = np.arange(1000, 1000 + n, dtype=np.int64)
-    index = VectorIndex(d, use_gpu=False)
-    index.add(ids, x)
+    index = VectorIndex(SegmentLog(Path("/nonexistent"), "images", d), use_gpu=False)
+    index.put(ids, x)
     exact = [[1300, 1400, 1401, 1402]]
     calls = []
 

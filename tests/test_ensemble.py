@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_decoder
-from captioning.captioner import DecodeOptions, create_captioner
+from captioning.captioner import DecodeOptions
+from captioning.factory import create_captioner
 from captioning.decoding import beam_search
 from captioning.ensemble import DecoderEnsemble
 from captioning.native import NativeCaptioner, parse_ensemble_spec, save_captioner
@@ -118,7 +119,7 @@ def test_ensemble_captions_in_the_shared_backbone_pass_and_the_cli(two_files, ca
     import json
 
     from indexer.cli import main
-    from indexer.models import ImageModels
+    from indexer.indexing.models import ImageModels
     from retrieval.factory import DEFAULT_ENCODER, create_encoder
     from retrieval.images import load_image
 

@@ -10,7 +10,7 @@ from conftest import TinyEncoder, make_image
 from indexer.cli import main
 from indexer.config import EngineConfig
 from indexer.errors import InputError
-from indexer.evaluate import evaluate_retrieval
+from indexer.lab.evaluate import evaluate_retrieval
 from retrieval.images import load_image
 
 
@@ -111,7 +111,7 @@ def test_shipped_models_reach_issue_figures_on_flickr8k_dev(tmp_path):
 
 def test_eval_captions_contract_and_perfect_unigrams(tmp_path):
     from conftest import TinyCaptioner
-    from indexer.evaluate import evaluate_captions
+    from indexer.lab.evaluate import evaluate_captions
 
     images = tmp_path / "imgs"
     lines = []
@@ -138,7 +138,7 @@ def test_shipped_captioner_on_flickr8k_dev(tmp_path):
     CPUs' floating point can change a few of the 1,000 captions."""
     from conftest import FLICKR8K
 
-    from indexer.evaluate import evaluate_captions
+    from indexer.lab.evaluate import evaluate_captions
 
     dev = set((FLICKR8K / "dev.txt").read_text().split())
     lines = [l for l in (FLICKR8K / "captions.tsv").read_text().splitlines() if l.split("\t")[0] in dev]

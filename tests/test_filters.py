@@ -11,14 +11,25 @@ import numpy as np
 import pytest
 
 from conftest import TinyEncoder, make_image
-from indexer import vectors as vectors_module
-from indexer.cli import EXIT_OK, EXIT_USAGE, main
+from indexer.storage import vectors as vectors_module
+from indexer.cli import main
+from indexer.cli.args import EXIT_OK, EXIT_USAGE
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError
-from indexer.query import Filters
-from indexer.store import ImageRow, Store
-from indexer.vectors import VectorIndex
+from indexer.storage.filters import Filters
+from indexer.storage.schema import ImageRow
+from indexer.storage.segments import SegmentLog
+from indexer.storage.store import Store, WriteBatch
+from indexer.storage.vectors import VectorIndex
+
+
+def flat(dim: int, ids=None, vecs=None) -> VectorIndex:
+    """An in-memory flat index on the CPU (nothing is written until a commit)."""
+    index = VectorIndex(SegmentLog(Path("/nonexistent"), "images", dim), use_gpu=False)
+    if ids is not None:
+        index.put(np.asarray(ids, np.int64), vecs)
+    return index
 
 
 def unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -30,8 +41,7 @@ def unit(n: int, d: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("n_allowed", [5, 40, vectors_module.DENSE_FILTER_MAX + 500])  # matmul path and selector path
 def test_filtered_search_matches_numpy_oracle_on_external_ids(n_allowed):
     vecs, ids = unit(3000, 16, 0), np.arange(10_000, 13_000, dtype=np.int64)  # external ids far from row numbers
-    index = VectorIndex(16, use_gpu=False)
-    index.add(ids, vecs)
+    index = flat(16, ids, vecs)
     rng = np.random.default_rng(1)
     pick = np.sort(rng.choice(len(ids), n_allowed, replace=False))
     q = unit(3, 16, 2)
@@ -44,8 +54,7 @@ def test_filtered_search_matches_numpy_oracle_on_external_ids(n_allowed):
 
 def test_filtered_search_returns_k_even_when_all_allowed_rank_below_the_unfiltered_top_k():
     vecs, ids = unit(500, 16, 0), np.arange(1, 501, dtype=np.int64)
-    index = VectorIndex(16, use_gpu=False)
-    index.add(ids, vecs)
+    index = flat(16, ids, vecs)
     q = unit(1, 16, 3)
     _, top = index.search(q, 50)
     worst = ids[np.argsort(q @ vecs.T)[0][:20]]  # the 20 least similar: far outside the top 50
@@ -60,8 +69,7 @@ def test_filtered_search_returns_k_even_when_all_allowed_rank_below_the_unfilter
 
 
 def test_filtered_search_edge_cases():
-    index = VectorIndex(8, use_gpu=False)
-    index.add(np.array([3, 5, 9]), unit(3, 8, 0))
+    index = flat(8, [3, 5, 9], unit(3, 8, 0))
     q = unit(2, 8, 1)
     s, i = index.search(q, 5, ids=np.array([], dtype=np.int64))  # nothing matches
     assert s.shape == (2, 0) and i.shape == (2, 0)
@@ -70,13 +78,12 @@ def test_filtered_search_edge_cases():
     big = np.arange(10_000, dtype=np.int64)  # selector path with mostly missing ids
     s, i = index.search(q, 5, ids=big)
     assert sorted(i[0].tolist()) == [3, 5, 9] and (i >= 0).all()
-    assert VectorIndex(8).search(q, 5, ids=np.array([1]))[1].shape == (2, 0)  # empty index
+    assert flat(8).search(q, 5, ids=np.array([1]))[1].shape == (2, 0)  # empty index
 
 
 def test_filtered_search_never_uses_the_gpu_copy(monkeypatch):
-    index = VectorIndex(8, use_gpu=False)
     vecs = unit(2000, 8, 0)
-    index.add(np.arange(2000), vecs)
+    index = flat(8, np.arange(2000), vecs)
     index.use_gpu = True  # pretend a GPU: selectors must still run on the CPU index
 
     def no_gpu():
@@ -120,8 +127,7 @@ def store(tmp_path: Path) -> Store:
     rows.append(ImageRow(id=103, path="/dates/mtime-before.jpg", content_hash="d4", byte_size=1,
                          mtime=local_ts(2023, 4, 30, 23, 59, 59), width=10, height=10, file_type="JPG".lower(),
                          encoder="test"))
-    with s.session() as sess:
-        sess.add_all(rows)
+    s.write(WriteBatch(rows=rows))
     yield s
     s.close()
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.matcher import MAX_TOKENS, Matcher, MatcherConfig, MatchHead, load_matcher, save_matcher
+from retrieval.native.matcher import MAX_TOKENS, Matcher, MatcherConfig, MatchHead, load_matcher, save_matcher
 from indexer.config import EngineConfig
 from indexer.engine import Engine
-from indexer.query import FusionWeights
+from retrieval.query import FusionWeights
 from retrieval.errors import ModelLoadError
 
 SAMPLES = Path(__file__).resolve().parents[1] / "indexer" / "sample_photos"
@@ -109,14 +109,14 @@ def test_matcher_scores_memories_as_its_head_does(tmp_path):
 
 
 def test_shipped_match_head_belongs_to_the_shipped_scorer():
-    from captioning.matcher import DEFAULT_MATCHER, WEIGHTS_DIR
     from captioning.native import NativeCaptioner
-    from indexer.config import DEFAULT_MATCHER as ENGINE_MATCHER, DEFAULT_SCORER
+    from retrieval.native.matcher import DEFAULT_MATCHER
+    from retrieval.shipped import DEFAULTS, shipped
 
-    assert ENGINE_MATCHER == f"native:{DEFAULT_MATCHER}"
-    path = WEIGHTS_DIR / f"{DEFAULT_MATCHER}.pt"
+    assert DEFAULTS["matcher"] == f"native:{DEFAULT_MATCHER}"
+    path = shipped("matcher", DEFAULT_MATCHER).path
     assert path.stat().st_size < 5_000_000
-    matcher, scorer = Matcher(DEFAULT_MATCHER), NativeCaptioner(DEFAULT_SCORER.removeprefix("native:"))
+    matcher, scorer = Matcher(DEFAULT_MATCHER), NativeCaptioner(DEFAULTS["scorer"].removeprefix("native:"))
     # without this the Engine would leave the head out of every search (with a warning)
     assert matcher.scorer_sha256 == scorer.info.weights_sha256
     assert matcher.memory_dim == int(np.prod(scorer.memory_shape))
@@ -154,7 +154,7 @@ def test_fused_search_adds_the_match_signal_beside_its_scorer(tmp_path, scorer_a
         # with a large match weight the order follows the match head, and its values are the head's own
         assert [h.scores["match"] for h in hits] == sorted((h.scores["match"] for h in hits), reverse=True)
         ranker = engine.ranker()
-        direct = ranker.matcher.score(ranker.vectors.memories.reconstruct(np.array([h.id for h in hits])),
+        direct = ranker.matcher.score(ranker.vectors.memories.reconstruct_present(np.array([h.id for h in hits]))[1],
                                       "a dog runs")
         np.testing.assert_allclose([h.scores["match"] for h in hits], direct, rtol=1e-5, atol=1e-5)
         both = engine.search("a dog runs", k=4, mode="fused", weights=FusionWeights(1, 0, 0, 0.5, 0.5))
@@ -202,8 +202,8 @@ def _tiny_flickr(tmp_path: Path) -> Path:
 
 
 def test_train_matcher_cli_writes_a_head_for_the_shipped_scorer(tmp_path, capsys):
-    from captioning.native import WEIGHTS_DIR
     from indexer.cli import main
+    from retrieval.shipped import shipped
 
     out = tmp_path / "m.pt"
     args = ["train", "matcher", "--data", str(_tiny_flickr(tmp_path)), "--out", str(out), "--steps", "3",
@@ -211,7 +211,7 @@ def test_train_matcher_cli_writes_a_head_for_the_shipped_scorer(tmp_path, capsys
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     head, meta, _ = load_matcher(out)
-    shipped_scorer = hashlib.sha256((WEIGHTS_DIR / "effl0-sat-v1.pt").read_bytes()).hexdigest()
+    shipped_scorer = shipped("captioner", "effl0-sat-v1").sha256
     assert meta["scorer_sha256"] == shipped_scorer and head.cfg.memory_dim == 384
     log = json.loads(out.with_suffix(".json").read_text())
     assert [h["step"] for h in log["history"]] == [3] and np.isfinite(log["history"][0]["loss"])

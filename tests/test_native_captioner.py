@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.captioner import DecodeOptions, create_captioner
+from captioning.captioner import DecodeOptions
+from captioning.factory import create_captioner
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.native import NativeCaptioner, save_captioner
 from captioning.tokenizer import WordTokenizer
-from indexer.models import ImageModels
+from indexer.indexing.models import ImageModels
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.factory import DEFAULT_ENCODER, create_encoder
 from retrieval.images import load_image
@@ -93,9 +94,9 @@ def test_shipped_captioner_names_what_is_in_flickr_like_photos(name, word):
 
 @pytest.mark.parametrize("name", ["effl0-sat-v1", "effl0-sat-v4"])  # v1 stays: the ranking's scorer
 def test_shipped_captioner_file_is_small_and_weights_only(name):
-    from captioning.native import WEIGHTS_DIR
+    from retrieval.shipped import shipped
 
-    path = WEIGHTS_DIR / f"{name}.pt"
+    path = shipped("captioner", name).path
     assert path.stat().st_size < 30_000_000
     payload = torch.load(path, map_location="cpu", weights_only=True)
     assert payload["format"] == "pixquery-native-captioner/1" and payload["meta"]["dev"]["beam"] == 3
@@ -103,9 +104,9 @@ def test_shipped_captioner_file_is_small_and_weights_only(name):
 
 def test_default_captioner_is_the_averaged_model():
     from captioning.native import DEFAULT_CAPTIONER
-    from indexer.config import DEFAULT_CAPTIONER as ENGINE_DEFAULT
+    from retrieval.shipped import DEFAULTS
 
-    assert DEFAULT_CAPTIONER == "effl0-sat-v4" and ENGINE_DEFAULT == "native:effl0-sat-v4"
+    assert DEFAULT_CAPTIONER == "effl0-sat-v4" and DEFAULTS["captioner"] == "native:effl0-sat-v4"
 
 
 def test_default_decoding_completes_endings_and_bans_repeated_bigrams():

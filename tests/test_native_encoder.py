@@ -11,7 +11,8 @@ import torch
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.factory import DEFAULT_ENCODER, create_encoder
 from retrieval.images import load_image
-from retrieval.native.model import Heads, HeadsConfig, WEIGHTS_DIR, load_heads, save_heads, stack_members
+from retrieval.native.model import Heads, HeadsConfig, load_heads, save_heads, stack_members
+from retrieval.shipped import shipped
 
 SAMPLES = Path(__file__).resolve().parents[1] / "indexer" / "sample_photos"
 
@@ -22,7 +23,7 @@ def native():
 
 
 def test_shipped_heads_load_with_weights_only_and_are_small():
-    path = WEIGHTS_DIR / "effl0-minilm-v1.pt"
+    path = shipped("encoder", "effl0-minilm-v1").path
     assert path.stat().st_size < 25_000_000
     payload = torch.load(path, map_location="cpu", weights_only=True)
     assert payload["format"] == "pixquery-native-heads/1"
@@ -112,7 +113,7 @@ def test_grid_feature_cache_is_shared_by_relative_and_absolute_paths(tmp_path, m
     """``--data ../x`` and ``--data /abs/x`` name the same images: one cache entry, computed once."""
     from PIL import Image
 
-    from retrieval.native.features import grid_features
+    from retrieval.native.training.features import grid_features
     from retrieval.native.towers import GRID_DIM
 
     class CountingTower(torch.nn.Module):

@@ -158,15 +158,16 @@ def test_query_validation(tmp_path, photo_dir):
     assert len(hits) == 16 and hits == sorted(hits, key=lambda h: -h.score)
 
 
-def test_crash_between_vector_save_and_commit_is_repaired(tmp_path, photo_dir):
+def test_rows_without_vectors_are_repaired_when_the_index_opens_for_writing(tmp_path, photo_dir):
     engine = engine_at(tmp_path, "idx")
     engine.index(photo_dir)
-    # simulate a crash that saved vectors of new files but never committed their rows
-    from indexer.vectors import VectorIndex
-
-    vec = VectorIndex.load(engine.config.vectors_path, 16)
-    vec.add(np.array([999]), np.ones((1, 16), np.float32) / 4)
-    vec.save(engine.config.vectors_path)
+    # rows whose vectors are gone (an index edited by hand, or converted from an older version)
+    index = engine.open()
+    victim = index.store.image_by_path(str(photo_dir / "a" / "red.png"))
+    index.vectors.images.delete(np.array([victim.id]))
+    index.vectors.commit(index.store)
+    engine.close()
     fresh = engine_at(tmp_path, "idx")
+    summary = fresh.index(photo_dir)
+    assert summary.new == 1 and summary.unchanged == 15  # the row went, and its file was indexed again
     assert len(fresh.search("red", k=100)) == 16
-    assert 999 not in VectorIndex.load(engine.config.vectors_path, 16).ids()  # repair was saved

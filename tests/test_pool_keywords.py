@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from indexer.pool_keywords import PoolKeywords
-from indexer.store import KEYWORD_TOKENIZER
+from indexer.storage.pool_keywords import PoolKeywords
+from indexer.storage.keywords import KEYWORD_TOKENIZER
 
 CAPTIONS = {
     1: "a dog runs on the grass",
@@ -66,8 +66,9 @@ def test_bm25_of_a_subset_keeps_collection_statistics_weights_and_phrases():
 
 def test_matching_follows_fts5_and_binds_the_expression():
     with PoolKeywords(CAPTIONS) as texts:
-        assert texts.matching('"dog"') == {1, 2, 5}
-        assert texts.matching('"park bench" OR "ball"') == {2, 3, 4}
-        assert texts.matching("") == set()
-        assert texts.matching('"x\'); DROP TABLE pool; --"') == set()
-        assert texts.matching('"dog"') == {1, 2, 5}  # the table is still there
+        assert texts.matching(["dog"]) == {1, 2, 5}
+        assert texts.matching(["park bench", "ball"]) == {2, 3, 4}
+        assert texts.matching([]) == set()
+        assert texts.matching(["x'); DROP TABLE pool; --"]) == set()
+        assert texts.matching(['x" OR "dog']) == set()  # a quote inside a phrase stays inside it
+        assert texts.matching(["dog"]) == {1, 2, 5}  # the table is still there

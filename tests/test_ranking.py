@@ -15,12 +15,20 @@ from conftest import TinyCaptioner, TinyEncoder, make_image
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError
-from indexer.query import Filters, FusionWeights
-from indexer.query_parser import MAX_QUERY_CHARS, fts_expression, parse_query
-from indexer.ranking import Ranker, zscore
-from indexer.store import SCHEMA_VERSION, Store
+from indexer.storage.filters import Filters
+from retrieval.query import FusionWeights
+from indexer.storage.keywords import fts_any
+from indexer.storage.schema import SCHEMA_VERSION
+from indexer.storage.store import Store
+from retrieval.fusion import add_relative, zscore
+from retrieval.query_parser import MAX_QUERY_CHARS, keyword_phrases, parse_query
 
 COLOURS = ("red", "green", "blue", "purple", "white", "black")
+
+
+def fts_expression(terms) -> str:
+    """The FTS5 expression the SQLite keyword index runs for these query terms."""
+    return fts_any(keyword_phrases(list(terms)))
 
 
 # --- the query language ---------------------------------------------------------------------------
@@ -100,9 +108,9 @@ def test_fused_hits_carry_every_signal(captioned):
     assert set(hit.scores) == {"image", "caption", "keyword"}
     assert hit.caption == "a blue picture" and hit.scores["keyword"] > 0
     # the pool here is the whole index, so the candidates' BM25 is exactly the keyword index's own
-    store = captioned._open(create=False)
-    assert store.keyword_doc_freq(["blue", "pictur", "nothing"]) == {"blue": 2, "pictur": 12, "nothing": 0}
-    want = dict(store.keyword_search('"blue" OR "picture"', 12))
+    keywords = captioned.open().store.keywords
+    assert keywords.doc_freq(["blue", "pictur", "nothing"]) == {"blue": 2, "pictur": 12, "nothing": 0}
+    want = dict(keywords.top(["blue", "picture"], 12))
     assert hit.scores["keyword"] == pytest.approx(want[hit.id], rel=1e-6)
 
 
@@ -144,7 +152,7 @@ def test_filters_and_threshold_apply_inside_fused_search(captioned, tmp_path):
 ])
 @pytest.mark.parametrize("mode", ["keyword", "fused"])
 def test_hostile_queries_are_words_never_sql_or_fts_syntax(captioned, query, mode):
-    before = captioned._open(create=False).count_images()
+    before = captioned.stats()["images"]
     try:
         hits = captioned.search(query, k=5, mode=mode)
     except InputError:
@@ -152,7 +160,7 @@ def test_hostile_queries_are_words_never_sql_or_fts_syntax(captioned, query, mod
     if hits is not None and mode == "keyword":  # keyword hits share a word with the query, taken literally
         words = set(re.findall(r"\w+", query.lower()))
         assert all(words & set(h.caption.split()) for h in hits)
-    assert captioned._open(create=False).count_images() == before  # nothing was dropped or changed
+    assert captioned.stats()["images"] == before  # nothing was dropped or changed
 
 
 def test_keyword_index_follows_edits_moves_and_deletions(captioned, tmp_path):
@@ -167,7 +175,7 @@ def test_keyword_index_follows_edits_moves_and_deletions(captioned, tmp_path):
 
 
 def test_schema_2_index_gets_a_filled_keyword_index(captioned):
-    db = captioned.config.db_path
+    db = captioned.config.db_file
     captioned.close()
     con = sqlite3.connect(db)
     for trig in ("captions_fts_ai", "captions_fts_ad", "captions_fts_au"):
@@ -178,7 +186,7 @@ def test_schema_2_index_gets_a_filled_keyword_index(captioned):
     con.close()
     store = Store(f"sqlite:///{db}")
     assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
-    assert len(store.keyword_search('"purple"', 10)) == 2
+    assert len(store.keywords.top(["purple"], 10)) == 2
     store.close()
 
 
@@ -215,7 +223,7 @@ def test_scorer_memories_are_stored_carried_and_used(tmp_path, tiny_scorer_weigh
     encoder = create_encoder(DEFAULT_ENCODER)
     with Engine(cfg, encoder=encoder, scorer=scorer) as engine:
         engine.index(root)
-        store, vectors = engine._ready()
+        vectors = engine.open().vectors
         assert len(vectors.memories) == 3
         hits = engine.search("a dog runs", k=3, mode="fused", weights=FusionWeights(0.01, 0, 0, 100))
         assert all("likelihood" in h.scores for h in hits)
@@ -230,7 +238,7 @@ def test_scorer_memories_are_stored_carried_and_used(tmp_path, tiny_scorer_weigh
         shutil.move(root / picks[0], root / "moved.jpg")
         (root / picks[1]).unlink()
         engine.index(root)
-        _, vectors = engine._ready()
+        vectors = engine.open().vectors
         assert len(vectors.memories) == 2 and set(vectors.memories.ids()) == set(vectors.images.ids())
 
 
@@ -255,9 +263,9 @@ def test_log_likelihood_batches_and_pads_like_single_texts(tiny_scorer_weights):
 def test_ranker_adds_likelihood_only_to_the_scored_candidates():
     fused = np.array([1.0, 0.9, 0.8, 0.1])
     top = np.array([0, 1, 2])
-    out = Ranker.add_likelihood(fused, top, np.array([-30.0, -10.0, -20.0]), weight=10.0, total=1.0)
+    out = add_relative(fused, top, np.array([-30.0, -10.0, -20.0]), weight=10.0, total=1.0)
     assert np.argmax(out) == 1 and out[3] <= out.min() + 1e-9
-    assert np.array_equal(Ranker.add_likelihood(fused, top, np.full(3, np.nan), 10.0, 1.0), fused)
+    assert np.array_equal(add_relative(fused, top, np.full(3, np.nan), 10.0, 1.0), fused)
 
 
 def test_recaption_gives_an_index_without_memories_the_likelihood_signal(tmp_path, tiny_scorer_weights):
@@ -273,7 +281,7 @@ def test_recaption_gives_an_index_without_memories_the_likelihood_signal(tmp_pat
     old = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=f"native:{weights}", scorer=None)
     with Engine(old, encoder=encoder) as engine:  # an index as made before the scorer existed
         engine.index(root)
-        assert not engine.config.memory_path.exists()
+        assert not list(engine.config.vectors_dir.glob("memories-*"))
         assert "likelihood" not in engine.search("a dog runs", k=1)[0].scores
     new = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=f"native:{weights}",
                        scorer=f"native:{weights}")

@@ -18,7 +18,7 @@ from captioning.metrics import (
     ptb_tokenize,
 )
 from captioning.model import CaptionDecoder, DecoderConfig
-from captioning.scst import (
+from captioning.training.scst import (
     CaptionReward,
     ScstConfig,
     never_sampled,
@@ -174,7 +174,7 @@ def test_scst_loss_ignores_pads_and_forced_eos_and_vanishes_without_advantage():
 
 
 def test_cli_train_captioner_scst_builds_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    import captioning.scst as scst
+    import captioning.training.scst as scst
     from indexer.cli import main
 
     seen: list[ScstConfig] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.bench_ui import BrowserSession, find_browser, free_port, start_app, stop_app, wait_healthy
+from indexer.lab.bench_ui import BrowserSession, find_browser, free_port, start_app, stop_app, wait_healthy
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import TinyEncoder, make_image
-from indexer.cli import EXIT_USAGE, build_parser, main, ui_command
+from indexer.cli import build_parser, main
+from indexer.cli.args import EXIT_USAGE
+from indexer.cli.everyday import ui_command
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError

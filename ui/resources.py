@@ -48,7 +48,7 @@ class Loaded:
     engine: Engine
     problem: PixqueryError | None = None
     generation: int = 0
-    stamp: int | None = None  # the vector file's mtime when loaded: a change means another process indexed
+    stamp: int | None = None  # the vector generation when loaded: a change means another process indexed
 
 
 @st.cache_resource(show_spinner="Loading the models and the index...", max_entries=2)
@@ -72,9 +72,10 @@ def warm_up(engine: Engine) -> PixqueryError | None:
 
 
 def _stamp(engine: Engine) -> int | None:
+    """The index's committed vector generation (None before there is an index)."""
     try:
-        return engine.config.vectors_path.stat().st_mtime_ns
-    except OSError:
+        return engine.generation if engine.exists else None
+    except PixqueryError:
         return None
 
 

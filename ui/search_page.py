@@ -22,7 +22,8 @@ import streamlit as st
 
 from indexer.engine import Engine
 from indexer.errors import InputError
-from indexer.query import Filters, FusionWeights
+from indexer.storage.filters import Filters
+from retrieval.query import FusionWeights
 from ui.common import human_bytes, no_index_message, show_error, show_thumbnail, when
 from ui.resources import Loaded, jobs
 from ui.security import ImageUnavailable, indexed_file, parse_image_id, save_upload

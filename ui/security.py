@@ -6,7 +6,7 @@
   else sees it, and re-encoded into the app's own cache folder under a name derived from its
   content; the browser's file name is never used as a path.
 * Nothing typed in the app is run as code or spliced into SQL: queries go to the Engine as plain
-  strings and filters as typed values (:class:`indexer.query.Filters`).
+  strings and filters as typed values (:class:`indexer.storage.filters.Filters`).
 """
 
 from __future__ import annotations

@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retrieval.encoder import EncoderInfo, JointEncoder, l2_normalize
+from retrieval.encoder import EncoderInfo, GridEncoder, l2_normalize
 from retrieval.errors import ModelLoadError
 from retrieval.images import to_tensor
-from retrieval.weights import resolve_weights, save_payload
+from retrieval.shipped import is_shipped, resolve_weights
+from retrieval.weights import save_payload
 from retrieval.native.towers import (
     GRID_DIM, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, TEXT_DIM, ImageTower, TextTower,
 )
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_HEADS = "effl0-minilm-v1"
+DEFAULT_HEADS = "effl0-minilm-v1"  # retrieval/shipped.py
 
 
 @dataclass
@@ -97,7 +97,7 @@ def save_heads(heads: Heads, path: Path, meta: dict) -> None:
 
 def resolve_heads_path(spec: str) -> Path:
     """``effl0-minilm-v1`` (shipped) or a path to a ``.pt`` file written by ``pixquery train encoder``."""
-    return resolve_weights(spec, WEIGHTS_DIR, "native encoder", "pixquery train encoder")
+    return resolve_weights(spec, "encoder")
 
 
 def load_heads(path: Path) -> tuple[Heads, str]:
@@ -112,7 +112,7 @@ def load_heads(path: Path) -> tuple[Heads, str]:
     return heads.eval(), hashlib.sha256(data).hexdigest()
 
 
-class NativeEncoder(JointEncoder):
+class NativeEncoder(GridEncoder):
     """The offline default encoder (``native:<heads>``). Towers load lazily, on first use."""
 
     def __init__(self, heads_spec: str = DEFAULT_HEADS, device: torch.device | None = None) -> None:
@@ -120,7 +120,7 @@ class NativeEncoder(JointEncoder):
         path = resolve_heads_path(heads_spec)
         self.heads, sha = load_heads(path)
         self.heads.to(self.device)
-        name = f"native:{heads_spec if path.parent == WEIGHTS_DIR else path.resolve()}"
+        name = f"native:{is_shipped(path) or path.resolve()}"
         self.info = EncoderInfo(name=name, weights_sha256=sha, dim=self.heads.out_dim)
         self._image_tower: ImageTower | None = None
         self._text_tower: TextTower | None = None
@@ -151,10 +151,6 @@ class NativeEncoder(JointEncoder):
     def encode_grid(self, grid: torch.Tensor) -> np.ndarray:
         """(B, 1280, 7, 7) grid features -> (B, dim) embeddings."""
         return l2_normalize(self.heads.embed_grid(grid))
-
-    @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        return self.encode_grid(self.grid(pixels))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

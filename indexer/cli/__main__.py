@@ -1,0 +1,4 @@
+import sys
+from indexer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The model stage of indexing: image embeddings and captions for one batch of decoded images.
+
+When the encoder is a :class:`~retrieval.encoder.GridEncoder` (the native encoder), its tower runs
+once per image and the grid feeds the embedding head, a :class:`~captioning.captioner.GridCaptioner`
+(the native captioner) and, when the index ranks with a caption scorer (a
+:class:`~captioning.captioner.TextScorer`), the scorer's per-image decoder memory. Other encoders and
+captioners each read their own pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from captioning.captioner import Captioner, DecodeOptions, GridCaptioner, TextScorer
+from retrieval.encoder import GridEncoder, JointEncoder
+
+
+@dataclass
+class BatchOutput:
+    vectors: np.ndarray  # (B, D) image embeddings
+    captions: list[str | None]  # one per image; None where no captioner ran or it wrote nothing
+    memories: np.ndarray | None = None  # (B, S * D_dec) scorer memories, None without a scorer
+
+
+class ImageModels:
+    """Encoder plus optional captioner behind two calls: ``preprocess`` (threads) and ``run`` (batches)."""
+
+    def __init__(self, encoder: JointEncoder, captioner: Captioner | None = None,
+                 options: DecodeOptions = DecodeOptions(), scorer: TextScorer | None = None) -> None:
+        self.encoder, self.captioner, self.options = encoder, captioner, options
+        grid = isinstance(encoder, GridEncoder)
+        self.shared = grid and isinstance(captioner, GridCaptioner)  # one tower pass for both
+        # the scorer rates query text against images from memories computed on the encoder's grid
+        self.scorer = scorer if grid else None
+
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (encoder pixels, captioner pixels or None when the backbone is shared or absent)."""
+        x = self.encoder.preprocess(image)
+        if self.captioner is None or self.shared:
+            return x, None
+        return x, self.captioner.preprocess(image)
+
+    def run(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> BatchOutput:
+        grid = self._grid(enc_pixels)
+        vectors = self.encoder.encode_grid(grid) if grid is not None else self.encoder.encode_pixels(enc_pixels)
+        captions, memories = self._captions_and_memories(grid, cap_pixels, len(enc_pixels))
+        return BatchOutput(vectors, captions, memories)
+
+    def caption_only(self, enc_pixels: torch.Tensor,
+                     cap_pixels: torch.Tensor | None) -> tuple[list[str | None], np.ndarray | None]:
+        """Captions and scorer memories without touching image embeddings (``recaption``)."""
+        return self._captions_and_memories(self._grid(enc_pixels), cap_pixels, len(enc_pixels))
+
+    def _grid(self, enc_pixels: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1280, 7, 7): one backbone pass for everything that reads the grid; None when nothing does."""
+        return self.encoder.grid(enc_pixels) if self.shared or self.scorer is not None else None
+
+    def _captions_and_memories(self, grid: torch.Tensor | None, cap_pixels: torch.Tensor | None,
+                               n: int) -> tuple[list[str | None], np.ndarray | None]:
+        memories = self.scorer.memory(grid) if self.scorer is not None else None
+        if self.captioner is None:
+            return [None] * n, memories
+        if self.shared:
+            captions = self.captioner.caption_grid(grid, self.options)
+        else:
+            captions = self.captioner.caption_pixels(cap_pixels, self.options)
+        return [clean_caption(c) for c in captions], memories
+
+    def embed_captions(self, captions: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (positions of non-empty captions, their (n, D) text embeddings)."""
+        keep = np.array([i for i, c in enumerate(captions) if c], dtype=np.int64)
+        if not len(keep):
+            return keep, np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return keep, self.encoder.encode_texts([captions[i] for i in keep])
+
+
+def clean_caption(text: str | None) -> str | None:
+    """Collapse whitespace; an empty caption becomes None (never stored as '')."""
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text or None

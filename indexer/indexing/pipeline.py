@@ -1,0 +1,254 @@
+"""One incremental indexing run: reader threads -> model stage -> writer, in bounded batches.
+
+What happens to each file is decided by ``plan.py`` (the decision table of docs/ARCHITECTURE.md);
+this module carries the decisions out: it reads files on threads (``reader.py``), runs the models on
+batches of new content (``models.py``), copies the vectors of content the index already holds, and
+hands everything to the :class:`~indexer.indexing.writer.BatchWriter`, which checkpoints it. Moves
+and copies carry the caption and its vectors along; an empty caption is never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from indexer.errors import InputError
+from indexer.indexing import plan
+from indexer.indexing.discover import discover
+from indexer.indexing.models import ImageModels
+from indexer.indexing.reader import ReadResult, read_in_order
+from indexer.indexing.writer import BatchWriter
+from indexer.storage.bundle import Payload, VectorBundle
+from indexer.storage.schema import ImageRow, SkippedRow, utcnow
+from indexer.storage.store import Store
+from retrieval.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexSummary:
+    root: str
+    files_seen: int = 0
+    new: int = 0
+    changed: int = 0
+    moved: int = 0
+    copied: int = 0
+    touched: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    embedded: int = 0
+    captioned: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    total_images: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def stack_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(t is None for t in tensors) else torch.stack(tensors)
+
+
+class Indexer:
+    """Runs one incremental indexing pass of a folder into a store and its vectors."""
+
+    def __init__(
+        self, store: Store, vectors: VectorBundle, models: ImageModels,
+        batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.store, self.vectors, self.models = store, vectors, models
+        self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
+        self.batch_size, self.workers = batch_size, max(1, workers)
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.encoder_fp = models.encoder.info.fingerprint
+        self.captioner_fp = models.captioner.info.fingerprint if models.captioner else None
+
+    def run(self, root: str | Path) -> IndexSummary:
+        root_path = Path(root).expanduser()
+        if not root_path.exists():
+            raise InputError(f"folder {root_path} does not exist")
+        if not root_path.is_dir():
+            raise InputError(f"{root_path} is not a folder")
+        return _Run(self, root_path.resolve()).execute()
+
+
+class _Run:
+    """The state of one run: what the index held when it started, and what the run has done so far."""
+
+    def __init__(self, indexer: Indexer, root: Path) -> None:
+        self.ix, self.root = indexer, root
+        self.t0 = time.time()
+        self.summary = IndexSummary(root=str(root))
+        self.reasons: Counter[str] = Counter()
+        self.writer = BatchWriter(indexer.store, indexer.vectors, indexer.checkpoint_every)
+        self.batch: list[tuple[ReadResult, int, ImageRow | None]] = []
+        self.stash: dict[str, Payload] = {}  # what rows held before this run replaced their content, by old hash
+        self.done = 0
+        self.bar: tqdm | None = None
+
+    # --- the run ------------------------------------------------------------------------------
+    def execute(self) -> IndexSummary:
+        ix, s = self.ix, self.summary
+        self.run_id = ix.store.start_run(str(self.root))
+        files = discover(self.root)
+        s.files_seen = len(files)
+        rows = ix.store.all_images()
+        self.by_path = {r.path: r for r in rows}
+        self.by_hash: dict[str, ImageRow] = {}
+        for r in rows:
+            self.by_hash.setdefault(r.content_hash, r)
+        triage = plan.triage(str(self.root), files, rows, ix.store.skipped())
+        if not files and not triage.gone:
+            raise InputError(f"no image files found under {self.root} "
+                             f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        self.gone = dict(triage.gone)
+        self.move_sources: dict[str, list[ImageRow]] = {}
+        for r in self.gone.values():
+            self.move_sources.setdefault(r.content_hash, []).append(r)
+        s.unchanged = len(triage.unchanged)
+        for _, reason in triage.skipped_before:
+            self._count_skip(reason)
+        todo = triage.to_read
+        self.total = len(todo)
+        self.bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not ix.progress or not todo)
+        try:
+            self._advance(0)
+            known = frozenset(self.by_hash)
+            window = max(ix.batch_size * 2, ix.workers * 4)
+            with ThreadPoolExecutor(max_workers=ix.workers) as pool:
+                for res in read_in_order(pool, ((f.path, f) for f in todo), ix.models, known, window):
+                    self._handle(res)
+                self._flush()
+            # files that disappeared (and were not moved) leave the index
+            self.writer.delete([r.id for r in self.gone.values()])
+            on_disk = {f.path for f in files}
+            s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
+            for path in triage.vanished_skips:
+                self.writer.unskip(path)
+            self.writer.checkpoint()
+        finally:
+            self.bar.close()
+        s.skipped_reasons = dict(self.reasons)
+        s.seconds = round(time.time() - self.t0, 3)
+        s.images_per_second = round(s.embedded / s.seconds, 2) if s.seconds else 0.0
+        s.total_images = len(ix.vectors)
+        ix.store.finish_run(self.run_id, s.to_json())
+        return s
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.ix.on_progress is not None:
+            self.ix.on_progress(self.done, self.total)
+
+    def _count_skip(self, reason: str) -> None:
+        self.summary.skipped += 1
+        self.reasons[plan.reason_kind(reason)] += 1
+
+    # --- one file -----------------------------------------------------------------------------
+    def _handle(self, res: ReadResult) -> None:
+        e, s, w = res.entry, self.summary, self.writer
+        old = self.by_path.get(e.path)
+        decision = plan.decide(res.error, res.content_hash, old, self.by_hash, self.move_sources)
+        if decision.kind == "skipped":
+            self._count_skip(res.error)
+            w.skip(SkippedRow(path=e.path, reason=res.error, byte_size=e.size, mtime=e.mtime, run_id=self.run_id,
+                              at=utcnow()))
+            if old is not None:  # a once-good file became unreadable: it leaves the index
+                self.gone[e.path] = old
+            self._advance(1)
+            return
+        w.unskip(e.path)
+        if decision.kind == "touched":
+            s.touched += 1
+            old.mtime, old.byte_size = e.mtime, e.size
+            w.row(old)
+        elif decision.kind == "moved":
+            src = decision.source
+            self.move_sources[res.content_hash].remove(src)
+            self.gone.pop(src.path, None)
+            src.path, src.mtime, src.byte_size = e.path, e.mtime, e.size
+            src.file_type, src.run_id = e.file_type, self.run_id
+            w.row(src)
+            s.moved += 1
+        elif not decision.embed:  # copied, or changed to content the index holds: its vectors are copied
+            payload = self._payload_of(res.content_hash)
+            if old is None:
+                row_id = w.new_id()
+                s.copied += 1
+            else:
+                row_id = old.id
+                self._keep_old(old)
+                s.changed += 1
+            src = decision.source
+            res.width, res.height, res.taken_at = src.width, src.height, src.taken_at
+            self.ix.vectors.add_payload(row_id, payload)
+            w.row(self._row(res, row_id, payload.caption, payload.captioner))
+        else:
+            if old is not None:
+                s.changed += 1
+                self.batch.append((res, old.id, old))
+            else:
+                s.new += 1
+                self.batch.append((res, w.new_id(), None))
+            if len(self.batch) >= self.ix.batch_size:
+                self._flush()
+            return
+        self._advance(1)
+        w.maybe_checkpoint()
+
+    def _payload_of(self, content_hash: str) -> Payload:
+        if content_hash in self.stash:
+            return self.stash[content_hash]
+        src = self.by_hash[content_hash]
+        return self.ix.vectors.payload(src.id, src.caption, src.captioner)
+
+    def _keep_old(self, old: ImageRow) -> None:
+        """Remember what ``old`` held before its id gets new content (a later copy may need it)."""
+        if old.content_hash not in self.stash:
+            self.stash[old.content_hash] = self.ix.vectors.payload(old.id, old.caption, old.captioner)
+
+    def _row(self, res: ReadResult, row_id: int, caption: str | None, captioner: str | None) -> ImageRow:
+        e = res.entry
+        return ImageRow(
+            id=row_id, path=e.path, content_hash=res.content_hash, byte_size=e.size, mtime=e.mtime,
+            width=res.width, height=res.height, file_type=e.file_type, taken_at=res.taken_at,
+            indexed_at=utcnow(), encoder=self.ix.encoder_fp, run_id=self.run_id, caption=caption,
+            captioner=captioner if caption else None, captioned_at=utcnow() if caption else None,
+        )
+
+    # --- a batch of new content ---------------------------------------------------------------
+    def _flush(self) -> None:
+        if not self.batch:
+            return
+        ix, batch = self.ix, self.batch
+        out = ix.models.run(torch.stack([r.pixels for r, _, _ in batch]),
+                            stack_or_none([r.cap_pixels for r, _, _ in batch]))
+        where, cap_vecs = ix.models.embed_captions(out.captions)
+        ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
+        for _, _, old in batch:
+            if old is not None:
+                self._keep_old(old)
+        ix.vectors.add(ids, out.vectors, ids[where], cap_vecs, out.memories)
+        for (res, rid, _), caption in zip(batch, out.captions):
+            self.summary.captioned += caption is not None
+            self.writer.row(self._row(res, rid, caption, self.ix.captioner_fp))
+        self.summary.embedded += len(batch)
+        self._advance(len(batch))
+        self.batch = []
+        self.writer.maybe_checkpoint()

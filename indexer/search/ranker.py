@@ -1,0 +1,197 @@
+"""Caption-conditioned ranking over one index: a query -> ranked image ids, from five signals.
+
+    image       cosine of the query and the image embedding               (the images vector index)
+    caption     cosine of the query and the generated caption's embedding (the captions vector index)
+    keyword     BM25 of the query words in the generated caption          (the store's keyword index; for
+                a pool of candidates, storage/pool_keywords.py with the index's term statistics)
+    likelihood  log P(query | image) under the caption decoder            (the scorer's stored memories)
+    match       the match head's logit for the query and the decoder memory (the same memories)
+
+This module reads the signals; the arithmetic that fuses them is ``retrieval/fusion.py``.
+
+Modes ``image``, ``caption`` and ``keyword`` rank by one signal. ``fused`` takes the union of
+the best ``pool`` candidates of each of the first three (the caption and keyword searches only when
+their weight is at least half the image weight; otherwise they only re-score), z-normalises each
+signal over that pool,
+and sums them with the query's weights (a normalised weighted sum beat reciprocal-rank fusion on
+Flickr8k dev; docs/MODELS.md). It then asks the caption decoder how likely it is to have written
+the query for each of the ``depth`` best candidates, and adds that log-probability (in nats, relative
+to the most likely candidate) with its own weight; candidates below ``depth`` count as the least
+likely of them. The match head (retrieval/native/matcher.py) rates the same candidates from the same
+stored memories, and its logit is added the same way, with its own weight.
+
+Excluded terms (``-people``) move the query vector away from them and drop every candidate whose
+caption mentions them (an FTS5 match over the candidates' captions); weighted terms (``grass^2``) add
+their own embedding and BM25 with that weight.
+Filters arrive as the allowed ids and are applied inside each search, so k results come back
+whenever k images match.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from indexer.storage.bundle import VectorBundle
+from indexer.storage.pool_keywords import PoolKeywords
+from indexer.storage.store import Store
+from retrieval.fusion import Ranked, add_relative, first_stage, stage_total
+from retrieval.query import SECOND_STAGE, FusionWeights, ParsedQuery
+from retrieval.query_parser import excluded_phrases, keyword_phrases, keyword_pieces
+
+if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
+    from captioning.captioner import TextScorer
+    from retrieval.native.matcher import Matcher
+
+
+class Ranker:
+    """Ranks one index for one query at a time. ``scorer`` (optional) rates text against images."""
+
+    def __init__(self, store: Store, vectors: VectorBundle, scorer: TextScorer | None = None,
+                 matcher: Matcher | None = None) -> None:
+        """``scorer`` and ``matcher`` read the stored memories, so both need them (the caller checks that
+        they are the scorer's, and that the matcher was trained on that scorer's memories)."""
+        self.store, self.vectors = store, vectors
+        self.scorer = scorer if vectors.memories is not None and len(vectors.memories) else None
+        self.matcher = matcher if self.scorer is not None else None
+
+    # --- single signals ------------------------------------------------------------------------
+    def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+        index = self.vectors.images if which == "image" else self.vectors.captions
+        scores, ids = index.search(q[None], n, ids=allowed)
+        return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
+
+    def _keyword_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+        """The best ``n`` images by (weighted) BM25 of the query words in their captions, collection-wide."""
+        keywords = self.store.keywords
+        if parsed is None or keywords is None:
+            return {}
+        phrases = keyword_phrases([t for t, _ in parsed.terms])
+        if not phrases:
+            return {}
+        allowed_set = None if allowed is None else set(allowed.tolist())
+        if all(w == 1.0 for _, w in parsed.terms):
+            return dict(keywords.top(phrases, n, allowed_set))
+        # weighted terms: each term's best n are candidates, so a heavily weighted term's matches are all
+        # in the running; they are then scored with every term's weight
+        per_term = [p for p in (keyword_phrases([term]) for term, _ in parsed.terms) if p]
+        among = list(dict.fromkeys(i for p in per_term for i, _ in keywords.top(p, n, allowed_set)))
+        with self._texts(among) as texts:
+            found = self._pool_bm25(parsed, texts)
+        return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
+
+    def _texts(self, ids: list[int]) -> PoolKeywords:
+        """The captions of ``ids``, ready for keyword scoring and exclusion tests."""
+        return PoolKeywords(self.store.captions_by_ids(ids))
+
+    def _pool_bm25(self, parsed: ParsedQuery, texts: PoolKeywords) -> dict[int, float]:
+        """Weighted BM25 of the query's terms in the candidates' captions (collection-wide term
+        statistics; BM25 is a sum over query terms, so weights apply term by term)."""
+        weights: dict[str, float] = {}
+        for term, w in parsed.terms:  # each phrase once, at its largest weight
+            for piece in keyword_pieces(term):
+                weights[piece] = max(w, weights.get(piece, w))
+        if not weights or self.store.keywords is None:
+            return {}
+        n_docs = len(self.vectors.captions) or len(self.vectors.images)
+        return texts.bm25(list(weights.items()), self.store.keywords.doc_freq, n_docs)
+
+    @staticmethod
+    def _excluded(parsed: ParsedQuery | None, texts: PoolKeywords) -> set[int]:
+        """Ids among ``texts`` whose caption mentions an excluded term."""
+        if parsed is None or not parsed.negative:
+            return set()
+        return texts.matching(excluded_phrases(parsed.negative))
+
+    def rerank_signals(self, ids: np.ndarray, text: str, likelihood: bool = True,
+                       match: bool = True) -> dict[str, np.ndarray]:
+        """The second-stage signals asked for and available, from one read of the stored memories:
+        {"likelihood": log P(text | image), "match": the match head's logit}, each (len(ids),), NaN
+        where an image has no stored memory."""
+        wanted = [name for name, on, model in zip(SECOND_STAGE, (likelihood, match), (self.scorer, self.matcher))
+                  if on and model is not None]
+        out = {name: np.full(len(ids), np.nan) for name in wanted}
+        if not wanted or not len(ids):
+            return out
+        have, mem = self.vectors.memories.reconstruct_present(ids)  # (m, S * D_dec)
+        if have.any():
+            if "likelihood" in out:
+                out["likelihood"][have] = self.scorer.log_likelihood(mem, text)
+            if "match" in out:
+                out["match"][have] = self.matcher.score(mem, text)
+        return out
+
+    # --- modes --------------------------------------------------------------------------------
+    def rank(self, mode: str, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
+             allowed: np.ndarray | None = None, pool: int = 100, depth: int = 10) -> Ranked:
+        """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query)."""
+        if mode == "fused":
+            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth)
+        want = k
+        while True:  # fetch more until exclusions leave k, or the index runs out
+            n = want + 8 * len(parsed.negative) if parsed else want
+            if mode == "keyword":
+                found = self._keyword_top(parsed, n, allowed)
+            else:
+                found = self._vector_top(mode, q, n, allowed)
+            ids = list(found)
+            drop: set[int] = set()
+            if parsed is not None and parsed.negative and ids:
+                with self._texts(ids) as texts:
+                    drop = self._excluded(parsed, texts)
+            kept = [i for i in ids if i not in drop]
+            if len(kept) >= k or len(ids) < n:
+                break
+            want *= 2
+        kept = kept[:k]
+        scores = np.array([found[i] for i in kept])
+        return Ranked(np.array(kept, dtype=np.int64), scores, {mode: scores})
+
+    def pool(self, q: np.ndarray, parsed: ParsedQuery | None, weights: FusionWeights,
+             allowed: np.ndarray | None, pool: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Fused mode's candidates (the union of each signal's best ``pool``, exclusions dropped) and
+        their image, caption and keyword signals -> (ids (n,), {signal: (n,)})."""
+        w = weights
+        # each signal that carries real weight brings its own candidates; a light caption or keyword weight
+        # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
+        # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
+        found_i = self._vector_top("image", q, pool, allowed) if w.image or w.likelihood else {}
+        found_c = self._vector_top("caption", q, pool, allowed) if w.caption and w.caption >= w.image / 2 else {}
+        found_k = (self._keyword_top(parsed, pool, allowed)
+                   if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
+        ids = list(dict.fromkeys([*found_i, *found_c, *found_k]))
+        if not ids:
+            return np.zeros(0, dtype=np.int64), {}
+        with self._texts(ids) as texts:
+            drop = self._excluded(parsed, texts)
+            cand = np.array([i for i in ids if i not in drop], dtype=np.int64)
+            keyword = self._pool_bm25(parsed, texts) if parsed is not None else None
+        if not len(cand):
+            return cand, {}
+        image = self.vectors.images.reconstruct(cand) @ q  # (n,)
+        has_cap, cap_vecs = self.vectors.captions.reconstruct_present(cand)
+        caption = np.full(len(cand), np.nan)
+        caption[has_cap] = cap_vecs @ q
+        signals = {"image": image, "caption": caption}
+        if keyword is not None:
+            signals["keyword"] = np.array([keyword.get(int(i), 0.0) for i in cand])
+        return cand, signals
+
+    def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
+               allowed: np.ndarray | None, pool: int, depth: int) -> Ranked:
+        cand, signals = self.pool(q, parsed, weights, allowed, pool)
+        if not len(cand):
+            return Ranked(cand, np.zeros(0), {})
+        fused = first_stage(signals, weights)
+        want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
+        if parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0:
+            top = np.argsort(-fused, kind="stable")[:depth]
+            second = self.rerank_signals(cand[top], parsed.positive_text, want_ll, want_match)
+            total = stage_total(signals, weights)
+            for name, values in second.items():  # both from the first stage's order, so neither depends on the other
+                fused = add_relative(fused, top, values, getattr(weights, name), total)
+                signals[name] = np.full(len(cand), np.nan)
+                signals[name][top] = values
+        order = np.argsort(-fused, kind="stable")[:k]
+        return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()})

@@ -1,0 +1,148 @@
+"""Searching one open index: text and example-image queries, more like this, duplicates.
+
+A :class:`Searcher` is made by the Engine for each call, from what the Engine wired (the store and
+vectors of the committed generation, the encoder, and a :class:`~indexer.search.ranker.Ranker` with
+the second-stage models the stored memories allow), and returns :class:`SearchHit` rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import InputError
+from indexer.search.duplicates import DuplicateGroup, find_duplicates
+from indexer.search.ranker import Ranker
+from indexer.storage.filters import Filters
+from indexer.storage.schema import ImageRow
+from retrieval.encoder import JointEncoder
+from retrieval.fusion import query_vector
+from retrieval.query import MODES, FusionWeights, ParsedQuery
+from retrieval.query_parser import parse_query
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: int
+    path: str
+    score: float
+    width: int
+    height: int
+    file_type: str
+    caption: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # per signal, e.g. {"image": 0.31}
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "score": round(self.score, 6), "caption": self.caption,
+                "width": self.width, "height": self.height, "file_type": self.file_type,
+                "scores": {k: round(v, 6) for k, v in self.scores.items()}}
+
+    @classmethod
+    def of(cls, row: ImageRow, score: float, scores: dict[str, float]) -> "SearchHit":
+        return cls(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, scores)
+
+
+def check_k(k: object) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise InputError("k must be at least 1")
+
+
+class Searcher:
+    """Queries over one open index (see module doc)."""
+
+    def __init__(self, ranker: Ranker, encoder: JointEncoder, pool: int = 100, depth: int = 10) -> None:
+        self.ranker, self.encoder, self.pool, self.depth = ranker, encoder, pool, depth
+        self.store, self.vectors = ranker.store, ranker.vectors
+
+    # --- queries ------------------------------------------------------------------------------
+    def _image_vector(self, image: str | Path) -> np.ndarray:
+        from retrieval.images import load_image
+
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise InputError(f"query image {path} does not exist")
+        return self.encoder.encode_images([load_image(path).image])[0]
+
+    def query(self, parsed: ParsedQuery | None, image: str | Path | None) -> np.ndarray:
+        """The (dim,) unit query vector of a parsed text, an example image, or both."""
+        if parsed is None and image is None:
+            raise InputError("give a text query, an example image, or both")
+        image_vec = self._image_vector(image) if image is not None else None
+        if parsed is None:
+            return (image_vec / (np.linalg.norm(image_vec) or 1.0)).astype(np.float32)
+        return query_vector(parsed, lambda texts: self.encoder.encode_texts(texts), image_vec)
+
+    def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
+               weights: FusionWeights | None = None, filters: Filters | None = None,
+               threshold: float | None = None) -> list[SearchHit]:
+        """Top ``k`` images for a text query and/or an example image, best first (see ``Engine.search``)."""
+        check_k(k)
+        if mode not in MODES:
+            raise InputError(f"unknown ranking mode {mode!r}; choose one of: {', '.join(MODES)}")
+        parsed = parse_query(text) if text is not None else None
+        if parsed is None and mode == "keyword":
+            raise InputError("keyword mode needs words to look for")
+        q = self.query(parsed, image)
+        allowed = self.store.filter_ids(filters) if filters is not None else None
+        if allowed is not None and not len(allowed):
+            return []
+        ranked = self.ranker.rank(mode, q, parsed, int(k), weights or FusionWeights(), allowed,
+                                  pool=self.pool, depth=self.depth)
+        rows = self.store.images_by_ids(ranked.ids.tolist())
+        hits = []
+        for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
+            if i not in rows or (threshold is not None and score < threshold):
+                continue
+            scores = {name: float(v[n]) for name, v in ranked.signals.items() if not np.isnan(v[n])}
+            hits.append(SearchHit.of(rows[i], float(score), scores))
+        return hits
+
+    def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
+        """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
+        check_k(k)
+        row = self.indexed(image)
+        if not self.vectors.images.contains(row.id):
+            raise InputError(f"{row.path} has no image vector yet; index its folder again")
+        query = self.vectors.images.reconstruct(np.array([row.id], dtype=np.int64))  # (1, D)
+        allowed = self.store.filter_ids(filters) if filters is not None else None
+        scores, ids = self.vectors.images.search(query, int(k) + 1, ids=allowed)  # +1: the image finds itself
+        ranked = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i != row.id][:k]
+        rows = self.store.images_by_ids([i for _, i in ranked])
+        return [SearchHit.of(rows[i], s, {"image": s}) for s, i in ranked if i in rows]
+
+    def indexed(self, image: int | str | Path) -> ImageRow:
+        """The row of an indexed image given by id or by path (as given, or resolved)."""
+        store = self.store
+        if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
+            row = store.images_by_ids([int(image)]).get(int(image))
+            if row is None:
+                raise InputError(f"no image with id {int(image)} in this index")
+            return row
+        if not isinstance(image, (str, Path)) or not str(image).strip():
+            raise InputError(f"give an indexed image's id or path, not {image!r}")
+        try:
+            path = Path(image).expanduser()
+            candidates = dict.fromkeys((os.path.abspath(path), str(path.resolve())))
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+            raise InputError(f"{str(image)[:200]!r} is not a usable path: {exc}") from None
+        for candidate in candidates:
+            row = store.image_by_path(candidate)
+            if row is not None:
+                return row
+        raise InputError(f"{path} is not in this index" + ("" if exists else " (no such file)"))
+
+    def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicateGroup]:
+        """Groups of exact copies (same bytes) and near copies (image similarity >= ``threshold``)."""
+        if not 0 < threshold <= 1:  # `not` also refuses NaN
+            raise InputError(f"the similarity threshold must be in (0, 1], got {threshold}")
+        check_k(k)
+        images = self.vectors.images
+        return find_duplicates(
+            images.ids(), self.store.same_hash_groups(), images.reconstruct,
+            lambda q, n, allowed: images.search(q, n, ids=allowed),
+            lambda ids: {i: r.path for i, r in self.store.images_by_ids(ids).items()},
+            threshold=threshold, k=int(k))

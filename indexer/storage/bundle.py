@@ -1,0 +1,283 @@
+"""The vector stores of one index, kept in step and committed together with the SQL rows.
+
+Three kinds, all keyed by ``images.id``: ``images`` (image embeddings) and ``captions`` (embeddings of
+the generated captions), both searchable :class:`VectorIndex`es, and ``memories`` (the caption
+scorer's per-image decoder memories, a :class:`MemoryStore`, only when the index ranks with a scorer).
+Every image has an image vector; it has a caption vector only when it has a caption, and a memory only
+when the index has a scorer and the image was read with it.
+
+**Commits.** Changes collect in memory. :meth:`VectorBundle.commit` writes them as new segment files
+(``indexer/storage/segments.py``), merges small segments, writes manifest ``vectors/manifest-G.json``
+naming every live segment, and then commits the SQL changes of the same checkpoint together with
+``meta.vector_generation = G`` in one transaction. An index opens at the generation its database
+names, so the vectors and the rows always come from the same checkpoint: a crash at any moment leaves
+the last committed checkpoint, and the files of a checkpoint that did not commit are deleted by the
+next writer. Old manifests and the segments only they name are kept for one generation, for readers
+in other processes that are opening the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer.errors import IndexCorruptError
+from indexer.storage.segments import SegmentInfo, SegmentLog, fsync_dir, plan_merge
+from indexer.storage.store import Store, WriteBatch
+from indexer.storage.vectors import MemoryStore, VectorIndex, memory_codec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pixquery-vectors/1"
+GENERATION_KEY = "vector_generation"  # meta key: the manifest generation the rows belong to
+SEARCHABLE = ("images", "captions")
+MEMORIES = "memories"
+
+
+@dataclass
+class Payload:
+    """Everything the index holds for one image besides its file facts (what a copy carries along)."""
+
+    image: np.ndarray  # (D,)
+    caption_vec: np.ndarray | None  # (D,)
+    caption: str | None
+    captioner: str | None
+    memory_codes: np.ndarray | None = None  # the scorer memory as stored (8-bit codes)
+
+
+def manifest_path(folder: Path, generation: int) -> Path:
+    return folder / f"manifest-{generation:08d}.json"
+
+
+def read_manifest(folder: Path, generation: int) -> dict:
+    """The manifest of ``generation`` (an empty one for generation 0: a new index)."""
+    if generation == 0:
+        return {"format": FORMAT, "generation": 0, "next_segment": 1, "kinds": {}}
+    path = manifest_path(folder, generation)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IndexCorruptError(f"the index names vector generation {generation}, but {path} is missing; "
+                                f"rebuild it with: pixquery index FOLDER --rebuild") from None
+    except (OSError, ValueError) as exc:
+        raise IndexCorruptError(f"cannot read {path}: {exc}; rebuild with: pixquery index FOLDER --rebuild") from exc
+    if manifest.get("format") != FORMAT:
+        raise IndexCorruptError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    path = manifest_path(folder, manifest["generation"])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(manifest, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    fsync_dir(folder)
+
+
+def kind_entry(log_: SegmentLog) -> dict:
+    return {"width": log_.width, "dtype": log_.dtype.name, "segments": [s.to_dict() for s in log_.segments]}
+
+
+class VectorBundle:
+    """The vector stores of one index folder (``folder`` = ``<index>/vectors``)."""
+
+    def __init__(self, folder: Path, manifest: dict, dim: int, memory_dim: int | None = None,
+                 index_type: str = "flat") -> None:
+        """``memory_dim``: also keep scorer memories of this size (None: this index ranks without a scorer;
+        stored memories are then left as they are)."""
+        self.folder, self.dim, self.index_type = folder, dim, index_type
+        self.generation = int(manifest["generation"])
+        self._next_segment = int(manifest["next_segment"])
+        self._committed = manifest
+        kinds = manifest["kinds"]
+        for kind in SEARCHABLE:
+            entry = kinds.get(kind)
+            if entry is not None and entry["width"] != dim:
+                raise IndexCorruptError(f"{kind} vectors have dimension {entry['width']}, expected {dim}")
+        self.images = VectorIndex(self._log("images", dim, np.float32), index_type)
+        self.captions = VectorIndex(self._log("captions", dim, np.float32), index_type)
+        self.memories: MemoryStore | None = None
+        self.memory_dim = memory_dim
+        if memory_dim:
+            code = memory_codec(memory_dim).code_size
+            entry = kinds.get(MEMORIES)
+            if entry is not None and entry["width"] != code:  # another scorer's: dropped at the next commit
+                log.warning("stored scorer memories have another size (%s); they will be dropped", entry["width"])
+                self.memories = MemoryStore(SegmentLog(folder, MEMORIES, code, np.uint8), memory_dim)
+            else:
+                self.memories = MemoryStore(self._log(MEMORIES, code, np.uint8), memory_dim)
+
+    def _log(self, kind: str, width: int, dtype: type) -> SegmentLog:
+        entry = self._committed["kinds"].get(kind)
+        infos = [SegmentInfo(**s) for s in entry["segments"]] if entry else []
+        return SegmentLog.load(self.folder, kind, width, dtype, infos)
+
+    @classmethod
+    def open(cls, folder: Path, store: Store, dim: int, memory_dim: int | None = None,
+             index_type: str = "flat") -> "VectorBundle":
+        """The vectors of the generation ``store`` names (an index of an older pixquery is converted first)."""
+        from indexer.storage import legacy
+
+        generation = int(store.get_meta(GENERATION_KEY) or 0)
+        if legacy.legacy_files(folder.parent):
+            if generation == 0:
+                legacy.convert(folder.parent, folder, store)
+                generation = 1
+            else:  # converted and committed, then interrupted before the old files went
+                legacy.remove_leftovers(folder.parent)
+        for attempt in range(3):
+            try:
+                return cls(folder, read_manifest(folder, generation), dim, memory_dim, index_type)
+            except IndexCorruptError:
+                # a writer in another process may have committed twice since we read the generation, and
+                # collected this one's files: try the newest
+                newest = int(store.get_meta(GENERATION_KEY) or 0)
+                if newest == generation or attempt == 2:
+                    raise
+                generation = newest
+        raise AssertionError("unreachable")
+
+    # --- reading ------------------------------------------------------------------------------
+    def ids(self) -> np.ndarray:
+        return self.images.ids()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def payload(self, row_id: int, caption: str | None, captioner: str | None) -> Payload:
+        ids = np.array([row_id], dtype=np.int64)
+        have, cap = self.captions.reconstruct_present(ids)
+        codes = None
+        if self.memories is not None:
+            have_mem, mem = self.memories.codes_present(ids)
+            codes = mem[0] if have_mem[0] else None
+        return Payload(self.images.reconstruct(ids)[0], cap[0] if caption and have[0] else None, caption,
+                       captioner, codes)
+
+    def stale(self, store: Store) -> bool:
+        """Whether another process has committed a newer generation since this one was opened."""
+        return int(store.get_meta(GENERATION_KEY) or 0) != self.generation
+
+    # --- changing (in memory until commit) --------------------------------------------------------
+    def add(self, ids: np.ndarray, images: np.ndarray, caption_ids: np.ndarray, captions: np.ndarray,
+            memories: np.ndarray | None = None) -> None:
+        """Vectors of a batch (replacing what ``ids`` held); ``memories`` (len(ids), S * D_dec) is dropped
+        when this index keeps none. Caption vectors of ``ids`` without a new caption vector go."""
+        self.images.put(ids, images)
+        self.captions.delete(np.setdiff1d(ids, caption_ids))
+        self.captions.put(caption_ids, captions)
+        self.set_memories(ids, memories)
+
+    def add_payload(self, row_id: int, payload: Payload) -> None:
+        """Everything ``payload`` holds, under ``row_id`` (a copy of indexed content)."""
+        ids = np.array([row_id], dtype=np.int64)
+        self.images.put(ids, payload.image[None])
+        if payload.caption_vec is not None:
+            self.captions.put(ids, payload.caption_vec[None])
+        else:
+            self.captions.delete(ids)
+        if self.memories is not None:
+            if payload.memory_codes is not None:
+                self.memories.put_codes(ids, payload.memory_codes[None])
+            else:
+                self.memories.delete(ids)
+
+    def set_captions(self, ids: np.ndarray, caption_ids: np.ndarray, vectors: np.ndarray) -> None:
+        """New caption vectors for ``caption_ids``; the others of ``ids`` (no caption now) lose theirs."""
+        self.captions.delete(np.setdiff1d(ids, caption_ids))
+        self.captions.put(caption_ids, vectors)
+
+    def set_memories(self, ids: np.ndarray, memories: np.ndarray | None) -> None:
+        """New memories of ``ids``; without them (or of another scorer's size), what ``ids`` had goes, and
+        the likelihood signal stays off for these images."""
+        if self.memories is None:
+            return
+        if memories is None or memories.shape[1] != self.memories.dim:
+            self.memories.delete(ids)
+            return
+        self.memories.put(ids, memories)
+
+    def drop_memories(self) -> None:
+        """Forget every stored memory (the scorer changed); ``recaption`` writes them again."""
+        if self.memories is not None:
+            self.memories.delete(self.memories.ids())
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        self.images.delete(ids)
+        self.captions.delete(ids)
+        if self.memories is not None:
+            self.memories.delete(ids)
+
+    # --- commits ------------------------------------------------------------------------------
+    def _logs(self) -> list[SegmentLog]:
+        logs = [self.images.records, self.captions.records]
+        return logs + ([self.memories.records] if self.memories is not None else [])
+
+    @property
+    def dirty(self) -> bool:
+        return any(log_.dirty for log_ in self._logs())
+
+    def commit(self, store: Store, batch: WriteBatch | None = None) -> None:
+        """Write the pending vector changes and ``batch``'s SQL changes as one checkpoint (see module doc)."""
+        batch = batch if batch is not None else WriteBatch()
+        if not self.dirty:
+            store.write(batch)
+            return
+        number = self._next_segment
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for log_ in self._logs():
+                if log_.write_pending(number) is not None:
+                    number += 1
+                while (run := plan_merge(log_.live_sizes())) is not None:
+                    log_.merge(*run, number)
+                    number += 1
+            kinds = dict(self._committed["kinds"])  # kinds not loaded here (memories without a scorer) carry over
+            kinds.update({log_.kind: kind_entry(log_) for log_ in self._logs()})
+            manifest = {"format": FORMAT, "generation": self.generation + 1, "next_segment": number, "kinds": kinds}
+            write_manifest(self.folder, manifest)
+            batch.meta[GENERATION_KEY] = str(manifest["generation"])
+            store.write(batch)
+        except BaseException:
+            self._reload()  # back to the last committed checkpoint; the files written here are garbage
+            raise
+        previous, self._committed = self._committed, manifest
+        self.generation, self._next_segment = manifest["generation"], number
+        self.collect_garbage(keep=(previous, manifest))
+
+    def _reload(self) -> None:
+        for log_ in self._logs():
+            entry = self._committed["kinds"].get(log_.kind)
+            log_.reload([SegmentInfo(**s) for s in entry["segments"]] if entry else [])
+        # the search structures follow the records again
+        self.images = VectorIndex(self.images.records, self.index_type)
+        self.captions = VectorIndex(self.captions.records, self.index_type)
+
+    def collect_garbage(self, keep: tuple[dict, ...] | None = None) -> int:
+        """Delete manifests and segment files that none of ``keep`` (default: the committed manifest)
+        names: older generations, and what a checkpoint that never committed left behind. Only the
+        process that writes the index may call this. Returns the number of files deleted."""
+        keep = keep or (self._committed,)
+        if not self.folder.is_dir():
+            return 0
+        wanted = {manifest_path(self.folder, m["generation"]).name for m in keep if m["generation"]}
+        for manifest in keep:
+            for kind, entry in manifest["kinds"].items():
+                for s in entry["segments"]:
+                    stem = f"{kind}-{s['number']:08d}"
+                    wanted |= {f"{stem}.ids.npy", f"{stem}.rows.npy", f"{stem}.del.npy"}
+        removed = 0
+        for path in self.folder.iterdir():
+            if path.name not in wanted and path.suffix in (".npy", ".json", ".tmp"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,100 @@
+"""Filters: restrict a search to part of the collection, as SQL conditions with bound parameters only.
+
+Everything but the glob runs in SQL (the folder as a literal ``substr`` prefix, not ``LIKE``, so ``%``
+and ``_`` in paths mean themselves; dates as ``taken_at``, else ``mtime``, within whole local days);
+the glob is matched with ``fnmatch`` in Python over the rows the other conditions leave.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+
+from sqlalchemy import ColumnElement, and_, func, or_
+
+from indexer.errors import InputError
+from indexer.storage.schema import ImageRow
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrict a search to part of the collection; applied inside the search, so k results still come back
+    whenever k images match.
+
+    folder: only images under this folder (absolute or relative to the working directory);
+    glob: only paths matching this shell pattern (``*`` and ``?`` as in fnmatch, matched on the full path);
+    after / before: date taken (EXIF), else file modification date, inclusive;
+    file_types: lower-case extensions without the dot, e.g. ("jpg", "png");
+    min_width / min_height: in pixels.
+    """
+
+    folder: str | None = None
+    glob: str | None = None
+    after: date | None = None
+    before: date | None = None
+    file_types: tuple[str, ...] = ()
+    min_width: int = 0
+    min_height: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_width < 0 or self.min_height < 0:
+            raise InputError("minimum width and height cannot be negative")
+        if self.after and self.before and self.after > self.before:
+            raise InputError(f"the date range is empty: {self.after} is after {self.before}")
+        object.__setattr__(self, "file_types", tuple(t.lower().lstrip(".") for t in self.file_types))
+
+    @property
+    def active(self) -> bool:
+        return any((self.folder, self.glob, self.after, self.before, self.file_types, self.min_width,
+                    self.min_height))
+
+
+
+# extensions that name the same format: --type jpg also finds .jpeg files
+_SAME_TYPE = {"jpg": ("jpeg",), "jpeg": ("jpg",), "tif": ("tiff",), "tiff": ("tif",)}
+
+
+def _timestamp(local: datetime) -> float:
+    """Seconds since the epoch of a naive local time; +-inf beyond what the platform can convert."""
+    try:
+        return local.timestamp()
+    except (OverflowError, ValueError, OSError):
+        return -math.inf if local.year < 1970 else math.inf
+
+
+def filter_conditions(filters: Filters) -> list[ColumnElement[bool]]:
+    """SQL conditions for every filter but the glob; all values are bound parameters."""
+    conds: list[ColumnElement[bool]] = []
+    if filters.folder:
+        # a plain prefix comparison: no LIKE, so '%', '_' and case in paths mean exactly themselves
+        try:
+            prefix = os.path.join(str(Path(filters.folder).expanduser().resolve()), "")
+        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+            raise InputError(f"folder filter {filters.folder[:200]!r} is not a usable path: {exc}") from None
+        conds.append(func.substr(ImageRow.path, 1, len(prefix)) == prefix)
+    if filters.after or filters.before:
+        # date taken (EXIF, local time), else the file's modification time (local), whole days inclusive
+        start = datetime.combine(filters.after, time()) if filters.after else None
+        end = (datetime.combine(filters.before + timedelta(days=1), time())
+               if filters.before and filters.before < date.max else None)
+        taken = [ImageRow.taken_at.is_not(None)]
+        modified = [ImageRow.taken_at.is_(None)]
+        if start is not None:
+            taken.append(ImageRow.taken_at >= start)
+            modified.append(ImageRow.mtime >= _timestamp(start))
+        if end is not None:
+            taken.append(ImageRow.taken_at < end)
+            modified.append(ImageRow.mtime < _timestamp(end))
+        conds.append(or_(and_(*taken), and_(*modified)))
+    if filters.file_types:
+        types = {t for ft in filters.file_types for t in (ft, *_SAME_TYPE.get(ft, ()))}
+        conds.append(ImageRow.file_type.in_(sorted(types)))
+    # clamped: no image is 2**31 pixels wide, and a bigger Python int would overflow a SQL integer
+    if filters.min_width:
+        conds.append(ImageRow.width >= min(filters.min_width, 2**31))
+    if filters.min_height:
+        conds.append(ImageRow.height >= min(filters.min_height, 2**31))
+    return conds

@@ -1,0 +1,126 @@
+"""The keyword index over the generated captions: BM25 search, behind one interface per database.
+
+The ranker asks it for the best captions containing any of some phrases (runs of lower-cased words
+from :func:`retrieval.query_parser.keyword_phrases`, never raw user syntax), and for the collection's
+document frequencies of stemmed tokens (what ``indexer/storage/pool_keywords.py`` scores a query's
+candidates with). Each database fills it with its own full-text search; every phrase is quoted in
+that search's syntax here and bound as a parameter, never formatted into SQL.
+
+SQLite: an FTS5 table with external content (the ``images`` table), kept in step by triggers, so
+every code path that writes a caption updates it. Porter stemming lets "running" match "runs".
+Ranking is FTS5's BM25 (k1 = 1.2, b = 0.75).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Sequence
+
+from sqlalchemy.engine import Connection, Engine
+
+KEYWORD_TABLE = "captions_fts"
+KEYWORD_TOKENIZER = "porter unicode61"  # FTS5 tokenizer of the keyword index (and of pool_keywords.py)
+
+
+class KeywordIndex(ABC):
+    """BM25 search over ``images.caption``; one per store."""
+
+    @abstractmethod
+    def install(self, conn: Connection) -> None:
+        """Create what the index needs in the database (idempotent) and fill it from existing captions
+        when it is new (an index from before keyword search)."""
+
+    @abstractmethod
+    def uninstall(self, conn: Connection) -> None:
+        """Remove what :meth:`install` created (before the tables are dropped)."""
+
+    @abstractmethod
+    def top(self, phrases: Sequence[str], limit: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
+        """(id, BM25 > 0) of the best ``limit`` captions containing any of ``phrases``, best first;
+        ``allowed``: only these ids (a filter)."""
+
+    @abstractmethod
+    def doc_freq(self, tokens: Iterable[str]) -> dict[str, int]:
+        """{token: captions containing it} for tokens as the index stores them (stemmed)."""
+
+
+def fts_quote(phrase: str) -> str:
+    """A phrase as an FTS5 string: ``"park bench"`` (inner quotes doubled; phrases hold only word runs)."""
+    return '"' + phrase.replace('"', '""') + '"'
+
+
+def fts_any(phrases: Sequence[str]) -> str:
+    """The FTS5 expression matching any of ``phrases``."""
+    return " OR ".join(fts_quote(p) for p in phrases)
+
+
+_SQLITE_DDL = (
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS {KEYWORD_TABLE} USING fts5("
+    f"caption, content='images', content_rowid='id', tokenize='{KEYWORD_TOKENIZER}')",
+    f"CREATE TRIGGER IF NOT EXISTS captions_fts_ai AFTER INSERT ON images BEGIN "
+    f"INSERT INTO {KEYWORD_TABLE}(rowid, caption) VALUES (new.id, new.caption); END",
+    f"CREATE TRIGGER IF NOT EXISTS captions_fts_ad AFTER DELETE ON images BEGIN "
+    f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}, rowid, caption) VALUES ('delete', old.id, old.caption); END",
+    f"CREATE TRIGGER IF NOT EXISTS captions_fts_au AFTER UPDATE OF caption ON images BEGIN "
+    f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}, rowid, caption) VALUES ('delete', old.id, old.caption); "
+    f"INSERT INTO {KEYWORD_TABLE}(rowid, caption) VALUES (new.id, new.caption); END",
+)
+
+
+class SqliteKeywords(KeywordIndex):
+    """FTS5 over the captions of an SQLite store."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def install(self, conn: Connection) -> None:
+        exists = conn.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (KEYWORD_TABLE,)).first()
+        for statement in _SQLITE_DDL:
+            conn.exec_driver_sql(statement)
+        if not exists:  # a new table over existing rows (an index from before schema 3): fill it
+            conn.exec_driver_sql(f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}) VALUES ('rebuild')")
+
+    def uninstall(self, conn: Connection) -> None:
+        for trigger in ("captions_fts_ai", "captions_fts_ad", "captions_fts_au"):
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {KEYWORD_TABLE}")
+
+    def top(self, phrases: Sequence[str], limit: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
+        if not phrases or limit < 1:
+            return []
+        sql = (f"SELECT rowid, -bm25({KEYWORD_TABLE}) AS s FROM {KEYWORD_TABLE} WHERE {KEYWORD_TABLE} MATCH ? "
+               f"ORDER BY s DESC")
+        match = fts_any(phrases)
+        with self.engine.connect() as conn:
+            if allowed is None:
+                rows = conn.exec_driver_sql(sql + " LIMIT ?", (match, int(limit)))
+                return [(int(r[0]), float(r[1])) for r in rows]
+            out = []
+            for r in conn.exec_driver_sql(sql, (match,)):  # streamed, best first
+                if int(r[0]) in allowed:
+                    out.append((int(r[0]), float(r[1])))
+                    if len(out) >= limit:
+                        break
+            return out
+
+    def doc_freq(self, tokens: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        tokens = list(dict.fromkeys(tokens))
+        if not tokens:
+            return out
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{KEYWORD_TABLE}_vocab "
+                                 f"USING fts5vocab(main, {KEYWORD_TABLE}, row)")
+            for token in tokens:  # fts5vocab answers `term = ?` from its b-tree; `IN (...)` would scan it
+                row = conn.exec_driver_sql(f"SELECT doc FROM temp.{KEYWORD_TABLE}_vocab WHERE term = ?",
+                                           (token,)).first()
+                out[token] = int(row[0]) if row else 0
+        return {t: out.get(t, 0) for t in tokens}
+
+
+def keyword_index_for(engine: Engine) -> KeywordIndex | None:
+    """The keyword index this database can hold (None: keyword ranking is unavailable there)."""
+    if engine.dialect.name == "sqlite":
+        return SqliteKeywords(engine)
+    return None

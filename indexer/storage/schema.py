@@ -1,0 +1,86 @@
+"""The metadata schema: SQLAlchemy 2.0 typed models, the schema version and its migrations.
+
+An image's ``id`` is also its id in every vector store (``indexer/storage/bundle.py``), so rows and
+vectors never shuffle when files come and go.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# 2: captions (images.caption, captioner, captioned_at); 3: keyword index over captions;
+# 4: vectors in append-only segments committed with the rows (meta ``vector_generation``; the
+#    vector files of schema 3 are converted in place by indexer/storage/legacy.py)
+SCHEMA_VERSION = 4
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value facts about the index: schema version, model provenance, the committed vector generation."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # = the vector stores' id
+    path: Mapped[str] = mapped_column(Text, unique=True, index=True)  # absolute, resolved
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)  # blake2b-256 hex of the bytes
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    file_type: Mapped[str] = mapped_column(String(16))  # lower-case extension without dot
+    taken_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # EXIF date taken
+    indexed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    encoder: Mapped[str] = mapped_column(String(255))  # fingerprint of the encoder that made the vector
+    caption: Mapped[str | None] = mapped_column(Text, nullable=True)  # never an empty string
+    captioner: Mapped[str | None] = mapped_column(String(255), nullable=True)  # fingerprint of its captioner
+    captioned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+
+
+class SkippedRow(Base):
+    """Files that could not be indexed, with the reason; cleared when the file indexes or vanishes."""
+
+    __tablename__ = "skipped"
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[float] = mapped_column(Float)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class RunRow(Base):
+    """One ``pixquery index`` run and its summary counts."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    root: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    summary: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON of IndexSummary
+
+
+# schema version -> SQL that upgrades the previous version to it (portable SQL only; what a keyword
+# index or the vector files need is done by their own owners when an index opens)
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE images ADD COLUMN caption TEXT",
+        "ALTER TABLE images ADD COLUMN captioner VARCHAR(255)",
+        "ALTER TABLE images ADD COLUMN captioned_at DATETIME"),
+    3: (),  # the keyword index: created and filled by the keyword index (indexer/storage/keywords.py)
+    4: (),  # the vector files: converted by indexer/storage/legacy.py
+}
