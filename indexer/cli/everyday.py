@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="read and embed on a Ray cluster (pip install 'pixquery[ray]'): HOST:PORT, ray://HOST:PORT, "
-                        "auto, or nothing for $RAY_ADDRESS or a Ray started on this machine; the photos must be at "
+                        "auto, or nothing for $RAY_ADDRESS or the Ray on this machine (started if none); the photos must be at "
                         "the same paths on every node")
     p.add_argument("--ray-actors", type=int, metavar="N", help="model actors on the cluster (default: one per GPU, "
                                                                 "else one per CPU)")

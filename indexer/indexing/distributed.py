@@ -44,7 +44,7 @@ from retrieval.errors import PixqueryError
 
 log = logging.getLogger(__name__)
 
-LOCAL = "local"  # --ray without an address: $RAY_ADDRESS if set, else a Ray instance started on this machine
+LOCAL = "local"  # --ray without an address: $RAY_ADDRESS if set, else the Ray on this machine (started if none)
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,12 @@ class EngineModels:
     config: object  # indexer.config.EngineConfig
 
     def __call__(self) -> ImageModels:
+        import ray
+
         from indexer.engine import Engine
 
-        return Engine(self.config).models()
+        # the GPU Ray gave this actor is its "cuda" (Ray sets CUDA_VISIBLE_DEVICES); an actor without one: CPU
+        return Engine(replace(self.config, device="cuda" if ray.get_gpu_ids() else "cpu")).models()
 
 
 class EmbedStage:
@@ -271,7 +274,10 @@ class RayRun(Run):
                 if not rows:
                     if shard is not None:
                         self._shard_done(shard)
-                    shard, rows = next(blocks)
+                    got_block = next(blocks, None)
+                    if got_block is None:
+                        raise PixqueryError(f"the Ray workers returned no result for {entry.path}")
+                    shard, rows = got_block
                 got = rows.pop(0)
                 if got.path != entry.path:
                     raise PixqueryError(f"the Ray workers returned {got.path} where {entry.path} was expected")
