@@ -314,8 +314,8 @@ def test_ray_with_the_shipped_models_equals_single_process_on_the_sample_photos(
 
 
 def test_ray_is_imported_only_by_a_run_that_uses_it():
-    code = ("import sys; import indexer.cli as c; c.build_parser(); import indexer.engine, indexer.indexing.distributed; "
-            "print('ray' in sys.modules)")
+    code = ("import sys; import indexer.cli as c; c.build_parser(); "
+            "import indexer.engine, indexer.indexing.distributed; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False"
