@@ -120,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ui)
 
 
-def _print_summary(s, out=sys.stdout) -> None:
+def _print_summary(s, out=None) -> None:
+    out = out or sys.stdout  # looked up now: a default argument would keep the stream of import time
     print(f"indexed {s.root}: {s.files_seen} image files, {s.total_images} in the index", file=out)
     print(f"  new {s.new}, changed {s.changed}, moved {s.moved}, copies {s.copied}, unchanged {s.unchanged}, "
           f"touched {s.touched}, deleted {s.deleted}, skipped {s.skipped}", file=out)
@@ -154,7 +155,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_hits(hits, out=sys.stdout) -> None:
+def _print_hits(hits, out=None) -> None:
+    out = out or sys.stdout
     if not hits:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):
