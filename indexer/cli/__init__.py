@@ -7,7 +7,8 @@ libraries (torch, faiss, transformers) are imported inside the commands, never a
 
 Exit codes: 0 success; 1 runtime error; 2 bad usage or input (missing folder, empty query,
 unreadable query image); 3 no index here, or the index was built with another encoder;
-4 a model could not be loaded; 130 interrupted.
+4 a model could not be loaded; 5 another process is writing the index (``--wait`` waits for it);
+130 interrupted (Ctrl-C: an indexing run stops after the batch in flight and keeps what it did).
 """
 
 from __future__ import annotations

@@ -102,9 +102,13 @@ def read_in_order(pool: ThreadPoolExecutor, jobs: Iterable[tuple[str, FileEntry 
                   known_hashes: frozenset[str] | None, window: int) -> Iterator[ReadResult]:
     """Read ``(path, entry)`` jobs on ``pool``, yielding results in order, at most ``window`` in flight."""
     futures = []
-    for path, entry in jobs:
-        futures.append(pool.submit(read_file, path, entry, models, known_hashes))
-        if len(futures) >= window:
+    try:
+        for path, entry in jobs:
+            futures.append(pool.submit(read_file, path, entry, models, known_hashes))
+            if len(futures) >= window:
+                yield futures.pop(0).result()
+        while futures:
             yield futures.pop(0).result()
-    for fut in futures:
-        yield fut.result()
+    finally:  # closed early (a run stopped): reads not started yet are dropped
+        for fut in futures:
+            fut.cancel()
