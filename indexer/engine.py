@@ -27,7 +27,7 @@ import numpy as np
 from captioning.captioner import Captioner, TextScorer
 from indexer import provenance
 from indexer.config import EngineConfig
-from indexer.errors import IndexNotFoundError, InputError
+from indexer.errors import IndexNotFoundError, InputError, PixqueryError
 from indexer.indexing.models import ImageModels
 from indexer.indexing.pipeline import Indexer, IndexSummary
 from indexer.indexing.recaption import recaption
@@ -39,7 +39,9 @@ from indexer.storage import legacy
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.filters import Filters
 from indexer.storage.lock import WriteLock
+from indexer.storage.doctor import Findings, diagnose
 from indexer.storage.repair import reconcile
+from indexer.storage.repair import repair as repair_index
 from indexer.storage.schema import ImageRow
 from indexer.storage.store import Store
 from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
@@ -291,6 +293,34 @@ class Engine:
             if not counts.interrupted:
                 writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
         return counts.to_dict()
+
+    # --- consistency -------------------------------------------------------------------------
+    def doctor(self, repair: bool = False) -> tuple[Findings, list[str], list[str]]:
+        """Check this index (see indexer/storage/doctor.py) under its write lock; ``repair``: fix what can be
+        fixed and check again. Returns (the findings after any repair, what was fixed, what could not be).
+        Needs no model, except to embed captions that lost their vector."""
+        store = self._store_for(create=False)
+        with self.writing():
+            findings, vectors = diagnose(store, self.config.vectors_dir)
+            if not repair or findings.consistent:
+                return findings, [], []
+            if vectors is None:
+                return findings, [], ["the index records no encoder, so its vectors cannot be read: rebuild it "
+                                      "with pixquery index FOLDER --rebuild"]
+            vectors.owner = True
+            embed = self._caption_embedder() if findings.missing_caption_vectors else None
+            fixed, not_fixed = repair_index(store, vectors, findings, embed)
+            self._vectors = None  # read again from what is committed now
+            after, _ = diagnose(store, self.config.vectors_dir)
+        return after, fixed, not_fixed
+
+    def _caption_embedder(self) -> Callable[[list[str]], np.ndarray] | None:
+        try:
+            encoder = self.encoder
+        except PixqueryError as exc:
+            log.warning("cannot embed captions (%s)", exc)
+            return None
+        return encoder.encode_texts
 
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from indexer.cli import everyday, lab
+from indexer.cli import everyday, lab, maintenance
 from indexer.cli.args import EXIT_INTERRUPTED
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixquery", description="Index a photo folder and search it in plain words.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     everyday.register(sub)
+    maintenance.register(sub)
     lab.register(sub)
     return parser
 
