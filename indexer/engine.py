@@ -302,7 +302,7 @@ class Engine:
         store = self._store_for(create=False)
         with self.writing():
             findings, vectors = diagnose(store, self.config.vectors_dir)
-            if not repair or findings.consistent:
+            if not repair or findings.consistent and not findings.stray_files:
                 return findings, [], []
             if vectors is None:
                 return findings, [], ["the index records no encoder, so its vectors cannot be read: rebuild it "

@@ -8,6 +8,7 @@ decoded just to be shrunk to 224 px; EXIF orientation is applied; palette, alpha
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", 
 # error here), so the check below and Pillow's agree on one number
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _EXIF_ORIENTATION = 0x0112
 _EXIF_IFD = 0x8769
 _EXIF_DATETIME_ORIGINAL = 0x9003
@@ -102,7 +104,8 @@ def load_image(source: str | Path | bytes, draft_size: int = 448) -> DecodedImag
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: too many pixels to index ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - Pillow's parsers raise many kinds on hostile files; each is "unreadable"
-        raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        detail = _OBJECT_REPR.sub("", str(exc)).strip()  # "<_io.BytesIO object at 0x...>" says nothing, differently each time
+        raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {detail})") from exc
     if rgb.width < 1 or rgb.height < 1:
         raise ImageDecodeError(f"{name}: image has no pixels")
     return DecodedImage(rgb, width, height, _exif_taken_at(exif))

@@ -6,7 +6,7 @@
 Every Engine the CLI builds gets TinyEncoder and, unless captions are off, a TinyCaptioner: the
 captioner ``test:tiny`` writes "a red picture", ``test:other`` writes "red, in a photo".
 ``PIXQUERY_TEST_DELAY`` (seconds) slows each model batch down, so that a run lasts long enough to be
-killed at a random moment.
+killed at a random moment (until the file ``PIXQUERY_TEST_HURRY`` names exists).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ TEMPLATES = {"test:tiny": "a {} picture", "test:other": "{}, in a photo"}
 
 def delay() -> None:
     seconds = float(os.environ.get("PIXQUERY_TEST_DELAY", "0") or 0)
-    if seconds:
+    hurry = os.environ.get("PIXQUERY_TEST_HURRY")  # once this file exists, no more delay
+    if seconds and not (hurry and os.path.exists(hurry)):
         time.sleep(seconds)
 
 

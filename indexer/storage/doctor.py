@@ -191,9 +191,10 @@ def diagnose(store: Store, folder: Path) -> tuple[Findings, VectorBundle | None]
     wanted = _wanted_files(folder, keep)
     f.stray_files = sorted(p.name for p in folder.iterdir()
                            if p.name not in wanted and p.suffix in (".npy", ".json", ".tmp")) if folder.is_dir() else []
-    f.add("leftovers", "problem" if f.stray_files else "ok",
-          f"{len(f.stray_files)} vector files that no kept manifest names (left by an interrupted checkpoint)"
-          if f.stray_files else "no vector files left over")
+    # harmless (no generation names them; the next writer deletes them), but --repair tidies them up
+    f.add("leftovers", "note" if f.stray_files else "ok",
+          f"{len(f.stray_files)} vector files that no kept manifest names (left by an interrupted checkpoint; "
+          f"the next indexing run deletes them)" if f.stray_files else "no vector files left over")
     f.keywords_problem = store.keywords.check() if store.keywords is not None else None
     f.add("keywords", "problem" if f.keywords_problem else ("ok" if store.keywords is not None else "note"),
           f.keywords_problem or ("the keyword index matches the captions" if store.keywords is not None
