@@ -34,7 +34,7 @@ from indexer.indexing.recaption import recaption
 from indexer.indexing.writer import BatchWriter
 from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
-from indexer.search.searcher import Searcher, SearchHit
+from indexer.search.searcher import Searcher, SearchHit, check_id
 from indexer.storage import legacy
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.filters import Filters
@@ -398,12 +398,18 @@ class Engine:
         return {r.id: r.path for r in self._store_for(create=False).all_images()}
 
     def image_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Stored image embeddings of ``ids`` -> (n, dim)."""
-        return self.open().vectors.images.reconstruct(np.asarray(ids, dtype=np.int64))
+        """Stored image embeddings of ``ids`` -> (n, dim); InputError for an id that has none."""
+        ids = np.asarray([check_id(i) for i in np.asarray(ids).reshape(-1).tolist()], dtype=np.int64)
+        try:
+            return self.open().vectors.images.reconstruct(ids)
+        except KeyError as exc:
+            raise InputError(f"{exc.args[0]} in this index") from None
 
     def image(self, id: int) -> ImageRow | None:
-        """Everything the index holds about image ``id`` (None when no such id is indexed)."""
-        return self._store_for(create=False).images_by_ids([int(id)]).get(int(id))
+        """Everything the index holds about image ``id`` (None when no such id is indexed); InputError
+        for anything that is not an id (a string, a path, a float, a negative or oversized number)."""
+        row_id = check_id(id)
+        return self._store_for(create=False).images_by_ids([row_id]).get(row_id)
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._store_for(create=False).skipped()]
