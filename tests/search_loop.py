@@ -64,7 +64,7 @@ def main() -> None:
         finally:
             if shared is None:
                 engine.close()
-        time.sleep(0.05)  # leave the cores some room for the run being watched
+        time.sleep(0.1)  # leave the cores some room for the run being watched
     seen["generations"] = len(seen["generations"])
     print(json.dumps(seen), flush=True)
 

@@ -220,9 +220,11 @@ def test_searches_during_an_indexing_run_see_committed_states_and_a_second_write
     searchers = [subprocess.Popen([sys.executable, str(TESTS / "search_loop.py"), str(index_dir), str(photos),
                                    str(stop), kind], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
                  for kind in ("shared", "fresh", "shared", "fresh")]
+    t0 = time.monotonic()
     try:
         for s in searchers:
             assert s.stdout.readline().strip() == "ready"
+        t_ready = time.monotonic() - t0
         indexer = spawn("index", str(photos), "--db", str(index_dir), "--batch-size", "4", "--captioner",
                         "test:tiny", log=log, delay=1.0, hurry=hurry)  # a second a batch until the checks are done
         wait_for_commit(indexer, index_dir, committed(index_dir)[0], "%")
@@ -236,6 +238,7 @@ def test_searches_during_an_indexing_run_see_committed_states_and_a_second_write
         second_out, second_err = second.communicate(timeout=120)
         cli_out, cli_err = cli.communicate(timeout=120)
         cli_during = indexer.poll() is None
+        t_checked = time.monotonic() - t0
         hurry.touch()
         assert indexer.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
@@ -249,7 +252,8 @@ def test_searches_during_an_indexing_run_see_committed_states_and_a_second_write
     searches = sum(r["searches"] for r in reports)
     errors = [e for r in reports for e in r["errors"]] + [e for r in reports for e in r["inconsistent"]]
     print(f"searches during the run: {searches} by 4 processes; errors: {len(errors)}; "
-          f"generations seen: {[r['generations'] for r in reports]}")
+          f"generations seen: {[r['generations'] for r in reports]}; searchers ready after {t_ready:.0f} s, "
+          f"app, CLI and second writer checked after {t_checked:.0f} s, all done after {time.monotonic() - t0:.0f} s")
     assert not errors, errors[:10]
     assert all(r["searches"] > 10 and r["generations"] > 1 for r in reports), reports  # they saw the run progress
     assert all(r["counts"] == sorted(r["counts"]) and r["counts"][-1] == 240 for r in reports if r["counts"])
