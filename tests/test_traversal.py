@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import TinyCaptioner, TinyEncoder, make_image
 from indexer.config import EngineConfig
 from indexer.engine import Engine
-from indexer.errors import InputError, PixqueryError
+from indexer.errors import InputError
 from ui import resources
 from ui.security import ImageUnavailable, indexed_file
 from ui.thumbnails import THUMB_SIZE, thumbnail

@@ -20,14 +20,12 @@ writes. The caller holds the index's write lock, so no checkpoint lands in the m
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 from indexer.errors import IndexCorruptError
 from indexer.storage.bundle import GENERATION_KEY, MEMORIES, VectorBundle, manifest_path, read_manifest
@@ -259,14 +257,3 @@ def _check_files(f: Findings, rows: list, store: Store) -> None:
     f.indexed_skips = sorted(s.path for s in store.skipped() if s.path in indexed)
     if f.indexed_skips:
         f.add("skipped", "problem", f"{len(f.indexed_skips)} files are both indexed and recorded as skipped")
-
-
-def summary_json(findings: Findings, fixed: list[str] | None = None, not_fixed: list[str] | None = None) -> str:
-    out = findings.to_dict()
-    if fixed is not None:
-        out["fixed"], out["not_fixed"] = fixed, not_fixed or []
-    return json.dumps(out)
-
-
-def ids(values: list[int]) -> np.ndarray:
-    return np.asarray(values, dtype=np.int64)
