@@ -42,7 +42,9 @@ class DecodedImage:
 
 def _exif_taken_at(exif: Image.Exif) -> datetime | None:
     try:
-        raw = exif.get_ifd(_EXIF_IFD).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's "Corrupt EXIF data": the date is lost, that is all
+            raw = exif.get_ifd(_EXIF_IFD).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
     except Exception:  # noqa: BLE001 - a damaged EXIF block costs the date, never the image
         return None
     if not isinstance(raw, str):
@@ -80,6 +82,7 @@ def load_image(source: str | Path | bytes, draft_size: int = 448) -> DecodedImag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow on damaged metadata: tags dropped, pixels fine
             with Image.open(stream) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageDecodeError(f"{name}: too many pixels to index ({im.width}x{im.height}; "

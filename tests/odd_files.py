@@ -169,6 +169,8 @@ def make_odd_files(root: Path, outside: Path | None = None) -> dict[str, str]:
     exif[0x010E] = "x" * 10_000_000  # ImageDescription: a 10 MB EXIF block
     put("exif-10mb.png", encode(plain, "PNG", exif=exif))
     put("exif-10mb.webp", encode(plain, "WEBP", exif=exif.tobytes()))
+    junk = b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 0x7FFFFFFF) + bytes(20)  # first IFD far past the end
+    put("broken-exif.jpg", good_jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk + good_jpeg[2:])
     put("name with spaces.jpg", good_jpeg)
     put("ünïcødé 写真 📷.png", encode(Image.new("RGB", (16, 16), QUADRANTS[3]), "PNG"))
     put("new\nline.png", encode(Image.new("RGB", (16, 16), (40, 40, 40)), "PNG"))
