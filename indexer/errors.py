@@ -21,4 +21,11 @@ class IndexCorruptError(PixqueryError):
     exit_code = 1
 
 
-__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError"]
+class IndexBusyError(PixqueryError):
+    """Another process is writing this index (it holds the index's write lock)."""
+
+    exit_code = 5
+
+
+__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
+           "IndexBusyError"]

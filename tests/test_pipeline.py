@@ -102,7 +102,9 @@ def test_bad_files_are_skipped_counted_and_recorded(tmp_path, photo_dir):
     assert s.total_images == 16 and s.skipped == 3
     skipped = {os.path.basename(x["path"]): x["reason"] for x in engine.skipped_files()}
     assert set(skipped) == {"corrupt.jpg", "text.png", "empty.webp"}
-    assert all("not a readable image" in r for r in skipped.values())
+    assert skipped["empty.webp"] == "empty file (0 bytes)"
+    assert all(skipped[n].startswith("not a readable image") for n in ("corrupt.jpg", "text.png"))
+    assert s.skipped_reasons == {"not a readable image": 2, "empty file": 1}
     again = engine.index(photo_dir)  # unchanged bad files are not retried but still counted
     assert again.skipped == 3 and again.embedded == 0
     (photo_dir / "text.png").unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,7 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     total_images: int = 0
+    interrupted: bool = False  # stopped early (Ctrl-C): what was done is committed, the next run carries on
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,9 +78,10 @@ class Indexer:
     def __init__(
         self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
     ) -> None:
         self.store, self.vectors, self.models = store, vectors, models
+        self.stop = stop  # set from outside (Ctrl-C): finish the batch in flight, commit, return
         self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
@@ -141,15 +144,22 @@ class Run:
         self.bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not ix.progress or not todo)
         try:
             self._advance(0)
-            for res in self._read(todo, frozenset(self.by_hash)):
+            reads = self._read(todo, frozenset(self.by_hash))
+            for res in reads:
                 self._handle(res)
+                if ix.stop is not None and ix.stop.is_set():
+                    s.interrupted = True
+                    reads.close()  # files queued for reading are dropped
+                    break
             self._flush()
-            # files that disappeared (and were not moved) leave the index
-            self.writer.delete([r.id for r in self.gone.values()])
-            on_disk = {f.path for f in files}
-            s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
-            for path in triage.vanished_skips:
-                self.writer.unskip(path)
+            if not s.interrupted:
+                # files that disappeared (and were not moved) leave the index; after an interruption they
+                # stay until a run sees the whole folder (one may be a move not reached yet)
+                self.writer.delete([r.id for r in self.gone.values()])
+                on_disk = {f.path for f in files}
+                s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
+                for path in triage.vanished_skips:
+                    self.writer.unskip(path)
             self.writer.checkpoint()
         finally:
             self.bar.close()

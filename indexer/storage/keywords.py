@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 KEYWORD_TABLE = "captions_fts"
 KEYWORD_TOKENIZER = "porter unicode61"  # FTS5 tokenizer of the keyword index (and of pool_keywords.py)
@@ -42,6 +43,14 @@ class KeywordIndex(ABC):
     @abstractmethod
     def doc_freq(self, tokens: Iterable[str]) -> dict[str, int]:
         """{token: captions containing it} for tokens as the index stores them (stemmed)."""
+
+    def check(self) -> str | None:
+        """What is wrong with the keyword index against the captions it indexes (None: consistent, or
+        this database cannot tell); ``pixquery doctor`` asks."""
+        return None
+
+    def rebuild(self) -> None:
+        """Index every caption again (``pixquery doctor --repair``)."""
 
 
 def fts_quote(phrase: str) -> str:
@@ -85,6 +94,18 @@ class SqliteKeywords(KeywordIndex):
         for trigger in ("captions_fts_ai", "captions_fts_ad", "captions_fts_au"):
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {KEYWORD_TABLE}")
+
+    def check(self) -> str | None:
+        try:  # with rank 1, FTS5 compares its index with the external content (the images table)
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}, rank) VALUES ('integrity-check', 1)")
+        except DBAPIError as exc:
+            return f"the keyword index does not match the captions ({exc.orig})"
+        return None
+
+    def rebuild(self) -> None:
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}) VALUES ('rebuild')")
 
     def top(self, phrases: Sequence[str], limit: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
         if not phrases or limit < 1:

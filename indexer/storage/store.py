@@ -87,7 +87,9 @@ class Store:
                 with self.engine.begin() as conn:
                     self.keywords.install(conn)
         except SQLAlchemyError as exc:
-            raise IndexCorruptError(f"cannot open the index database {url}: {exc}") from exc
+            reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's SQL dump
+            raise IndexCorruptError(f"cannot open the index database {url}: {reason}. If it is damaged, rebuild the "
+                                    f"index with: pixquery index FOLDER --rebuild (your photos are not touched)") from exc
 
     @staticmethod
     def exists(url: str) -> bool:
@@ -253,6 +255,24 @@ class Store:
             run.finished_at = utcnow()
             run.summary = summary_json
 
+    def unfinished_runs(self) -> int:
+        """Runs that started and never finished (killed, or stopped by an error)."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(RunRow).where(RunRow.finished_at.is_(None))) or 0
+
     def last_run(self) -> RunRow | None:
         with self._session() as s:
             return s.scalars(select(RunRow).order_by(RunRow.id.desc())).first()
+
+    # --- consistency (pixquery doctor) --------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """What the database itself finds damaged (SQLite's ``quick_check``; other databases check
+        themselves); empty when it is sound."""
+        if self.engine.dialect.name != "sqlite":
+            return []
+        try:
+            with self.engine.connect() as conn:
+                rows = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check")]
+        except SQLAlchemyError as exc:
+            return [str(exc)]
+        return [] if rows == ["ok"] else rows
