@@ -21,4 +21,11 @@ class IndexCorruptError(PixqueryError):
     exit_code = 1
 
 
-__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError"]
+class DatabaseUnavailableError(PixqueryError):
+    """The index's database server cannot be reached (down, wrong address, refused credentials)."""
+
+    exit_code = 1
+
+
+__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
+           "DatabaseUnavailableError"]
