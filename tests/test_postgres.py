@@ -130,6 +130,13 @@ def test_keyword_entries_follow_captions_whatever_writes_them(pg_url):
     assert store.keywords.top(["red"], 10) == []
     store.keywords.rebuild()
     assert [i for i, _ in store.keywords.top(["red"], 10)] == [2] and store.keywords.check() == []
+    with store.engine.begin() as conn:  # totals and vocabulary damaged by hand are found, and rebuilt
+        conn.exec_driver_sql("UPDATE keyword_stats SET tokens = tokens + 1")
+        conn.exec_driver_sql("UPDATE keyword_vocab SET docs = 7 WHERE term = 'red'")
+    assert store.keywords.check() == ["the keyword index's row and token totals differ from a recount",
+                                      "1 document frequencies in the keyword index differ from a recount"]
+    store.keywords.rebuild()
+    assert store.keywords.check() == [] and store.keywords.doc_freq(["red"]) == {"red": 1}
     store.close()
 
 

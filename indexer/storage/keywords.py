@@ -39,6 +39,9 @@ class KeywordIndex(ABC):
     def uninstall(self, conn: Connection) -> None:
         """Remove what :meth:`install` created (before the tables are dropped)."""
 
+    def settle(self) -> None:
+        """Called once :meth:`install`'s transaction has committed (housekeeping that needs none)."""
+
     def update(self, conn: Connection, ids: Iterable[int]) -> None:
         """Bring the entries of images ``ids`` up to date, in the transaction that just wrote their rows
         (nothing to do where triggers keep the index in step)."""

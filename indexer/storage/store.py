@@ -121,6 +121,8 @@ class Store:
                 self._check_schema(conn)
                 if self.keywords is not None:
                     self.keywords.install(conn)
+            if self.keywords is not None:
+                self.keywords.settle()
         except OperationalError as exc:
             self.engine.dispose()
             if not self._postgres:
@@ -242,7 +244,7 @@ class Store:
             return set(s.scalars(select(ImageRow.id).where(ImageRow.caption.is_not(None))))
 
     def images_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
-        ids = [int(i) for i in ids if -2**63 <= int(i) < 2**63]  # no id is beyond a SQL integer
+        ids = [int(i) for i in ids if -2**31 <= int(i) < 2**31]  # ids are INTEGER: 32-bit on PostgreSQL
         out: dict[int, ImageRow] = {}
         with self._session() as s:
             for start in range(0, len(ids), CHUNK):
