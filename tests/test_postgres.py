@@ -247,6 +247,24 @@ def test_env_var_cli_flag_rebuild_and_drop(tmp_path, pg_url, photo_dir, monkeypa
         Engine(EngineConfig(index_dir=tmp_path / "idx", progress=False)).search("red")
 
 
+def test_stats_and_messages_never_show_the_password(tmp_path, pg_server, photo_dir):
+    import psycopg
+
+    with psycopg.connect(pg_server.url().replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+        conn.execute("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'alice') THEN "
+                     "CREATE ROLE alice LOGIN SUPERUSER PASSWORD 's3cret'; END IF; END $$")
+    url = pg_server.url().replace("pixquery@", "alice:s3cret@").rsplit("/", 1)[0] + "/" + \
+        pg_server.new_database().rsplit("/", 1)[1]
+    engine = Engine(EngineConfig(index_dir=tmp_path / "idx", db_url=url, progress=False, captioner=None),
+                    encoder=TinyEncoder())
+    with pytest.raises(IndexNotFoundError) as err:
+        engine.search("red")
+    assert "s3cret" not in str(err.value) and "alice:***@" in str(err.value)
+    engine.index(photo_dir)
+    assert engine.stats()["database"] == url.replace("s3cret", "***")
+    engine.close()
+
+
 def test_the_app_searches_and_indexes_on_postgres(tmp_path, monkeypatch, photo_dir, pg_url):
     import shutil
 

@@ -190,6 +190,20 @@ def test_schema_2_index_gets_a_filled_keyword_index(captioned):
     store.close()
 
 
+def test_keyword_check_finds_captions_changed_behind_its_back_and_rebuild_mends_them(captioned):
+    store = captioned.open().store
+    assert store.keywords.check() == []
+    with store.engine.begin() as conn:  # by hand, around pixquery (SQLite: without the trigger that follows it)
+        if store.engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER captions_fts_au")
+        conn.exec_driver_sql("UPDATE images SET caption = 'a zebra picture' WHERE caption = 'a red picture'")
+    assert store.keywords.check()  # says what is wrong
+    store.keywords.rebuild()
+    assert store.keywords.check() == []
+    assert sorted(names(captioned.search("zebra", k=5, mode="keyword"))) == ["red-2.png", "red.jpg"]
+    assert captioned.search("red", k=5, mode="keyword") == []
+
+
 def test_image_only_and_image_plus_text_queries(captioned, tmp_path):
     example = make_image(tmp_path / "q.png", "green")
     assert names(captioned.search(image=example, k=2, mode="fused"))[0].startswith("green")

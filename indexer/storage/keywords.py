@@ -124,6 +124,8 @@ class SqliteKeywords(KeywordIndex):
 
     def rebuild(self) -> None:
         with self.engine.begin() as conn:
+            for statement in _SQLITE_DDL:  # a trigger dropped by hand comes back
+                conn.exec_driver_sql(statement)
             conn.exec_driver_sql(f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}) VALUES ('rebuild')")
 
     def top(self, phrases: Sequence[str], limit: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:

@@ -185,22 +185,22 @@ class PostgresKeywords(KeywordIndex):
         for start in range(0, len(missing), FILL_CHUNK):
             chunk = {int(i): c for i, c in missing[start:start + FILL_CHUNK]}
             with PoolKeywords(chunk) as tokenized:
-                lengths = [tokenized.lengths.get(i, 0) for i in chunk]
+                doc_lengths = [tokenized.lengths.get(i, 0) for i in chunk]
                 terms = [(term, i, ",".join(map(str, sorted(offsets))), tokenized.lengths[i])
                          for i, where in tokenized.positions.items() for term, offsets in where.items()]
             # one statement per chunk, its rows as arrays (positions as "0,3" strings: arrays of arrays
             # must be rectangular)
             conn.execute(text(f"INSERT INTO {DOCS} (image_id, length) SELECT * FROM unnest(CAST(:ids AS integer[]), "
                               f"CAST(:lengths AS integer[])) ON CONFLICT DO NOTHING"),
-                         {"ids": list(chunk), "lengths": lengths})
+                         {"ids": list(chunk), "lengths": doc_lengths})
             if terms:
-                words, ids, positions, lengths = (list(column) for column in zip(*terms))
+                words, term_ids, positions, term_lengths = (list(column) for column in zip(*terms))
                 conn.execute(text(
                     f"INSERT INTO {TERMS} (term, image_id, tf, length, positions) "
                     f"SELECT t, i, cardinality(string_to_array(p, ',')), n, string_to_array(p, ',')::integer[] "
                     f"FROM unnest(CAST(:t AS text[]), "
                     f"CAST(:i AS integer[]), CAST(:p AS text[]), CAST(:n AS integer[])) AS u(t, i, p, n) "
-                    f"ON CONFLICT DO NOTHING"), {"t": words, "i": ids, "p": positions, "n": lengths})
+                    f"ON CONFLICT DO NOTHING"), {"t": words, "i": term_ids, "p": positions, "n": term_lengths})
         return len(missing)
 
     def check(self) -> list[str]:
