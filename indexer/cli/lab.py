@@ -93,6 +93,10 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--limit", type=int, default=1000)
         b.add_argument("--batch-size", type=int, default=32)
         b.add_argument("--workers", type=int, default=2)
+        if what == "index":
+            b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                           help="index on a Ray cluster, as pixquery index --ray (default address: a local Ray)")
+            b.add_argument("--ray-actors", type=int, metavar="N", help="model actors (default: one per GPU or CPU)")
         common(b)
         captioning(b)
         b.set_defaults(handler=handler)
@@ -130,7 +134,12 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
 def bench_index(args: argparse.Namespace) -> int:
     from indexer.lab.bench import bench_index as run
 
-    print(json.dumps(run(Path(args.folder), args.limit, config_from(args))))
+    ray = None
+    if args.ray is not None:
+        from indexer.indexing.distributed import RayOptions
+
+        ray = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
+    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), ray=ray)))
     return EXIT_OK
 
 

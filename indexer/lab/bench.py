@@ -43,7 +43,9 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def bench_index(folder: Path, limit: int, config: EngineConfig) -> dict:
+def bench_index(folder: Path, limit: int, config: EngineConfig, ray=None) -> dict:  # noqa: ANN001 - RayOptions
+    """``ray``: index on Ray (``indexing/distributed.py``) instead of in this process; the run's seconds then
+    include starting the model actors and loading the models in each of them."""
     files = discover(folder.expanduser().resolve()) if folder.is_dir() else []
     if not files:
         raise InputError(f"no images to benchmark under {folder}")
@@ -58,13 +60,33 @@ def bench_index(folder: Path, limit: int, config: EngineConfig) -> dict:
             t0 = time.perf_counter()
             engine.encoder.encode_images([Image.new("RGB", (8, 8))])  # load the model before timing indexing
             load_s = time.perf_counter() - t0
-            summary = engine.index(tmp_path / "images")
+            if ray is None:
+                summary = engine.index(tmp_path / "images")
+                extra = {}
+            else:
+                summary, extra = _index_on_ray(engine, tmp_path / "images", ray)
             total_s = time.perf_counter() - t0
     return {"images": summary.embedded, "encoder": engine.encoder.info.name, "model_load_s": round(load_s, 2),
             "index_s": summary.seconds, "images_per_s": summary.images_per_second,
             "end_to_end_images_per_s": round(summary.embedded / total_s, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "batch_size": cfg.batch_size, "workers": cfg.workers, "machine": machine()}
+            "batch_size": cfg.batch_size, "workers": cfg.workers, **extra, "machine": machine()}
+
+
+def _index_on_ray(engine: Engine, images: Path, options) -> tuple:  # noqa: ANN001 - RayOptions
+    from indexer.indexing.distributed import connect, import_ray, index_on_ray
+
+    t0 = time.perf_counter()
+    started = connect(options)
+    ray_start_s = time.perf_counter() - t0
+    try:
+        summary = index_on_ray(engine, images, options)
+    finally:
+        if started:
+            import_ray().shutdown()
+    return summary, {"ray": {"address": options.address, "start_s": round(ray_start_s, 2), "actors": summary.actors,
+                             "gpus_per_actor": summary.gpus_per_actor,
+                             "note": "peak_rss_mb is the driver's; index_s includes starting the actors"}}
 
 
 def bench_search(index_dir: Path, query: str, runs: int) -> dict:
