@@ -159,14 +159,3 @@ class SqliteKeywords(KeywordIndex):
                                            (token,)).first()
                 out[token] = int(row[0]) if row else 0
         return {t: out.get(t, 0) for t in tokens}
-
-
-def keyword_index_for(engine: Engine) -> KeywordIndex | None:
-    """The keyword index this database can hold (None: keyword ranking is unavailable there)."""
-    if engine.dialect.name == "sqlite":
-        return SqliteKeywords(engine)
-    if engine.dialect.name == "postgresql":
-        from indexer.storage.pg_keywords import PostgresKeywords  # it imports pool_keywords, which imports this
-
-        return PostgresKeywords(engine)
-    return None

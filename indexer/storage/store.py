@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import DatabaseUnavailableError, IndexCorruptError, InputError
 from indexer.storage.filters import Filters, filter_conditions
-from indexer.storage.keywords import KeywordIndex, keyword_index_for
-from indexer.storage.pg_keywords import lock_writers
+from indexer.storage.keywords import KeywordIndex, SqliteKeywords
+from indexer.storage.pg_keywords import PostgresKeywords, lock_writers
 from indexer.storage.schema import MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
@@ -88,6 +88,15 @@ def _no_password(error: object, url: str) -> str:
     except ArgumentError:
         return message
     return message.replace(str(password), "***") if password else message
+
+
+def keyword_index_for(engine: SqlEngine) -> KeywordIndex | None:
+    """The keyword index this database can hold (None: keyword ranking is unavailable there)."""
+    if engine.dialect.name == "sqlite":
+        return SqliteKeywords(engine)
+    if engine.dialect.name == "postgresql":
+        return PostgresKeywords(engine)
+    return None
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
