@@ -43,7 +43,7 @@ from indexer.storage.doctor import Findings, diagnose
 from indexer.storage.repair import reconcile
 from indexer.storage.repair import repair as repair_index
 from indexer.storage.schema import ImageRow
-from indexer.storage.store import Store
+from indexer.storage.store import Store, safe_url
 from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
 from retrieval.native.matcher import Matcher
 from retrieval.query import FusionWeights
@@ -131,7 +131,8 @@ class Engine:
         if self._store is None:
             if not create and not self.exists:
                 raise IndexNotFoundError(
-                    f"no index at {self.config.db_url or self.config.index_dir}; build one with: pixquery index "
+                    f"no index at {safe_url(self.config.db_url) if self.config.db_url else self.config.index_dir}; "
+                    f"build one with: pixquery index "
                     f"FOLDER (or point --db / PIXQUERY_DB at an existing index)")
             self.config.index_dir.mkdir(parents=True, exist_ok=True)
             self._store = Store(self.config.url)
@@ -376,7 +377,7 @@ class Engine:
         captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
         return {
             "index_dir": str(self.config.index_dir),
-            "database": self.config.db_url or "sqlite",
+            "database": safe_url(self.config.db_url) if self.config.db_url else "sqlite",  # never a password
             "images": store.count_images(),
             "captioned": len(store.captioned_ids()),
             "skipped": len(store.skipped()),

@@ -27,5 +27,11 @@ class IndexBusyError(PixqueryError):
     exit_code = 5
 
 
+class DatabaseUnavailableError(PixqueryError):
+    """The index's database server cannot be reached (down, wrong address, refused credentials)."""
+
+    exit_code = 1
+
+
 __all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
-           "IndexBusyError"]
+           "IndexBusyError", "DatabaseUnavailableError"]

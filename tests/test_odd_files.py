@@ -26,8 +26,8 @@ from odd_files import (INDEXED, INVERSE, LEVELS, QUADRANTS, encode, gray_levels,
                        palette_transparent, upright)
 
 
-def engine_at(index_dir: Path) -> Engine:
-    config = EngineConfig(index_dir=index_dir, progress=False, batch_size=4, captioner=None)
+def engine_at(index_dir: Path, workers: int = 2) -> Engine:
+    config = EngineConfig(index_dir=index_dir, progress=False, batch_size=4, captioner=None, workers=workers)
     return Engine(config, encoder=TinyEncoder(), captioner=TinyCaptioner())
 
 
@@ -194,7 +194,7 @@ def test_files_that_change_while_they_are_read_are_skipped_then_indexed(tmp_path
         return real(path)
 
     hooks.update({"00-red.png": delete, "01-green.png": truncate, "02-blue.png": rewrite, "a.png": vanish_folder})
-    engine = engine_at(tmp_path / "idx")
+    engine = engine_at(tmp_path / "idx", workers=1)  # one reader: b and c are opened after a's folder went
     s = engine.index(photos)
     got = outcomes(engine, photos)
     assert got["00-red.png"].startswith("file was deleted or replaced while it was read")

@@ -193,7 +193,7 @@ def diagnose(store: Store, folder: Path) -> tuple[Findings, VectorBundle | None]
     f.add("leftovers", "note" if f.stray_files else "ok",
           f"{len(f.stray_files)} vector files that no kept manifest names (left by an interrupted checkpoint; "
           f"the next indexing run deletes them)" if f.stray_files else "no vector files left over")
-    f.keywords_problem = store.keywords.check() if store.keywords is not None else None
+    f.keywords_problem = ("; ".join(store.keywords.check()) or None) if store.keywords is not None else None
     f.add("keywords", "problem" if f.keywords_problem else ("ok" if store.keywords is not None else "note"),
           f.keywords_problem or ("the keyword index matches the captions" if store.keywords is not None
                                  else "this database has no keyword index to check"))
