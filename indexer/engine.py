@@ -252,14 +252,27 @@ class Engine:
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
-               threshold: float | None = None) -> list[SearchHit]:
+               threshold: float | None = None, positive_ids: Sequence[int] = (),
+               negative_ids: Sequence[int] = ()) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first.
 
         ``mode``: one of ``retrieval.query.MODES`` (``fused`` combines every signal, see
         indexer/search/ranker.py); ``weights``: the fused mode's weights (default: tuned on Flickr8k dev);
-        ``filters``: only images that match; ``threshold``: leave out hits whose score is below it.
+        ``filters``: only images that match (``Filters(where=("price<50",))`` for catalogue fields);
+        ``threshold``: leave out hits whose score is below it; ``positive_ids`` / ``negative_ids``:
+        relevance feedback, images marked good / bad (the query moves towards the good and away from the
+        bad, and near copies of the bad are left out; good images alone, without text, also work).
         """
-        return self.searcher().search(text, image, k, mode, weights, filters, threshold)
+        return self.searcher().search(text, image, k, mode, weights, filters, threshold, positive_ids, negative_ids)
+
+    def explain(self, hits: list[SearchHit], text: str | None, mode: str = "fused", filters: Filters | None = None,
+                positive_ids: Sequence[int] = (), negative_ids: Sequence[int] = ()) -> list:
+        """A readable reason for each of ``hits`` of a search with these arguments
+        (:class:`indexer.search.explain.Explanation`: matched words, what each signal added, filters)."""
+        from indexer.search.explain import explain
+
+        catalogue = self._store_for(create=False).catalogue_texts([h.id for h in hits])
+        return explain(hits, text, mode, filters, catalogue, positive_ids, negative_ids)
 
     def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """Rank the index for (Q, dim) query vectors by one vector signal -> (scores, ids), each (Q, <=k)."""
@@ -320,6 +333,35 @@ class Engine:
     def image(self, id: int) -> ImageRow | None:
         """Everything the index holds about image ``id`` (None when no such id is indexed)."""
         return self._store_for(create=False).images_by_ids([int(id)]).get(int(id))
+
+    # --- catalogue metadata --------------------------------------------------------------------
+    def import_metadata(self, source: str | Path, key: str = "path", **options) -> dict:
+        """Attach the columns of CSV ``source`` to indexed images, matched by ``key`` (path, file, sha256
+        or hash); checked whole, then written in one transaction. Options and the report:
+        :func:`indexer.catalogue.csv_import.import_csv`."""
+        from indexer.catalogue.csv_import import import_csv
+
+        return import_csv(self._store_for(create=False), Path(source), key, **options).to_dict()
+
+    def metadata_fields(self) -> list[dict]:
+        """[{name, kind, keyword, values}] of every imported catalogue field."""
+        return self._store_for(create=False).catalogue_fields()
+
+    def metadata(self, ids: Sequence[int]) -> dict[int, dict[str, object]]:
+        """{id: {field: value}} of the catalogue values of ``ids`` (those that have some)."""
+        return self._store_for(create=False).catalogue_values(ids)
+
+    def metadata_choices(self, name: str, limit: int = 50) -> list | tuple:
+        """Catalogue field ``name``'s distinct text values (most frequent first) or (min, max) of a number or date."""
+        store = self._store_for(create=False)
+        kinds = store.catalogue_kinds()
+        if name not in kinds:
+            raise InputError(f"no catalogue field {name!r}")
+        return store.catalogue_choices(name, kinds[name], limit)
+
+    def drop_metadata_field(self, name: str) -> int:
+        """Forget catalogue field ``name`` and its values (returns how many values went)."""
+        return self._store_for(create=False).drop_catalogue_field(name)
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._store_for(create=False).skipped()]

@@ -23,9 +23,13 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import IndexCorruptError, InputError
+from indexer.storage import catalogue
+from indexer.storage.catalogue import CatalogueKeywords, catalogue_keywords_for, condition_sql
 from indexer.storage.filters import Filters, filter_conditions
 from indexer.storage.keywords import KeywordIndex, keyword_index_for
-from indexer.storage.schema import MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow
+from indexer.storage.schema import (
+    MIGRATIONS, SCHEMA_VERSION, Base, CatalogueField, CatalogueValue, ImageRow, Meta, RunRow, SkippedRow, utcnow,
+)
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
 
@@ -80,12 +84,16 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.keywords: KeywordIndex | None = keyword_index_for(self.engine)
+        self.catalogue: CatalogueKeywords | None = catalogue_keywords_for(self.engine)
         try:
             Base.metadata.create_all(self.engine)
             self._check_schema()
             if self.keywords is not None:
                 with self.engine.begin() as conn:
                     self.keywords.install(conn)
+            if self.catalogue is not None:
+                with self.engine.begin() as conn:
+                    self.catalogue.install(conn)
         except SQLAlchemyError as exc:
             raise IndexCorruptError(f"cannot open the index database {url}: {exc}") from exc
 
@@ -109,6 +117,9 @@ class Store:
         if self.keywords is not None:
             with self.engine.begin() as conn:
                 self.keywords.uninstall(conn)
+        if self.catalogue is not None:
+            with self.engine.begin() as conn:
+                self.catalogue.uninstall(conn)
         Base.metadata.drop_all(self.engine)
 
     def close(self) -> None:
@@ -207,6 +218,9 @@ class Store:
         if not filters.active:
             return None
         conds = filter_conditions(filters)
+        if filters.where:
+            kinds = self.catalogue_kinds()
+            conds += [condition_sql(c, kinds) for c in filters.where]
         with self._session() as s:
             if filters.glob:
                 pattern = re.compile(fnmatch.translate(filters.glob), re.DOTALL)
@@ -256,3 +270,83 @@ class Store:
     def last_run(self) -> RunRow | None:
         with self._session() as s:
             return s.scalars(select(RunRow).order_by(RunRow.id.desc())).first()
+
+    # --- catalogue metadata (indexer/storage/catalogue.py) --------------------------------------------
+    def import_catalogue(self, fields: dict[str, tuple[str, bool]], rows: list[tuple[int, dict[str, object]]],
+                         replace: bool = False) -> int:
+        """Write imported catalogue values in one transaction: ``fields`` {name: (kind, keyword)} are
+        registered (a field keeps its kind), and for each (image id, {field: value or None}) the image's
+        values of these fields become these (None: none). ``replace``: every catalogue field and value
+        goes first. Returns the number of values written. Nothing is written when anything fails."""
+        with self._session() as s:
+            conn = s.connection()
+            if replace:
+                s.execute(delete(CatalogueValue))
+                s.execute(delete(CatalogueField))
+            known = {f.name: f for f in s.scalars(select(CatalogueField))}
+            keywords_changed = False
+            for name, (kind, keyword) in fields.items():
+                field = known.get(name)
+                if field is None:
+                    s.add(CatalogueField(name=name, kind=kind, keyword=keyword))
+                    keywords_changed |= keyword
+                    continue
+                if field.kind != kind:
+                    raise InputError(f"{name} is a {field.kind} field already; drop it first to import it as "
+                                     f"{kind} (pixquery meta drop {name})")
+                keywords_changed |= field.keyword != keyword
+                field.keyword, field.imported_at = keyword, utcnow()
+            s.flush()
+            written = catalogue.replace_values(conn, {n: k for n, (k, _) in fields.items()}, rows)
+            if self.catalogue is not None:
+                if keywords_changed or replace:
+                    self.catalogue.rebuild(conn)
+                else:
+                    self.catalogue.refresh(conn, [i for i, _ in rows])
+            return written
+
+    def drop_catalogue_field(self, name: str) -> int:
+        """Forget catalogue field ``name`` and its values; returns how many values went."""
+        with self._session() as s:
+            field = s.get(CatalogueField, name)
+            if field is None:
+                raise InputError(f"no catalogue field {name!r}")
+            n = s.execute(delete(CatalogueValue).where(CatalogueValue.field == name)).rowcount
+            s.delete(field)
+            s.flush()
+            if self.catalogue is not None and field.keyword:
+                self.catalogue.rebuild(s.connection())
+            return int(n or 0)
+
+    def catalogue_fields(self) -> list[dict]:
+        """[{name, kind, keyword, values}] of every catalogue field, by name."""
+        with self._session() as s:
+            counts = dict(s.execute(select(CatalogueValue.field, func.count()).group_by(CatalogueValue.field)).all())
+            return [{"name": f.name, "kind": f.kind, "keyword": f.keyword, "values": int(counts.get(f.name, 0))}
+                    for f in s.scalars(select(CatalogueField).order_by(CatalogueField.name))]
+
+    def catalogue_kinds(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            return catalogue.field_kinds(conn)
+
+    def catalogue_values(self, ids: Iterable[int]) -> dict[int, dict[str, object]]:
+        """{id: {field: value}} of those ``ids`` that have catalogue values."""
+        with self.engine.connect() as conn:
+            return catalogue.values_of(conn, list(ids))
+
+    def catalogue_texts(self, ids: Iterable[int]) -> dict[int, str]:
+        """{id: the text of its keyword fields} (what the ``meta`` signal scores)."""
+        with self.engine.connect() as conn:
+            return catalogue.keyword_texts(conn, list(ids))
+
+    def catalogue_choices(self, name: str, kind: str, limit: int = 50) -> list | tuple:
+        """Distinct text values (most frequent first, at most ``limit``) or the (min, max) of a number/date field."""
+        with self.engine.connect() as conn:
+            if kind == "text":
+                return catalogue.distinct_texts(conn, name, limit)
+            return catalogue.value_range(conn, name, kind)
+
+    def key_lookup(self) -> list[tuple[int, str, str]]:
+        """(id, path, content hash) of every image: what catalogue rows are matched against."""
+        with self.engine.connect() as conn:
+            return [(int(i), p, h) for i, p, h in conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))]
