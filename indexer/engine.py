@@ -322,6 +322,15 @@ class Engine:
             },
         }
 
+    def rows(self, filters: Filters | None = None) -> list[ImageRow]:
+        """Every indexed image's row, by id (only the images that pass ``filters`` when given)."""
+        store = self._store_for(create=False)
+        ids = store.filter_ids(filters) if filters is not None else None
+        if ids is None:
+            return sorted(store.all_images(), key=lambda r: r.id)
+        found = store.images_by_ids(ids.tolist())
+        return [found[i] for i in sorted(found)]
+
     def paths(self) -> dict[int, str]:
         """{id: path} of every indexed image."""
         return {r.id: r.path for r in self._store_for(create=False).all_images()}
