@@ -19,7 +19,8 @@ import hmac
 import logging
 import threading
 import traceback
-from typing import Callable
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -136,7 +137,15 @@ def create_app(engine: Engine | EngineConfig, settings: ApiSettings | None = Non
         return Engine(serving.config, encoder=serving.encoder, captioner=serving.captioner, scorer=serving.scorer)
 
     state = ApiState(engine, settings, IndexJobs(job_engine or default_job_engine))
-    app = FastAPI(title="pixquery", version="1",
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from starlette.concurrency import run_in_threadpool
+
+        await run_in_threadpool(state.warm_up)
+        yield
+
+    app = FastAPI(title="pixquery", version="1", lifespan=lifespan,
                   description="Search a photo collection in plain words, by example image, or by catalogue "
                               "fields; caption images; index configured folders. Images are named by their "
                               "index id. " + ("Every /api endpoint needs 'Authorization: Bearer <token>'."
@@ -180,9 +189,5 @@ def create_app(engine: Engine | EngineConfig, settings: ApiSettings | None = Non
         log.error("unexpected error:\n%s", "".join(traceback.format_exception(exc)))
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log",
                              "error": "InternalError"}, 500)
-
-    @app.on_event("startup")
-    def _warm() -> None:
-        state.warm_up()
 
     return app

@@ -116,7 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ui)
 
 
-def _print_summary(s, out=sys.stdout) -> None:
+def _print_summary(s, out=None) -> None:
+    out = out or sys.stdout
     print(f"indexed {s.root}: {s.files_seen} image files, {s.total_images} in the index", file=out)
     print(f"  new {s.new}, changed {s.changed}, moved {s.moved}, copies {s.copied}, unchanged {s.unchanged}, "
           f"touched {s.touched}, deleted {s.deleted}, skipped {s.skipped}", file=out)
@@ -141,7 +142,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_hits(hits, out=sys.stdout, reasons: dict[int, str] | None = None) -> None:
+def _print_hits(hits, out=None, reasons: dict[int, str] | None = None) -> None:
+    out = out or sys.stdout
     if not hits:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):

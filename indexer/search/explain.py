@@ -92,7 +92,7 @@ def explain(hits: list[SearchHit], text: str | None, mode: str, filters: Filters
                                                       hit.scores.get(mode, hit.score), None))
         else:
             for s in e.signals:
-                if s["added"] is None and s["value"] is None:
+                if s["added"] is None:  # a signal with no weight in this search
                     continue
                 parts.append(_signal_text(s["signal"], s["value"], s["added"]))
         if applied:
