@@ -169,7 +169,8 @@ def values_of(conn: Connection, ids: Sequence[int]) -> dict[int, dict[str, objec
 def distinct_texts(conn: Connection, name: str, limit: int) -> list[str]:
     """Up to ``limit`` distinct values of text field ``name`` (as imported), most frequent first."""
     rows = conn.execute(select(CatalogueValue.text_value, func.count()).where(CatalogueValue.field == name)
-                        .group_by(CatalogueValue.text_value).order_by(func.count().desc()).limit(limit))
+                        .group_by(CatalogueValue.text_value).order_by(func.count().desc(), CatalogueValue.text_value)
+                        .limit(limit))
     return [v for v, _ in rows if v is not None]
 
 
