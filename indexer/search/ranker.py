@@ -56,16 +56,25 @@ if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
 
 @dataclass
 class Feedback:
-    """Images the user marked bad: left out, with every candidate at least ``near`` similar to one."""
+    """Images the user marked bad: left out, with every candidate at least ``near`` similar to one of them
+    and closer to it than to any image marked good (a good image, and its own near copies, always stay)."""
 
     bad_ids: frozenset[int] = frozenset()
     bad: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # (B, D) unit image vectors
+    good_ids: frozenset[int] = frozenset()
+    good: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # (G, D)
     near: float = NEAR_BAD
 
     def drops(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """(n,) True for the candidates ``ids`` (image vectors (n, D)) that feedback leaves out."""
         marked = np.array([int(i) in self.bad_ids for i in ids], dtype=bool)
-        return marked | near_bad(vectors, self.bad, self.near)
+        kept = np.array([int(i) in self.good_ids for i in ids], dtype=bool)
+        near = near_bad(vectors, self.bad, self.near)
+        if near.any() and len(self.good):
+            to_bad = (np.asarray(vectors) @ np.asarray(self.bad).T).max(axis=1)
+            to_good = (np.asarray(vectors) @ np.asarray(self.good).T).max(axis=1)
+            near &= to_bad > to_good
+        return (marked | near) & ~kept
 
 
 class Ranker:

@@ -111,7 +111,9 @@ class Searcher:
         if not len(good) and not len(bad):
             return q, None
         q = feedback_vector(q, good, bad)
-        return q, Feedback(frozenset(map(int, negative_ids)), bad) if len(bad) else None
+        if not len(bad):
+            return q, None
+        return q, Feedback(frozenset(map(int, negative_ids)), bad, frozenset(map(int, positive_ids)), good)
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
