@@ -48,7 +48,8 @@ PRESETS: dict[str, tuple[str, FusionWeights | None]] = {
 }
 WEIGHT_LABELS = {"image": "Looks like (image)", "caption": "Caption meaning", "keyword": "Caption words",
                  "likelihood": "Captioner agrees (re-scores the best)",
-                 "match": "Match head agrees (re-scores the best)"}
+                 "match": "Match head agrees (re-scores the best)",
+                 "meta": "Catalogue words (imported SKU, title, brand...)"}
 
 
 def _init_state() -> None:
