@@ -109,10 +109,14 @@ def test_hostile_values_are_bound_parameters(engine, tmp_path):
 
 def test_reimport_updates_and_empty_cells_clear(engine, tmp_path):
     engine.import_metadata(write_csv(tmp_path / "cat.csv", CATALOGUE), key="file")
+    again = engine.import_metadata(tmp_path / "cat.csv", key="file")
+    assert again["values"] == again["removed"] == again["changed_images"] == 0  # nothing differs: nothing written
     ids = by_name(engine)
     engine.import_metadata(write_csv(tmp_path / "new.csv", "file,price,category\nred.png,25,\nwhite.png,7,socks\n"),
                            key="file")
     meta = engine.metadata([ids["red.png"], ids["white.png"], ids["blue.png"]])
+    db = sqlite3.connect(engine.config.db_file)
+    assert db.execute("SELECT count(*) FROM catalogue_fts WHERE catalogue_fts MATCH 'socks'").fetchone()[0] == 1
     assert meta[ids["red.png"]]["price"] == 25 and "category" not in meta[ids["red.png"]]
     assert meta[ids["red.png"]]["sku"] == "AB-100"  # columns not in the new file are untouched
     assert meta[ids["white.png"]] == {"price": 7, "category": "socks"}

@@ -118,6 +118,7 @@ class ApiState:
             if self.engine.exists:
                 self.current()
                 self.engine.encoder.encode_texts(["warm up"])
+                self.engine.ranker()  # builds the scorer and the match head once, not in racing requests
         except PixqueryError as exc:
             log.warning("the index cannot be searched yet: %s", exc)
 

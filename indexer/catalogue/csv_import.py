@@ -39,8 +39,10 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 class ImportReport:
     rows: int  # data rows in the file
     matched_rows: int
-    images: int  # images that received values
-    values: int
+    images: int  # images that the file's rows name
+    values: int  # values written (new or changed; an unchanged value is not written again)
+    removed: int  # values removed (an empty cell where there was a value)
+    changed_images: int  # images whose values changed
     fields: dict[str, str]  # name -> kind
     unmatched: list[str] = field(default_factory=list)  # keys that matched no indexed image
     ambiguous: int = 0  # keys that matched more than one image (file names)
@@ -267,7 +269,9 @@ def import_csv(store: Store, source: Path, key: str = "path", key_column: str | 
         raise InputError(f"{len(unmatched)} keys match no indexed image (first: {unmatched[0]!r}); nothing was "
                          f"imported (without --strict the others would be)")
     fields = {name: (kind, kind == "text" and name in keyword) for name, kind in kinds.items()}
-    written = store.import_catalogue(fields, list(writes.items()), replace=replace) if writes or replace else 0
-    return ImportReport(rows=len(rows), matched_rows=matched, images=len(writes), values=written, fields=kinds,
+    counts = (store.import_catalogue(fields, list(writes.items()), replace=replace) if writes or replace
+              else {"written": 0, "removed": 0, "images": 0})
+    return ImportReport(rows=len(rows), matched_rows=matched, images=len(writes), values=counts["written"],
+                        removed=counts["removed"], changed_images=counts["images"], fields=kinds,
                         unmatched=unmatched, ambiguous=ambiguous, unreadable=keys.unreadable,
                         seconds=round(time.perf_counter() - t0, 3))

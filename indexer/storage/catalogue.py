@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Iterable, Sequence
 
-from sqlalchemy import ColumnElement, delete, func, insert, select
+from sqlalchemy import ColumnElement, bindparam, delete, func, insert, select
 from sqlalchemy.engine import Connection, Engine
 
 from indexer.errors import InputError
@@ -192,18 +192,35 @@ def value_row(image_id: int, name: str, kind: str, value: object) -> dict:
     return row
 
 
-def replace_values(conn: Connection, fields: dict[str, str], rows: Iterable[tuple[int, dict[str, object]]]) -> int:
+def replace_values(conn: Connection, fields: dict[str, str],
+                   rows: Iterable[tuple[int, dict[str, object]]]) -> tuple[int, int, list[int]]:
     """For each (image id, {field: value or None}): its values of ``fields`` become these (None: none).
-    Returns the number of values written."""
+    Only what differs is written (a re-import of an unchanged catalogue writes nothing).
+    Returns (values written, values removed, ids whose values changed)."""
     rows = list(rows)
     names = list(fields)
+    wanted = {(i, name): value_row(i, name, fields[name], v) for i, cells in rows for name, v in cells.items()
+              if v is not None}
+    columns = ("text_value", "num_value", "date_value")
+    existing: dict[tuple[int, str], tuple] = {}
     for start in range(0, len(rows), CHUNK):
         ids = [i for i, _ in rows[start:start + CHUNK]]
-        conn.execute(delete(CatalogueValue).where(CatalogueValue.image_id.in_(ids), CatalogueValue.field.in_(names)))
-    values = [value_row(i, name, fields[name], v) for i, cells in rows for name, v in cells.items() if v is not None]
-    for start in range(0, len(values), 20_000):
-        conn.execute(insert(CatalogueValue), values[start:start + 20_000])
-    return len(values)
+        found = conn.execute(select(CatalogueValue.image_id, CatalogueValue.field, CatalogueValue.text_value,
+                                    CatalogueValue.num_value, CatalogueValue.date_value)
+                             .where(CatalogueValue.image_id.in_(ids), CatalogueValue.field.in_(names)))
+        existing.update({(int(i), f): (t, n, d) for i, f, t, n, d in found})
+    same = {key for key, old in existing.items()
+            if key in wanted and tuple(wanted[key][c] for c in columns) == old}
+    gone = [{"i": i, "f": f} for (i, f) in existing if (i, f) not in same]
+    new = [row for key, row in wanted.items() if key not in same]
+    if gone:
+        conn.execute(delete(CatalogueValue).where(CatalogueValue.image_id == bindparam("i"),
+                                                  CatalogueValue.field == bindparam("f")), gone)
+    for start in range(0, len(new), 20_000):
+        conn.execute(insert(CatalogueValue), new[start:start + 20_000])
+    changed = sorted({g["i"] for g in gone} | {row["image_id"] for row in new})
+    removed = sum((g["i"], g["f"]) not in wanted for g in gone)
+    return len(new), removed, changed
 
 
 def keyword_texts(conn: Connection, ids: Sequence[int]) -> dict[int, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 
-from sqlalchemy import BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # 2: captions (images.caption, captioner, captioned_at); 3: keyword index over captions;
@@ -96,9 +96,11 @@ class CatalogueValue(Base):
     text_key: Mapped[str | None] = mapped_column(Text, nullable=True)  # casefolded: what text filters compare
     num_value: Mapped[float | None] = mapped_column(Float, nullable=True)
     date_value: Mapped[date | None] = mapped_column(Date, nullable=True)
-    __table_args__ = (Index("ix_catalogue_text", "field", "text_key"),
-                      Index("ix_catalogue_num", "field", "num_value"),
-                      Index("ix_catalogue_date", "field", "date_value"))
+    # partial indexes: each value sits in one of them only (a third of the index writes of full ones)
+    __table_args__ = tuple(
+        Index(f"ix_catalogue_{name}", "field", column, sqlite_where=text(f"{column} IS NOT NULL"),
+              postgresql_where=text(f"{column} IS NOT NULL"))
+        for name, column in (("text", "text_key"), ("num", "num_value"), ("date", "date_value")))
 
 
 # schema version -> SQL that upgrades the previous version to it (portable SQL only; what a keyword

@@ -273,7 +273,7 @@ class Store:
 
     # --- catalogue metadata (indexer/storage/catalogue.py) --------------------------------------------
     def import_catalogue(self, fields: dict[str, tuple[str, bool]], rows: list[tuple[int, dict[str, object]]],
-                         replace: bool = False) -> int:
+                         replace: bool = False) -> dict[str, int]:
         """Write imported catalogue values in one transaction: ``fields`` {name: (kind, keyword)} are
         registered (a field keeps its kind), and for each (image id, {field: value or None}) the image's
         values of these fields become these (None: none). ``replace``: every catalogue field and value
@@ -297,13 +297,13 @@ class Store:
                 keywords_changed |= field.keyword != keyword
                 field.keyword, field.imported_at = keyword, utcnow()
             s.flush()
-            written = catalogue.replace_values(conn, {n: k for n, (k, _) in fields.items()}, rows)
+            written, removed, changed = catalogue.replace_values(conn, {n: k for n, (k, _) in fields.items()}, rows)
             if self.catalogue is not None:
                 if keywords_changed or replace:
                     self.catalogue.rebuild(conn)
-                else:
-                    self.catalogue.refresh(conn, [i for i, _ in rows])
-            return written
+                elif any(keyword for _, keyword in fields.values()):
+                    self.catalogue.refresh(conn, changed)
+            return {"written": written, "removed": removed, "images": len(changed)}
 
     def drop_catalogue_field(self, name: str) -> int:
         """Forget catalogue field ``name`` and its values; returns how many values went."""
