@@ -65,7 +65,7 @@ def png(colour: str = "purple", size=(40, 30)) -> bytes:
 
 def test_text_search_with_filters_weights_threshold_and_explanations(server, indexed):
     r = server.post("/api/search", json={"query": "red", "k": 3, "mode": "image"})
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.headers["server-timing"].startswith("app;dur=")
     body = r.json()
     assert [Path(h["path"]).name for h in body["results"]][:1] in (["red.png"], ["red-striped.jpg"])
     assert len(body["results"]) == 3 and body["results"][0]["scores"]["image"] > 0.9

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 import traceback
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
@@ -97,6 +98,28 @@ class BodyLimit:
             {"type": "http"}, None, send)
 
 
+class ServerTiming:
+    """ASGI middleware: each response says how long the server spent on it (``Server-Timing: app;dur=ms``),
+    so a client can tell the server's time from the network's and its own."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001 - an ASGI app
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+
+        async def timed_send(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - t0) * 1000
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   (b"server-timing", f"app;dur={ms:.1f}".encode())]}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
 class ApiState:
     """What every request shares: the serving Engine (models and index, loaded once), the settings and
     the indexing runs."""
@@ -164,6 +187,7 @@ def create_app(engine: Engine | EngineConfig, settings: ApiSettings | None = Non
 
     app.include_router(routes.router, prefix="/api", dependencies=[Depends(require_token)])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(ServerTiming)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
