@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from retrieval.query import SIGNALS
-
 from conftest import TinyEncoder, make_image
 from indexer.cli import main
 from indexer.config import EngineConfig
 from indexer.errors import InputError
 from indexer.lab.evaluate import evaluate_retrieval
 from retrieval.images import load_image
+from retrieval.query import SIGNALS
 
 
 def captioned_set(tmp_path):
