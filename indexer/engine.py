@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from captioning.captioner import Captioner, TextScorer
-from indexer import provenance
+from indexer import inspection, provenance
 from indexer.config import EngineConfig
 from indexer.errors import IndexNotFoundError, InputError, PixqueryError
 from indexer.indexing.models import ImageModels
@@ -337,14 +337,27 @@ class Engine:
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
-               threshold: float | None = None) -> list[SearchHit]:
+               threshold: float | None = None, positive_ids: Sequence[int] = (),
+               negative_ids: Sequence[int] = ()) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first.
 
         ``mode``: one of ``retrieval.query.MODES`` (``fused`` combines every signal, see
         indexer/search/ranker.py); ``weights``: the fused mode's weights (default: tuned on Flickr8k dev);
-        ``filters``: only images that match; ``threshold``: leave out hits whose score is below it.
+        ``filters``: only images that match (``Filters(where=("price<50",))`` for catalogue fields);
+        ``threshold``: leave out hits whose score is below it; ``positive_ids`` / ``negative_ids``:
+        relevance feedback, images marked good / bad (the query moves towards the good and away from the
+        bad, and near copies of the bad are left out; good images alone, without text, also work).
         """
-        return self.searcher().search(text, image, k, mode, weights, filters, threshold)
+        return self.searcher().search(text, image, k, mode, weights, filters, threshold, positive_ids, negative_ids)
+
+    def explain(self, hits: list[SearchHit], text: str | None, mode: str = "fused", filters: Filters | None = None,
+                positive_ids: Sequence[int] = (), negative_ids: Sequence[int] = ()) -> list:
+        """A readable reason for each of ``hits`` of a search with these arguments
+        (:class:`indexer.search.explain.Explanation`: matched words, what each signal added, filters)."""
+        from indexer.search.explain import explain
+
+        catalogue = self._store_for(create=False).catalogue_texts([h.id for h in hits])
+        return explain(hits, text, mode, filters, catalogue, positive_ids, negative_ids)
 
     def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """Rank the index for (Q, dim) query vectors by one vector signal -> (scores, ids), each (Q, <=k)."""
@@ -370,29 +383,17 @@ class Engine:
 
     # --- inspection --------------------------------------------------------------------------
     def stats(self) -> dict:
+        """What is in the index and which models made it (see indexer/inspection.py)."""
+        return inspection.stats(self._store_for(create=False), self.config)
+
+    def rows(self, filters: Filters | None = None) -> list[ImageRow]:
+        """Every indexed image's row, by id (only the images that pass ``filters`` when given)."""
         store = self._store_for(create=False)
-        last = store.last_run()
-        info = self.index_info
-        size = sum(p.stat().st_size for p in self.config.index_dir.rglob("*") if p.is_file())
-        captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
-        return {
-            "index_dir": str(self.config.index_dir),
-            "database": safe_url(self.config.db_url) if self.config.db_url else "sqlite",  # never a password
-            "images": store.count_images(),
-            "captioned": len(store.captioned_ids()),
-            "skipped": len(store.skipped()),
-            "encoder": info.to_dict() if info else None,
-            "captioner": json.loads(captioner) if captioner else None,
-            "scorer": json.loads(scorer) if scorer else None,
-            "vector_index": {"type": self.config.index_type,
-                             "generation": int(store.get_meta("vector_generation") or 0)},
-            "index_bytes": size,
-            "last_run": None if last is None else {
-                "root": last.root, "started_at": last.started_at.isoformat(timespec="seconds"),
-                "finished_at": last.finished_at.isoformat(timespec="seconds") if last.finished_at else None,
-                "summary": json.loads(last.summary) if last.summary else None,
-            },
-        }
+        ids = store.filter_ids(filters) if filters is not None else None
+        if ids is None:
+            return sorted(store.all_images(), key=lambda r: r.id)
+        found = store.images_by_ids(ids.tolist())
+        return [found[i] for i in sorted(found)]
 
     def paths(self) -> dict[int, str]:
         """{id: path} of every indexed image."""
@@ -411,6 +412,12 @@ class Engine:
         for anything that is not an id (a string, a path, a float, a negative or oversized number)."""
         row_id = check_id(id)
         return self._store_for(create=False).images_by_ids([row_id]).get(row_id)
+
+    # --- catalogue metadata --------------------------------------------------------------------
+    @property
+    def catalogue(self) -> inspection.Catalogue:
+        """Imported catalogue fields (SKU, price, ...): import, list, look up, drop (indexer/inspection.py)."""
+        return inspection.Catalogue(self._store_for(create=False))
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._store_for(create=False).skipped()]

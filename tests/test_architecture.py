@@ -127,6 +127,18 @@ def test_no_private_engine_method_is_used_outside_the_engine():
 def test_cli_start_up_imports_no_heavy_library():
     code = ("import sys; import indexer.cli as c; c.build_parser(); "
             "print(sorted(m for m in ('torch', 'faiss', 'transformers', 'timm', 'open_clip', 'sqlalchemy', 'numpy', "
-            "'streamlit', 'fastapi', 'ray') if m in sys.modules))")
+            "'streamlit', 'fastapi', 'uvicorn', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_only_serve_and_the_lab_reach_the_http_api():
+    """FastAPI is an optional extra: nothing but ``pixquery serve`` (cli/teams.py, importing it inside the
+    command) and the API benchmark imports ``indexer.api``."""
+    allowed = {"indexer/cli/teams.py", "indexer/lab/bench_api.py"}
+    for path in (REPO / "indexer").rglob("*.py"):
+        rel = str(path.relative_to(REPO))
+        if rel.startswith("indexer/api/") or rel in allowed:
+            continue
+        source = path.read_text()
+        assert "indexer.api" not in source and "fastapi" not in source, rel

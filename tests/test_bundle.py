@@ -14,6 +14,7 @@ from conftest import TinyCaptioner, TinyEncoder, make_image
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.storage import segments as segments_module
+from indexer.storage.schema import SCHEMA_VERSION
 from indexer.storage.segments import SegmentLog, plan_merge
 from indexer.storage.store import Store
 from indexer.storage.vectors import MEMORY_RANGE
@@ -227,7 +228,7 @@ def test_an_index_of_the_old_layout_opens_and_converts_without_re_embedding(tmp_
     assert [(h.id, round(h.score, 5)) for h in converted.search("a red picture", k=5)] == hits_before
     assert state(converted) == before
     assert not (cfg.index_dir / "images.faiss").exists() and converted.generation == 1
-    assert converted.open().store.get_meta("schema_version") == "4"
+    assert converted.open().store.get_meta("schema_version") == str(SCHEMA_VERSION)
     summary = converted.index(photo_dir)
     assert summary.unchanged == 16 and encoder.encoded_images == 0  # nothing was embedded again
 

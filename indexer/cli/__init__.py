@@ -1,7 +1,8 @@
 """``pixquery``: the command line. Parses arguments, calls the Engine, prints results.
 
 Split by audience: everyday commands (``everyday.py``: index, search, similar, duplicates, stats,
-caption, recaption, demo, ui) and the commands that measure and train (``lab.py``: eval, bench, train).
+caption, recaption, demo, ui), the teams' commands (``teams.py``: serve, meta, export) and the commands
+that measure and train (``lab.py``: eval, bench, train).
 Only this package (and the app) turns :class:`PixqueryError` into messages and exit codes. Heavy
 libraries (torch, faiss, transformers) are imported inside the commands, never at start-up.
 
@@ -18,7 +19,7 @@ import logging
 import os
 import sys
 
-from indexer.cli import everyday, lab, maintenance
+from indexer.cli import everyday, lab, maintenance, teams
 from indexer.cli.args import EXIT_INTERRUPTED
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     everyday.register(sub)
     maintenance.register(sub)
+    teams.register(sub)
     lab.register(sub)
     return parser
 

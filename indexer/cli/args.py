@@ -68,6 +68,10 @@ def filters(p: argparse.ArgumentParser) -> None:
                    help="file type, e.g. jpg (repeat, or a comma list: --type jpg,png)")
     g.add_argument("--min-width", type=int, default=0, metavar="N", help="at least N pixels wide")
     g.add_argument("--min-height", type=int, default=0, metavar="N", help="at least N pixels high")
+    g.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="a condition on an imported catalogue field (pixquery meta import), e.g. category=shoes, "
+                        "price<50, released>=2024-01-01, title~linen (contains), brand=acme|zeta (any of); "
+                        "repeat: all must hold")
 
 
 def filters_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.storage.filters.Filters
@@ -87,7 +91,8 @@ def filters_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.storage.fi
 
     types = tuple(t.strip() for item in args.file_types for t in item.split(",") if t.strip())
     return Filters(folder=args.folder, glob=args.glob, after=day("after", args.after), before=day("before", args.before),
-                   file_types=types, min_width=args.min_width, min_height=args.min_height)
+                   file_types=types, min_width=args.min_width, min_height=args.min_height,
+                   where=tuple(getattr(args, "where", None) or ()))
 
 
 def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.EngineConfig

@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fused (default)")
     weights(p)
     p.add_argument("--threshold", type=float, help="leave out results scoring below this")
+    p.add_argument("--explain", action="store_true",
+                   help="say why each result matched: caption words, what each signal added, filters")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     filters(p)
     common(p)
@@ -164,7 +166,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_hits(hits, out=None) -> None:
+def _print_hits(hits, out=None, reasons: dict[int, str] | None = None) -> None:
     out = out or sys.stdout
     if not hits:
         print("no results", file=out)
@@ -172,6 +174,8 @@ def _print_hits(hits, out=None) -> None:
         print(f"{rank:3d}  {h.score:.4f}  {h.path}", file=out)
         if h.caption:
             print(f"           {h.caption}", file=out)
+        if reasons and reasons.get(h.id):
+            print(f"           why: {reasons[h.id]}", file=out)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -184,11 +188,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     with Engine(config_from(args)) as engine:
         hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode, weights=weights,
                              filters=filters, threshold=args.threshold)
+        reasons = ({e.id: e.text for e in engine.explain(hits, args.query, args.mode, filters)}
+                   if args.explain else {})
     if args.json:
+        results = [h.to_dict() | ({"explanation": reasons[h.id]} if h.id in reasons else {}) for h in hits]
         print(json.dumps({"query": args.query, "image": args.image, "mode": args.mode, "k": args.k,
-                          "weights": weights.to_dict(), "results": [h.to_dict() for h in hits]}))
+                          "weights": weights.to_dict(), "filters": filters.describe(), "results": results}))
     else:
-        _print_hits(hits)
+        _print_hits(hits, reasons=reasons)
     return EXIT_OK
 
 

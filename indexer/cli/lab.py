@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from indexer.cli.teams_lab import register_bench, register_eval
 from indexer.cli.args import EXIT_OK, captioning, common, config_from, weights, weights_from
 from retrieval.query import MODES
 from retrieval.shipped import DEFAULTS
@@ -46,6 +47,7 @@ def _eval_parsers(sub: argparse._SubParsersAction) -> None:
     common(e)
     captioning(e)
     e.set_defaults(handler=eval_captions)
+    register_eval(esub)
 
 
 def eval_captions(args: argparse.Namespace) -> int:
@@ -129,6 +131,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     common(b)
     captioning(b)
     b.set_defaults(handler=bench_ui)
+    register_bench(bsub)
 
 
 def bench_index(args: argparse.Namespace) -> int:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from indexer.errors import InputError
 from indexer.search.duplicates import DuplicateGroup, find_duplicates
-from indexer.search.ranker import Ranker
+from indexer.search.ranker import Feedback, Ranker
 from indexer.storage.filters import Filters
 from indexer.storage.schema import ImageRow
 from retrieval.encoder import JointEncoder
-from retrieval.fusion import query_vector
+from retrieval.fusion import feedback_vector, query_vector
 from retrieval.query import MODES, FusionWeights, ParsedQuery
 from retrieval.query_parser import parse_query
 
@@ -34,15 +35,25 @@ class SearchHit:
     file_type: str
     caption: str | None = None
     scores: dict[str, float] = field(default_factory=dict)  # per signal, e.g. {"image": 0.31}
+    # fused mode: what each signal added to ``score`` (z-scored and weighted; see indexer/search/explain.py)
+    contributions: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "path": self.path, "score": round(self.score, 6), "caption": self.caption,
-                "width": self.width, "height": self.height, "file_type": self.file_type,
-                "scores": {k: round(v, 6) for k, v in self.scores.items()}}
+        out = {"id": self.id, "path": self.path, "score": round(self.score, 6), "caption": self.caption,
+               "width": self.width, "height": self.height, "file_type": self.file_type,
+               "scores": {k: round(v, 6) for k, v in self.scores.items()}}
+        if self.contributions:
+            out["contributions"] = {k: round(v, 6) for k, v in self.contributions.items()}
+        return out
 
     @classmethod
-    def of(cls, row: ImageRow, score: float, scores: dict[str, float]) -> "SearchHit":
-        return cls(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, scores)
+    def of(cls, row: ImageRow, score: float, scores: dict[str, float],
+           contributions: dict[str, float] | None = None) -> "SearchHit":
+        return cls(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, scores,
+                   contributions or {})
+
+
+MAX_FEEDBACK = 1000  # marked images per search
 
 
 MAX_ID = 2**63 - 1  # ids are signed 64-bit in every store
@@ -86,9 +97,39 @@ class Searcher:
             return (image_vec / (np.linalg.norm(image_vec) or 1.0)).astype(np.float32)
         return query_vector(parsed, lambda texts: self.encoder.encode_texts(texts), image_vec)
 
+    def _marked(self, ids: Sequence[int], what: str) -> np.ndarray:
+        """Stored image vectors (n, D) of images marked ``what`` (good or bad); InputError for an unknown id."""
+        try:
+            ids = [int(i) for i in ids]
+        except (TypeError, ValueError):
+            raise InputError(f"{what} images are given by their ids (integers)") from None
+        if len(ids) > MAX_FEEDBACK:
+            raise InputError(f"at most {MAX_FEEDBACK} images can be marked {what}, got {len(ids)}")
+        missing = [i for i in ids if not self.vectors.images.contains(i)]
+        if missing:
+            raise InputError(f"no image with id {missing[0]} in this index (marked {what})")
+        return self.vectors.images.reconstruct(np.asarray(ids, dtype=np.int64)) if ids else np.zeros((0, 0))
+
+    def feedback(self, q: np.ndarray | None, positive_ids: Sequence[int],
+                 negative_ids: Sequence[int]) -> tuple[np.ndarray, Feedback | None]:
+        """The query vector moved by relevance feedback (Rocchio) and what the ranking leaves out."""
+        good, bad = self._marked(positive_ids, "good"), self._marked(negative_ids, "bad")
+        both = set(map(int, positive_ids)) & set(map(int, negative_ids))
+        if both:
+            raise InputError(f"image {min(both)} is marked both good and bad")
+        if q is None and not len(good):
+            raise InputError("give a text query, an example image, or at least one image marked good")
+        if not len(good) and not len(bad):
+            return q, None
+        q = feedback_vector(q, good, bad)
+        if not len(bad):
+            return q, None
+        return q, Feedback(frozenset(map(int, negative_ids)), bad, frozenset(map(int, positive_ids)), good)
+
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
-               threshold: float | None = None) -> list[SearchHit]:
+               threshold: float | None = None, positive_ids: Sequence[int] = (),
+               negative_ids: Sequence[int] = ()) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first (see ``Engine.search``)."""
         check_k(k)
         if mode not in MODES:
@@ -96,19 +137,22 @@ class Searcher:
         parsed = parse_query(text) if text is not None else None
         if parsed is None and mode == "keyword":
             raise InputError("keyword mode needs words to look for")
-        q = self.query(parsed, image)
+        marked = bool(len(positive_ids) or len(negative_ids))
+        q = self.query(parsed, image) if (parsed is not None or image is not None or not marked) else None
+        q, feedback = self.feedback(q, positive_ids, negative_ids) if marked else (q, None)
         allowed = self.store.filter_ids(filters) if filters is not None else None
         if allowed is not None and not len(allowed):
             return []
         ranked = self.ranker.rank(mode, q, parsed, int(k), weights or FusionWeights(), allowed,
-                                  pool=self.pool, depth=self.depth)
+                                  pool=self.pool, depth=self.depth, feedback=feedback)
         rows = self.store.images_by_ids(ranked.ids.tolist())
         hits = []
         for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
             if i not in rows or (threshold is not None and score < threshold):
                 continue
             scores = {name: float(v[n]) for name, v in ranked.signals.items() if not np.isnan(v[n])}
-            hits.append(SearchHit.of(rows[i], float(score), scores))
+            parts = {name: float(v[n]) for name, v in ranked.parts.items()}
+            hits.append(SearchHit.of(rows[i], float(score), scores, parts))
         return hits
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, func, or_
 
 from indexer.errors import InputError
+from indexer.storage.catalogue import Condition, parse_condition
 from indexer.storage.schema import ImageRow
 
 
@@ -28,7 +29,9 @@ class Filters:
     glob: only paths matching this shell pattern (``*`` and ``?`` as in fnmatch, matched on the full path);
     after / before: date taken (EXIF), else file modification date, inclusive;
     file_types: lower-case extensions without the dot, e.g. ("jpg", "png");
-    min_width / min_height: in pixels.
+    min_width / min_height: in pixels;
+    where: conditions on imported catalogue fields, e.g. ("category=shoes", "price<50"), all of which must
+    hold (strings are parsed into :class:`~indexer.storage.catalogue.Condition`; see there for the operators).
     """
 
     folder: str | None = None
@@ -38,8 +41,12 @@ class Filters:
     file_types: tuple[str, ...] = ()
     min_width: int = 0
     min_height: int = 0
+    where: tuple[Condition, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.where, (str, Condition)):
+            object.__setattr__(self, "where", (self.where,))
+        object.__setattr__(self, "where", tuple(parse_condition(c) for c in self.where))
         if self.min_width < 0 or self.min_height < 0:
             raise InputError("minimum width and height cannot be negative")
         if self.after and self.before and self.after > self.before:
@@ -49,7 +56,16 @@ class Filters:
     @property
     def active(self) -> bool:
         return any((self.folder, self.glob, self.after, self.before, self.file_types, self.min_width,
-                    self.min_height))
+                    self.min_height, self.where))
+
+    def describe(self) -> list[str]:
+        """The filters that are set, in words (``folder /photos/a``, ``price<50``), for explanations."""
+        parts = [f"folder {self.folder}" if self.folder else "", f"path matches {self.glob}" if self.glob else "",
+                 f"on or after {self.after}" if self.after else "", f"on or before {self.before}" if self.before else "",
+                 f"type {', '.join(self.file_types)}" if self.file_types else "",
+                 f"at least {self.min_width} px wide" if self.min_width else "",
+                 f"at least {self.min_height} px high" if self.min_height else ""]
+        return [p for p in parts if p] + [str(c) for c in self.where]
 
 
 
@@ -66,7 +82,8 @@ def _timestamp(local: datetime) -> float:
 
 
 def filter_conditions(filters: Filters) -> list[ColumnElement[bool]]:
-    """SQL conditions for every filter but the glob; all values are bound parameters."""
+    """SQL conditions for every filter but the glob and the catalogue conditions (which need the field
+    registry: ``Store.filter_ids`` adds them); all values are bound parameters."""
     conds: list[ColumnElement[bool]] = []
     if filters.folder:
         # a plain prefix comparison: no LIKE, so '%', '_' and case in paths mean exactly themselves
