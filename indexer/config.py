@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioning.captioner import DecodeOptions
+from indexer.indexing.reader import READERS
 from indexer.storage.store import sqlite_path
 from indexer.storage.vectors import INDEX_TYPES
 from retrieval.errors import InputError
@@ -64,8 +65,9 @@ class EngineConfig:
     pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
     rerank_depth: int = 10  # fused ranking: the best candidates the scorer and the match head re-rate
     decode: DecodeOptions = field(default_factory=DecodeOptions)
-    batch_size: int = 32
-    workers: int = 2  # decode threads
+    batch_size: int | None = None  # images per model batch (None: 256 on a GPU, 32 on a CPU; Engine.batch_size)
+    workers: int | None = None  # decoding threads or processes (None: 2 on a CPU, most cores beside a GPU)
+    readers: str = "auto"  # threads, processes (decoding worker processes) or auto: processes beside a GPU
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -75,8 +77,10 @@ class EngineConfig:
             self.encoder = os.environ[ENV_ENCODER]
         if self.index_type not in INDEX_TYPES:
             raise InputError(f"unknown vector index type {self.index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
-        if self.batch_size < 1 or self.workers < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 1):
             raise InputError("the batch size and the number of reader threads must be at least 1")
+        if self.readers not in READERS:
+            raise InputError(f"unknown readers {self.readers!r}; choose one of: {', '.join(READERS)}")
 
     @property
     def url(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,30 @@ class Engine:
             self._matcher = matcher if provenance.matcher_fits(matcher, self.scorer) else None
         return self._matcher
 
+    @property
+    def batch_size(self) -> int:
+        """Images per model batch: the configured size, else 256 on a GPU and 32 on a CPU."""
+        if self.config.batch_size is not None:
+            return self.config.batch_size
+        from retrieval.device import default_batch_size
+
+        return default_batch_size(self._device())
+
+    @property
+    def workers(self) -> int:
+        """Decoding threads or processes: the configured number, else 2 on a CPU (the model needs the
+        cores) and all cores but two beside a GPU (at most 16)."""
+        if self.config.workers is not None:
+            return self.config.workers
+        return max(2, min(16, (os.cpu_count() or 2) - 2)) if self._device().type == "cuda" else 2
+
+    @property
+    def read_processes(self) -> bool:
+        """Whether indexing decodes on worker processes (``readers``; auto: beside a GPU) rather than threads."""
+        if self.config.readers != "auto":
+            return self.config.readers == "processes"
+        return self._device().type == "cuda"
+
     def models(self) -> ImageModels:
         """The model stage of indexing: encoder, captioner and scorer behind one call per batch."""
         return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer)
@@ -219,8 +244,9 @@ class Engine:
         if rebuild:
             self.drop()
         writer = self.writer()
-        indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                          workers=self.config.workers, progress=self.config.progress, on_progress=on_progress)
+        indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                          workers=self.workers, progress=self.config.progress, on_progress=on_progress,
+                          processes=self.read_processes)
         return indexer.run(root)
 
     def recaption(self) -> dict:
@@ -233,8 +259,8 @@ class Engine:
             raise InputError("no captioner is configured (--captioner NAME)")
         self._store_for(create=False)
         writer = self.writer()
-        counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                           workers=self.config.workers, progress=self.config.progress)
+        counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                           workers=self.workers, progress=self.config.progress)
         writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
         return counts.to_dict()
 

@@ -97,7 +97,7 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.Engi
         kwargs["device"] = args.device
     if args.cache_dir:
         kwargs["cache_dir"] = Path(args.cache_dir)
-    for name in ("batch_size", "workers"):
+    for name in ("batch_size", "workers", "readers"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "captioner", None) is not None:

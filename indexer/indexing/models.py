@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from captioning.captioner import Captioner, DecodeOptions, GridCaptioner, TextScorer
+from indexer.indexing.procreader import PixelSpec
 from retrieval.encoder import GridEncoder, JointEncoder
 
 
@@ -36,6 +37,42 @@ class ImageModels:
         self.shared = grid and isinstance(captioner, GridCaptioner)  # one tower pass for both
         # the scorer rates query text against images from memories computed on the encoder's grid
         self.scorer = scorer if grid else None
+        self.device: torch.device = getattr(encoder, "device", torch.device("cpu"))
+        self._pinned: list[torch.Tensor] = []  # page-locked staging buffers for batches bound to a GPU
+        self._events: list = []
+
+    def pixel_spec(self) -> PixelSpec | None:
+        """How a decoding worker process may prepare pixels for these models (raw uint8 at the encoder's
+        size, normalised by the encoder on its device), or None when some model needs its own
+        preprocessing (then the reader uses threads)."""
+        spec = getattr(self.encoder, "pixel_spec", None)
+        if spec is None or not isinstance(self.encoder, GridEncoder) or (self.captioner is not None and not self.shared):
+            return None
+        return PixelSpec(*spec)
+
+    def collate(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Stack one batch of pixels; for a GPU into page-locked memory (two buffers in turn), so the
+        copy to the device runs asynchronously and at full speed."""
+        if self.device.type != "cuda":
+            return torch.stack(pixels)
+        shape, dtype = (len(pixels), *pixels[0].shape), pixels[0].dtype
+        if not self._pinned or self._pinned[0].shape[1:] != shape[1:] or self._pinned[0].dtype != dtype \
+                or self._pinned[0].shape[0] < shape[0]:
+            self._pinned = [torch.empty(shape, dtype=dtype).pin_memory() for _ in range(2)]
+            self._events = [None, None]
+        self._pinned.reverse()
+        self._events.reverse()
+        if self._events[0] is not None:
+            self._events[0].synchronize()  # the copy that last read this buffer has finished
+        return torch.stack(pixels, out=self._pinned[0][: len(pixels)])
+
+    def _copied(self) -> None:
+        """Record when the work queued on the batch in the current staging buffer is done (its copy to
+        the device is part of it): the buffer is not refilled before."""
+        if self.device.type == "cuda" and self._pinned:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[0] = event
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (encoder pixels, captioner pixels or None when the backbone is shared or absent)."""
@@ -48,12 +85,15 @@ class ImageModels:
         grid = self._grid(enc_pixels)
         vectors = self.encoder.encode_grid(grid) if grid is not None else self.encoder.encode_pixels(enc_pixels)
         captions, memories = self._captions_and_memories(grid, cap_pixels, len(enc_pixels))
+        self._copied()
         return BatchOutput(vectors, captions, memories)
 
     def caption_only(self, enc_pixels: torch.Tensor,
                      cap_pixels: torch.Tensor | None) -> tuple[list[str | None], np.ndarray | None]:
         """Captions and scorer memories without touching image embeddings (``recaption``)."""
-        return self._captions_and_memories(self._grid(enc_pixels), cap_pixels, len(enc_pixels))
+        out = self._captions_and_memories(self._grid(enc_pixels), cap_pixels, len(enc_pixels))
+        self._copied()
+        return out
 
     def _grid(self, enc_pixels: torch.Tensor) -> torch.Tensor | None:
         """(B, 1280, 7, 7): one backbone pass for everything that reads the grid; None when nothing does."""

@@ -1,7 +1,7 @@
 """One incremental indexing run: reader threads -> model stage -> writer, in bounded batches.
 
 What happens to each file is decided by ``plan.py`` (the decision table of docs/ARCHITECTURE.md);
-this module carries the decisions out: it reads files on threads (``reader.py``), runs the models on
+this module carries the decisions out: it reads files on threads or decoding processes (``reader.py``), runs the models on
 batches of new content (``models.py``), copies the vectors of content the index already holds, and
 hands everything to the :class:`~indexer.indexing.writer.BatchWriter`, which checkpoints it. Moves
 and copies carry the caption and its vectors along; an empty caption is never stored.
@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from indexer.errors import InputError
 from indexer.indexing import plan
 from indexer.indexing.discover import discover
 from indexer.indexing.models import ImageModels
-from indexer.indexing.reader import ReadResult, read_in_order
+from indexer.indexing.reader import ReadResult, reading
 from indexer.indexing.writer import BatchWriter
 from indexer.storage.bundle import Payload, VectorBundle
 from indexer.storage.schema import ImageRow, SkippedRow, utcnow
@@ -69,9 +68,10 @@ class Indexer:
     def __init__(
         self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None, processes: bool = False,
     ) -> None:
         self.store, self.vectors, self.models = store, vectors, models
+        self.processes = processes  # decode on worker processes (reader.reading) instead of threads
         self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
@@ -130,8 +130,8 @@ class _Run:
             self._advance(0)
             known = frozenset(self.by_hash)
             window = max(ix.batch_size * 2, ix.workers * 4)
-            with ThreadPoolExecutor(max_workers=ix.workers) as pool:
-                for res in read_in_order(pool, ((f.path, f) for f in todo), ix.models, known, window):
+            with reading(ix.models, ix.workers, known, window, ix.processes) as read:
+                for res in read((f.path, f) for f in todo):
                     self._handle(res)
                 self._flush()
             # files that disappeared (and were not moved) leave the index
@@ -237,7 +237,7 @@ class _Run:
         if not self.batch:
             return
         ix, batch = self.ix, self.batch
-        out = ix.models.run(torch.stack([r.pixels for r, _, _ in batch]),
+        out = ix.models.run(ix.models.collate([r.pixels for r, _, _ in batch]),
                             stack_or_none([r.cap_pixels for r, _, _ in batch]))
         where, cap_vecs = ix.models.embed_captions(out.captions)
         ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)

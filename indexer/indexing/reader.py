@@ -1,33 +1,62 @@
 """The reading stage of indexing: each file is read once, hashed, and decoded only when its content is new.
 
-Runs on reader threads, with PIL and numpy only: a torch operation on a reader thread would start an
-OpenMP team there that competes with the model stage for the cores (docs/BENCHMARKS.md).
+Two ways to run it, chosen by :func:`reading`:
+
+* reader threads (the default on a CPU), with PIL and numpy only: a torch operation on a reader thread
+  would start an OpenMP team there that competes with the model stage for the cores
+  (docs/BENCHMARKS.md);
+* decoding worker processes (``procreader.py``; the default on a GPU, where decoding must keep up with
+  thousands of images a second): they hand over raw uint8 pixels through shared memory and the model
+  stage normalises them on the device.
+
+This module imports no torch: the worker processes import it.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from indexer.indexing.discover import FileEntry, hash_bytes
-from indexer.indexing.models import ImageModels
 from retrieval.errors import ImageDecodeError
 from retrieval.images import load_image
+
+if TYPE_CHECKING:
+    import torch
+
+    from indexer.indexing.models import ImageModels
+
+READERS = ("auto", "threads", "processes")  # EngineConfig.readers
+
+Jobs = Iterable[tuple[str, "FileEntry | None"]]
 
 
 @dataclass
 class ReadResult:
     entry: FileEntry | None  # None when an indexed image is read again (recaption)
     content_hash: str | None = None
-    pixels: torch.Tensor | None = None  # (3, H, W) for the encoder, only when the file needs embedding
-    cap_pixels: torch.Tensor | None = None  # (3, H', W') for a captioner with its own preprocessing
+    pixels: "torch.Tensor | None" = None  # encoder pixels, only when the file needs embedding: (3, H, W)
+    # normalised float32, or (H, W, 3) raw uint8 from a worker process (normalised by the model stage)
+    cap_pixels: "torch.Tensor | None" = None  # (3, H', W') for a captioner with its own preprocessing
     width: int = 0
     height: int = 0
     taken_at: object = None
     error: str | None = None
+
+
+def read_bytes(path: str) -> tuple[bytes | None, str | None]:
+    """-> (the file's bytes, None), or (None, the reason it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(), None
+    except OSError as exc:
+        return None, f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})"
+
+
+def decode_error(exc: ImageDecodeError) -> str:
+    return str(exc).replace("<bytes>: ", "")
 
 
 def decode_into(result: ReadResult, data: bytes, models: ImageModels) -> ReadResult:
@@ -36,7 +65,7 @@ def decode_into(result: ReadResult, data: bytes, models: ImageModels) -> ReadRes
         decoded = load_image(data)
         result.pixels, result.cap_pixels = models.preprocess(decoded.image)
     except ImageDecodeError as exc:
-        result.error = str(exc).replace("<bytes>: ", "")
+        result.error = decode_error(exc)
         return result
     result.width, result.height, result.taken_at = decoded.width, decoded.height, decoded.taken_at
     return result
@@ -46,18 +75,16 @@ def read_file(path: str, entry: FileEntry | None, models: ImageModels,
               known_hashes: frozenset[str] | None = None) -> ReadResult:
     """Read ``path`` once: hash it, and decode it unless its hash is in ``known_hashes`` (content the index
     already holds, whose vectors are copied instead)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        return ReadResult(entry, error=f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})")
+    data, error = read_bytes(path)
+    if data is None:
+        return ReadResult(entry, error=error)
     result = ReadResult(entry, content_hash=hash_bytes(data))
     if known_hashes is not None and result.content_hash in known_hashes:
         return result  # its vectors are already in the index: no decode
     return decode_into(result, data, models)
 
 
-def read_in_order(pool: ThreadPoolExecutor, jobs: Iterable[tuple[str, FileEntry | None]], models: ImageModels,
+def read_in_order(pool: ThreadPoolExecutor, jobs: Jobs, models: ImageModels,
                   known_hashes: frozenset[str] | None, window: int) -> Iterator[ReadResult]:
     """Read ``(path, entry)`` jobs on ``pool``, yielding results in order, at most ``window`` in flight."""
     futures = []
@@ -67,3 +94,19 @@ def read_in_order(pool: ThreadPoolExecutor, jobs: Iterable[tuple[str, FileEntry 
             yield futures.pop(0).result()
     for fut in futures:
         yield fut.result()
+
+
+@contextmanager
+def reading(models: ImageModels, workers: int, known_hashes: frozenset[str] | None, window: int,
+            processes: bool = False) -> Iterator[Callable[[Jobs], Iterator[ReadResult]]]:
+    """A function that reads jobs in order: on ``workers`` decoding processes when ``processes`` is set
+    and the models take raw pixels (:meth:`ImageModels.pixel_spec`), else on ``workers`` threads."""
+    spec = models.pixel_spec() if processes else None
+    if spec is not None:
+        from indexer.indexing.procreader import ProcessReader
+
+        with ProcessReader(workers, spec, known_hashes, window) as reader:
+            yield reader.read_in_order
+        return
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield lambda jobs: read_in_order(pool, jobs, models, known_hashes, window)

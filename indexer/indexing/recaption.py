@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from indexer.indexing.models import ImageModels
@@ -47,7 +46,7 @@ def recaption(store: Store, vectors: VectorBundle, models: ImageModels, batch_si
     def flush() -> None:
         if not pending:
             return
-        caps, memories = models.caption_only(torch.stack([r.pixels for _, r in pending]),
+        caps, memories = models.caption_only(models.collate([r.pixels for _, r in pending]),
                                              stack_or_none([r.cap_pixels for _, r in pending]))
         where, vecs = models.embed_captions(caps)
         ids = np.array([row.id for row, _ in pending], dtype=np.int64)

@@ -64,7 +64,7 @@ def bench_index(folder: Path, limit: int, config: EngineConfig) -> dict:
             "index_s": summary.seconds, "images_per_s": summary.images_per_second,
             "end_to_end_images_per_s": round(summary.embedded / total_s, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "batch_size": cfg.batch_size, "workers": cfg.workers, "machine": machine()}
+            "batch_size": engine.batch_size, "workers": engine.workers, "machine": machine()}
 
 
 def bench_search(index_dir: Path, query: str, runs: int) -> dict:

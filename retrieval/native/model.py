@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from retrieval.device import compute_dtype
 from retrieval.encoder import EncoderInfo, GridEncoder, l2_normalize
 from retrieval.errors import ModelLoadError
-from retrieval.images import to_tensor
+from retrieval.images import normalize_raw, to_tensor
 from retrieval.shipped import is_shipped, resolve_weights
 from retrieval.weights import save_payload
 from retrieval.native.towers import (
@@ -113,10 +114,17 @@ def load_heads(path: Path) -> tuple[Heads, str]:
 
 
 class NativeEncoder(GridEncoder):
-    """The offline default encoder (``native:<heads>``). Towers load lazily, on first use."""
+    """The offline default encoder (``native:<heads>``). Towers load lazily, on first use.
+
+    The towers run in :func:`~retrieval.device.compute_dtype` (float32 on a CPU, bfloat16 on a GPU);
+    the heads always in float32. :meth:`grid` also takes raw (B, H, W, 3) uint8 pixels
+    (:func:`~retrieval.images.to_raw`, what decoding worker processes hand over) and normalises them
+    on the device.
+    """
 
     def __init__(self, heads_spec: str = DEFAULT_HEADS, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")
+        self.dtype = compute_dtype(self.device)
         path = resolve_heads_path(heads_spec)
         self.heads, sha = load_heads(path)
         self.heads.to(self.device)
@@ -128,23 +136,30 @@ class NativeEncoder(GridEncoder):
     @property
     def image_tower(self) -> ImageTower:
         if self._image_tower is None:
-            tower = ImageTower().to(self.device)
+            tower = ImageTower().to(self.device, self.dtype)
             self._image_tower = tower.to(memory_format=torch.channels_last).eval()
         return self._image_tower
 
     @property
     def text_tower(self) -> TextTower:
         if self._text_tower is None:
-            self._text_tower = TextTower().to(self.device).eval()
+            self._text_tower = TextTower().to(self.device, self.dtype).eval()
         return self._text_tower
+
+    #: (size, mean, std) of :meth:`preprocess`: decoding workers resize to it, the device normalises
+    pixel_spec = (IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(image, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
 
     @torch.inference_mode()
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 224, 224) -> (B, 1280, 7, 7) grid features (shared with the captioner)."""
-        x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+        """(B, 3, 224, 224) normalised, or (B, 224, 224, 3) uint8 raw -> (B, 1280, 7, 7) grid features
+        (shared with the captioner), in the towers' dtype."""
+        x = pixels.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize_raw(x, IMAGE_MEAN, IMAGE_STD, self.dtype)
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         return self.image_tower(x)
 
     @torch.inference_mode()

@@ -1,0 +1,183 @@
+"""Decoding worker processes for the reading stage (see ``reader.py``): read, hash, decode and resize
+on other processes, so decoding uses every core instead of one interpreter's.
+
+Each worker writes the resized picture as raw uint8 (size, size, 3) into a slot of a shared buffer
+(a file in ``/dev/shm`` when it has room, else in the temporary folder; the kernel's page cache keeps
+it in memory) and sends back only the small facts (hash, size, EXIF date, error). The main process
+copies each slot out as soon as it takes the result, in the order the jobs were given, and the model
+stage normalises the pixels on the device (bit for bit what the threads' numpy preprocessing gives:
+a test compares them). Jobs travel in chunks, so a worker's round trip costs one message per chunk.
+
+Workers are started with ``forkserver`` (``spawn`` where there is none), never forked from the main
+process, which runs PyTorch threads (and CUDA); they import only this module's light dependencies
+(numpy, PIL), never torch. Content the index already holds (``known_hashes``) is only hashed: the
+hashes go to the workers as a sorted array in a file they memory-map.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import tempfile
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from indexer.indexing.discover import FileEntry, hash_bytes
+from indexer.indexing.reader import Jobs, ReadResult, decode_error, read_bytes
+from retrieval.errors import ImageDecodeError, PixqueryError
+from retrieval.images import load_image, to_raw
+
+CHUNK = 16  # files per message to a worker
+
+
+class ReaderError(PixqueryError):
+    """A decoding worker process died (out of memory, killed): the run stops; what was checkpointed stays."""
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """What a worker makes of an image: raw uint8 (size, size, 3), normalised later with mean and std."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.size, self.size, 3)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.size * 3
+
+
+# --- the worker side (runs in the worker processes) ---------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(buffer: str, slots: int, spec: PixelSpec, known: str | None) -> None:
+    _worker["slots"] = np.memmap(buffer, dtype=np.uint8, mode="r+", shape=(slots, *spec.shape))
+    _worker["known"] = np.load(known, mmap_mode="r") if known else None
+    _worker["spec"] = spec
+
+
+def _is_known(content_hash: str) -> bool:
+    known = _worker["known"]
+    if known is None or not len(known):
+        return False
+    key = np.array([bytes.fromhex(content_hash)], dtype=known.dtype)
+    i = int(np.searchsorted(known, key)[0])
+    return i < len(known) and known[i] == key[0]
+
+
+def _read_one(slot: int, path: str) -> tuple:
+    """-> (content hash, error, width, height, taken_at, whether pixels were written to ``slot``)."""
+    data, error = read_bytes(path)
+    if data is None:
+        return None, error, 0, 0, None, False
+    content_hash = hash_bytes(data)
+    if _is_known(content_hash):
+        return content_hash, None, 0, 0, None, False
+    try:
+        decoded = load_image(data)
+        _worker["slots"][slot] = to_raw(decoded.image, _worker["spec"].size)
+    except ImageDecodeError as exc:
+        return content_hash, decode_error(exc), 0, 0, None, False
+    return content_hash, None, decoded.width, decoded.height, decoded.taken_at, True
+
+
+def _read_chunk(jobs: list[tuple[int, str]]) -> list[tuple]:
+    return [_read_one(slot, path) for slot, path in jobs]
+
+
+# --- the main side -----------------------------------------------------------------------------------
+def _buffer_folder(nbytes: int) -> str | None:
+    """``/dev/shm`` when it has room for ``nbytes`` twice over, else None (the temporary folder)."""
+    shm = Path("/dev/shm")
+    try:
+        return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > 2 * nbytes else None
+    except OSError:
+        return None
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class ProcessReader:
+    """``workers`` decoding processes and ``window`` shared slots (files decoded ahead of the model stage)."""
+
+    def __init__(self, workers: int, spec: PixelSpec, known_hashes: frozenset[str] | None, window: int) -> None:
+        self.spec, self.slots = spec, max(int(window), CHUNK)
+        self._dir = tempfile.mkdtemp(prefix="pixquery-read-", dir=_buffer_folder(self.slots * spec.nbytes))
+        buffer = str(Path(self._dir) / "pixels.u8")
+        self._pixels = np.memmap(buffer, dtype=np.uint8, mode="w+", shape=(self.slots, *spec.shape))
+        known = None
+        if known_hashes:
+            known = str(Path(self._dir) / "known.npy")
+            np.save(known, np.sort(np.array([bytes.fromhex(h) for h in known_hashes], dtype="S32")))
+        self._pool = ProcessPoolExecutor(max(1, workers), mp_context=_context(), initializer=_init_worker,
+                                         initargs=(buffer, self.slots, spec, known))
+
+    def __enter__(self) -> "ProcessReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        del self._pixels
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def read_in_order(self, jobs: Jobs) -> Iterator[ReadResult]:
+        """Read ``(path, entry)`` jobs, yielding results in the order given."""
+        free = list(range(self.slots - 1, -1, -1))
+        pending: deque[tuple[Future, list[tuple[int, str, FileEntry | None]]]] = deque()
+        chunk: list[tuple[int, str, FileEntry | None]] = []
+
+        def submit() -> None:
+            pending.append((self._pool.submit(_read_chunk, [(s, p) for s, p, _ in chunk]), list(chunk)))
+            chunk.clear()
+
+        for path, entry in jobs:
+            while not free:
+                if chunk:
+                    submit()
+                yield from self._take(pending.popleft(), free)
+            chunk.append((free.pop(), path, entry))
+            if len(chunk) >= CHUNK:
+                submit()
+        if chunk:
+            submit()
+        while pending:
+            yield from self._take(pending.popleft(), free)
+
+    def _take(self, item: tuple[Future, list], free: list[int]) -> Iterator[ReadResult]:
+        import torch
+
+        future, jobs = item
+        try:
+            results = future.result()
+        except BrokenProcessPool as exc:
+            raise ReaderError(f"a decoding worker process died ({exc}); the images checkpointed so far are "
+                              f"indexed: run the same command again to go on (or use --readers threads)") from None
+        out = []
+        for (slot, _, entry), (content_hash, error, width, height, taken_at, decoded) in zip(jobs, results):
+            res = ReadResult(entry, content_hash=content_hash, error=error, width=width, height=height,
+                             taken_at=taken_at)
+            if decoded:
+                res.pixels = torch.from_numpy(np.array(self._pixels[slot]))  # a copy: the slot is reused
+            free.append(slot)
+            out.append(res)
+        return iter(out)
