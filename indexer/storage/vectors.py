@@ -72,7 +72,7 @@ class VectorIndex:
             raise InputError(f"unknown vector index type {index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
         self.records, self.index_type, self.dim = records, index_type, records.width
         self._index: faiss.Index | None = None  # built from the records on the first search
-        self._want_gpu = use_gpu
+        self._use_gpu: bool | None = None if use_gpu else False  # None: ask FAISS on the first search
         self._gpu_index: faiss.Index | None = None
 
     @property
@@ -88,7 +88,14 @@ class VectorIndex:
 
     @property
     def use_gpu(self) -> bool:
-        return self._want_gpu and gpu_count() > 0
+        """Whether searches run on a GPU copy (when asked for and the installed FAISS sees a GPU)."""
+        if self._use_gpu is None:
+            self._use_gpu = gpu_count() > 0
+        return self._use_gpu
+
+    @use_gpu.setter
+    def use_gpu(self, value: bool) -> None:
+        self._use_gpu = bool(value)
 
     def __len__(self) -> int:
         return len(self.records)
