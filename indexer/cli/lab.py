@@ -91,8 +91,17 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
         b = bsub.add_parser(what, help=text)
         b.add_argument("folder")
         b.add_argument("--limit", type=int, default=1000)
-        b.add_argument("--batch-size", type=int, default=32)
-        b.add_argument("--workers", type=int, default=2)
+        b.add_argument("--batch-size", type=int, default=None, help="default 256 on a GPU, 32 on a CPU")
+        b.add_argument("--workers", type=int, default=None,
+                       help="decoding threads or processes (default 2 on a CPU, most cores beside a GPU)")
+        if what == "index":
+            b.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                           help="decode on threads or worker processes (default auto: processes beside a GPU)")
+            b.add_argument("--naive", type=int, default=100, metavar="N",
+                           help="also time a naive one-image-at-a-time loop on the first N images (0: no)")
+            b.add_argument("--large", metavar="DIR",
+                           help="benchmark 4000x3000 JPEG copies of the images instead, written into DIR "
+                                "(kept there for the next run): the 12-megapixel test set")
         common(b)
         captioning(b)
         b.set_defaults(handler=handler)
@@ -128,9 +137,10 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_index(args: argparse.Namespace) -> int:
-    from indexer.lab.bench import bench_index as run
+    from indexer.lab.bench_index import bench_index as run
 
-    print(json.dumps(run(Path(args.folder), args.limit, config_from(args))))
+    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), naive=args.naive,
+                         large=Path(args.large) if args.large else None)))
     return EXIT_OK
 
 

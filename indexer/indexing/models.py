@@ -9,7 +9,11 @@ captioners each read their own pixels.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +44,15 @@ class ImageModels:
         self.device: torch.device = getattr(encoder, "device", torch.device("cpu"))
         self._pinned: list[torch.Tensor] = []  # page-locked staging buffers for batches bound to a GPU
         self._events: list = []
+        self.seconds: Counter[str] = Counter()  # wall seconds per stage: model, memories, caption, caption_embed
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
 
     def pixel_spec(self) -> PixelSpec | None:
         """How a decoding worker process may prepare pixels for these models (raw uint8 at the encoder's
@@ -82,8 +95,9 @@ class ImageModels:
         return x, self.captioner.preprocess(image)
 
     def run(self, enc_pixels: torch.Tensor, cap_pixels: torch.Tensor | None) -> BatchOutput:
-        grid = self._grid(enc_pixels)
-        vectors = self.encoder.encode_grid(grid) if grid is not None else self.encoder.encode_pixels(enc_pixels)
+        with self._timed("model"):  # backbone and embedding head (GPU work is waited for: numpy out)
+            grid = self._grid(enc_pixels)
+            vectors = self.encoder.encode_grid(grid) if grid is not None else self.encoder.encode_pixels(enc_pixels)
         captions, memories = self._captions_and_memories(grid, cap_pixels, len(enc_pixels))
         self._copied()
         return BatchOutput(vectors, captions, memories)
@@ -101,13 +115,15 @@ class ImageModels:
 
     def _captions_and_memories(self, grid: torch.Tensor | None, cap_pixels: torch.Tensor | None,
                                n: int) -> tuple[list[str | None], np.ndarray | None]:
-        memories = self.scorer.memory(grid) if self.scorer is not None else None
+        with self._timed("memories"):
+            memories = self.scorer.memory(grid) if self.scorer is not None else None
         if self.captioner is None:
             return [None] * n, memories
-        if self.shared:
-            captions = self.captioner.caption_grid(grid, self.options)
-        else:
-            captions = self.captioner.caption_pixels(cap_pixels, self.options)
+        with self._timed("caption"):
+            if self.shared:
+                captions = self.captioner.caption_grid(grid, self.options)
+            else:
+                captions = self.captioner.caption_pixels(cap_pixels, self.options)
         return [clean_caption(c) for c in captions], memories
 
     def embed_captions(self, captions: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +131,8 @@ class ImageModels:
         keep = np.array([i for i, c in enumerate(captions) if c], dtype=np.int64)
         if not len(keep):
             return keep, np.zeros((0, self.encoder.dim), dtype=np.float32)
-        return keep, self.encoder.encode_texts([captions[i] for i in keep])
+        with self._timed("caption_embed"):
+            return keep, self.encoder.encode_texts([captions[i] for i in keep])
 
 
 def clean_caption(text: str | None) -> str | None:

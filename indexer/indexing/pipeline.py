@@ -53,6 +53,9 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     total_images: int = 0
+    # seconds per stage: read and decode summed over the reader threads or processes; wait (the model
+    # stage waiting for readers), model, memories, caption, caption_embed and write on the main thread
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -100,6 +103,7 @@ class _Run:
         self.stash: dict[str, Payload] = {}  # what rows held before this run replaced their content, by old hash
         self.done = 0
         self.bar: tqdm | None = None
+        self.stages: Counter[str] = Counter()
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self) -> IndexSummary:
@@ -130,8 +134,17 @@ class _Run:
             self._advance(0)
             known = frozenset(self.by_hash)
             window = max(ix.batch_size * 2, ix.workers * 4)
+            models_before = Counter(ix.models.seconds)
             with reading(ix.models, ix.workers, known, window, ix.processes) as read:
-                for res in read((f.path, f) for f in todo):
+                results = read((f.path, f) for f in todo)
+                while True:
+                    t0 = time.perf_counter()
+                    res = next(results, None)
+                    self.stages["wait"] += time.perf_counter() - t0
+                    if res is None:
+                        break
+                    self.stages["read"] += res.read_s
+                    self.stages["decode"] += res.decode_s
                     self._handle(res)
                 self._flush()
             # files that disappeared (and were not moved) leave the index
@@ -140,9 +153,13 @@ class _Run:
             s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
             for path in triage.vanished_skips:
                 self.writer.unskip(path)
+            t0 = time.perf_counter()
             self.writer.checkpoint()
+            self.stages["write"] += time.perf_counter() - t0
+            self.stages.update(Counter(ix.models.seconds) - models_before)
         finally:
             self.bar.close()
+        s.stage_seconds = {k: round(v, 3) for k, v in sorted(self.stages.items())}
         s.skipped_reasons = dict(self.reasons)
         s.seconds = round(time.time() - self.t0, 3)
         s.images_per_second = round(s.embedded / s.seconds, 2) if s.seconds else 0.0
@@ -240,6 +257,7 @@ class _Run:
         out = ix.models.run(ix.models.collate([r.pixels for r, _, _ in batch]),
                             stack_or_none([r.cap_pixels for r, _, _ in batch]))
         where, cap_vecs = ix.models.embed_captions(out.captions)
+        t0 = time.perf_counter()
         ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
         for _, _, old in batch:
             if old is not None:
@@ -252,3 +270,4 @@ class _Run:
         self._advance(len(batch))
         self.batch = []
         self.writer.maybe_checkpoint()
+        self.stages["write"] += time.perf_counter() - t0

@@ -17,8 +17,10 @@ hashes go to the workers as a sorted array in a file they memory-map.
 from __future__ import annotations
 
 import multiprocessing
+import resource
 import shutil
 import tempfile
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +36,9 @@ from retrieval.errors import ImageDecodeError, PixqueryError
 from retrieval.images import load_image, to_raw
 
 CHUNK = 16  # files per message to a worker
+
+#: the largest peak resident memory (KiB) any worker process of this process has reported (bench index)
+worker_peak_rss_kb = 0
 
 
 class ReaderError(PixqueryError):
@@ -77,23 +82,28 @@ def _is_known(content_hash: str) -> bool:
 
 
 def _read_one(slot: int, path: str) -> tuple:
-    """-> (content hash, error, width, height, taken_at, whether pixels were written to ``slot``)."""
+    """-> (content hash, error, width, height, taken_at, whether pixels were written to ``slot``,
+    seconds reading and hashing, seconds decoding and resizing)."""
+    t0 = time.perf_counter()
     data, error = read_bytes(path)
     if data is None:
-        return None, error, 0, 0, None, False
+        return None, error, 0, 0, None, False, time.perf_counter() - t0, 0.0
     content_hash = hash_bytes(data)
+    t1 = time.perf_counter()
     if _is_known(content_hash):
-        return content_hash, None, 0, 0, None, False
+        return content_hash, None, 0, 0, None, False, t1 - t0, 0.0
     try:
         decoded = load_image(data)
         _worker["slots"][slot] = to_raw(decoded.image, _worker["spec"].size)
     except ImageDecodeError as exc:
-        return content_hash, decode_error(exc), 0, 0, None, False
-    return content_hash, None, decoded.width, decoded.height, decoded.taken_at, True
+        return content_hash, decode_error(exc), 0, 0, None, False, t1 - t0, time.perf_counter() - t1
+    return (content_hash, None, decoded.width, decoded.height, decoded.taken_at, True, t1 - t0,
+            time.perf_counter() - t1)
 
 
-def _read_chunk(jobs: list[tuple[int, str]]) -> list[tuple]:
-    return [_read_one(slot, path) for slot, path in jobs]
+def _read_chunk(jobs: list[tuple[int, str]]) -> tuple[list[tuple], int]:
+    """-> the results of ``jobs``, and this worker's peak resident memory so far (KiB)."""
+    return [_read_one(slot, path) for slot, path in jobs], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # --- the main side -----------------------------------------------------------------------------------
@@ -166,16 +176,19 @@ class ProcessReader:
     def _take(self, item: tuple[Future, list], free: list[int]) -> Iterator[ReadResult]:
         import torch
 
+        global worker_peak_rss_kb
         future, jobs = item
         try:
-            results = future.result()
+            results, peak_kb = future.result()
         except BrokenProcessPool as exc:
             raise ReaderError(f"a decoding worker process died ({exc}); the images checkpointed so far are "
                               f"indexed: run the same command again to go on (or use --readers threads)") from None
+        worker_peak_rss_kb = max(worker_peak_rss_kb, peak_kb)
         out = []
-        for (slot, _, entry), (content_hash, error, width, height, taken_at, decoded) in zip(jobs, results):
+        for (slot, _, entry), (content_hash, error, width, height, taken_at, decoded, read_s, decode_s) \
+                in zip(jobs, results):
             res = ReadResult(entry, content_hash=content_hash, error=error, width=width, height=height,
-                             taken_at=taken_at)
+                             taken_at=taken_at, read_s=read_s, decode_s=decode_s)
             if decoded:
                 res.pixels = torch.from_numpy(np.array(self._pixels[slot]))  # a copy: the slot is reused
             free.append(slot)

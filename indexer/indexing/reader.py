@@ -14,6 +14,7 @@ This module imports no torch: the worker processes import it.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class ReadResult:
     height: int = 0
     taken_at: object = None
     error: str | None = None
+    read_s: float = 0.0  # seconds spent reading and hashing the file (on a reader thread or process)
+    decode_s: float = 0.0  # seconds spent decoding and preprocessing it
 
 
 def read_bytes(path: str) -> tuple[bytes | None, str | None]:
@@ -61,12 +64,15 @@ def decode_error(exc: ImageDecodeError) -> str:
 
 def decode_into(result: ReadResult, data: bytes, models: ImageModels) -> ReadResult:
     """Decode ``data`` once and preprocess it for every model; errors land in ``result.error``."""
+    t0 = time.perf_counter()
     try:
         decoded = load_image(data)
         result.pixels, result.cap_pixels = models.preprocess(decoded.image)
     except ImageDecodeError as exc:
         result.error = decode_error(exc)
         return result
+    finally:
+        result.decode_s = time.perf_counter() - t0
     result.width, result.height, result.taken_at = decoded.width, decoded.height, decoded.taken_at
     return result
 
@@ -75,10 +81,12 @@ def read_file(path: str, entry: FileEntry | None, models: ImageModels,
               known_hashes: frozenset[str] | None = None) -> ReadResult:
     """Read ``path`` once: hash it, and decode it unless its hash is in ``known_hashes`` (content the index
     already holds, whose vectors are copied instead)."""
+    t0 = time.perf_counter()
     data, error = read_bytes(path)
     if data is None:
-        return ReadResult(entry, error=error)
+        return ReadResult(entry, error=error, read_s=time.perf_counter() - t0)
     result = ReadResult(entry, content_hash=hash_bytes(data))
+    result.read_s = time.perf_counter() - t0
     if known_hashes is not None and result.content_hash in known_hashes:
         return result  # its vectors are already in the index: no decode
     return decode_into(result, data, models)

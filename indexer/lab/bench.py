@@ -1,7 +1,6 @@
 """``pixquery bench``: timings that docs/BENCHMARKS.md quotes, measured the way users run things.
 
-* ``bench index``: index N images of a folder into a fresh temporary index, end to end
-  (discovery, hashing, decoding, embedding, writing), and report images/s and peak memory.
+* ``bench index``: see ``indexer/lab/bench_index.py`` (end to end, per stage, against a naive loop).
 * ``bench caption``: caption N images of a folder (decode + backbone + batched beam search) and
   report images/s; no index involved.
 * ``bench search``: start ``pixquery search`` as a new process R times against an index and
@@ -43,30 +42,6 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def bench_index(folder: Path, limit: int, config: EngineConfig) -> dict:
-    files = discover(folder.expanduser().resolve()) if folder.is_dir() else []
-    if not files:
-        raise InputError(f"no images to benchmark under {folder}")
-    files = files[:limit]
-    with tempfile.TemporaryDirectory(prefix="pixquery-bench-") as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / "images").mkdir()
-        for i, f in enumerate(files):
-            os.symlink(f.path, tmp_path / "images" / f"{i:07d}{Path(f.path).suffix.lower()}")
-        cfg = replace(config, index_dir=tmp_path / "index")
-        with Engine(cfg) as engine:
-            t0 = time.perf_counter()
-            engine.encoder.encode_images([Image.new("RGB", (8, 8))])  # load the model before timing indexing
-            load_s = time.perf_counter() - t0
-            summary = engine.index(tmp_path / "images")
-            total_s = time.perf_counter() - t0
-    return {"images": summary.embedded, "encoder": engine.encoder.info.name, "model_load_s": round(load_s, 2),
-            "index_s": summary.seconds, "images_per_s": summary.images_per_second,
-            "end_to_end_images_per_s": round(summary.embedded / total_s, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "batch_size": engine.batch_size, "workers": engine.workers, "machine": machine()}
-
-
 def bench_search(index_dir: Path, query: str, runs: int) -> dict:
     exe = shutil.which("pixquery")
     cmd = [exe] if exe else [sys.executable, "-m", "indexer.cli"]
@@ -96,18 +71,19 @@ def bench_caption(folder: Path, limit: int, config: EngineConfig) -> dict:
     if not files:
         raise InputError(f"no images to benchmark under {folder}")
     t0 = time.perf_counter()
-    captioner = Engine(config).captioner
+    engine = Engine(config)
+    captioner, batch = engine.captioner, engine.batch_size
     captioner.caption_images([Image.new("RGB", (8, 8))], config.decode)  # load every part before timing
     load_s = time.perf_counter() - t0
     prep = lambda f: captioner.preprocess(load_image(f.path).image)  # noqa: E731
     t0 = time.perf_counter()
     lengths = []
-    with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        for start in range(0, len(files), config.batch_size):
-            pixels = torch.stack(list(pool.map(prep, files[start:start + config.batch_size])))
+    with ThreadPoolExecutor(max_workers=engine.workers) as pool:
+        for start in range(0, len(files), batch):
+            pixels = torch.stack(list(pool.map(prep, files[start:start + batch])))
             lengths += [len(c.split()) for c in captioner.caption_pixels(pixels, config.decode)]
     seconds = time.perf_counter() - t0
     return {"images": len(files), "captioner": captioner.info.name, "beam": config.decode.beam_size,
             "model_load_s": round(load_s, 2), "seconds": round(seconds, 2),
             "images_per_s": round(len(files) / seconds, 2), "mean_words": round(float(np.mean(lengths)), 2),
-            "batch_size": config.batch_size, "device": str(captioner.device), "machine": machine()}
+            "batch_size": batch, "device": str(captioner.device), "machine": machine()}
