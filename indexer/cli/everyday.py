@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
                    help="decode on threads or on worker processes (default auto: processes beside a GPU)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="read and embed on a Ray cluster (pip install 'pixquery[ray]'): HOST:PORT, ray://HOST:PORT, "
+                        "auto, or nothing for $RAY_ADDRESS or the Ray on this machine (started if none); the photos must be at "
+                        "the same paths on every node")
+    p.add_argument("--ray-actors", type=int, metavar="N", help="model actors on the cluster (default: one per GPU, "
+                                                                "else one per CPU)")
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_index)
@@ -128,13 +134,22 @@ def _print_summary(s, out=sys.stdout) -> None:
         print(f"  captioned {s.captioned} images", file=out)
     if s.embedded:
         print(f"  embedded {s.embedded} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)", file=out)
+    if getattr(s, "ray_address", None) and s.sent_to_ray + s.from_shards:
+        print(f"  on Ray ({s.ray_address}, {s.actors} actors): {s.sent_to_ray} files read by the workers, "
+              f"{s.from_shards} taken from the shards of a stopped run", file=out)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     from indexer.engine import Engine
 
     with Engine(config_from(args)) as engine:
-        summary = engine.index(args.folder, rebuild=args.rebuild)
+        if args.ray is not None:
+            from indexer.indexing.distributed import RayOptions, index_on_ray
+
+            options = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
+            summary = index_on_ray(engine, args.folder, options, rebuild=args.rebuild)
+        else:
+            summary = engine.index(args.folder, rebuild=args.rebuild)
     if args.json:
         print(summary.to_json())
     else:

@@ -95,6 +95,9 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--workers", type=int, default=None,
                        help="decoding threads or processes (default 2 on a CPU, most cores beside a GPU)")
         if what == "index":
+            b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                           help="index on a Ray cluster, as pixquery index --ray (default address: a local Ray)")
+            b.add_argument("--ray-actors", type=int, metavar="N", help="model actors (default: one per GPU or CPU)")
             b.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
                            help="decode on threads or worker processes (default auto: processes beside a GPU)")
             b.add_argument("--naive", type=int, default=100, metavar="N",
@@ -139,7 +142,12 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
 def bench_index(args: argparse.Namespace) -> int:
     from indexer.lab.bench_index import bench_index as run
 
-    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), naive=args.naive,
+    ray = None
+    if args.ray is not None:
+        from indexer.indexing.distributed import RayOptions
+
+        ray = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
+    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), ray=ray, naive=args.naive,
                          large=Path(args.large) if args.large else None)))
     return EXIT_OK
 

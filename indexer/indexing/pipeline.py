@@ -13,9 +13,10 @@ import json
 import logging
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,9 +24,10 @@ from tqdm import tqdm
 
 from indexer.errors import InputError
 from indexer.indexing import plan
-from indexer.indexing.discover import discover
-from indexer.indexing.models import ImageModels
-from indexer.indexing.reader import ReadResult, reading
+from indexer.indexing.discover import FileEntry, discover
+from indexer.indexing.models import BatchOutput, ImageModels
+from indexer.indexing.procreader import reading
+from indexer.indexing.reader import ReadResult
 from indexer.indexing.writer import BatchWriter
 from indexer.storage.bundle import Payload, VectorBundle
 from indexer.storage.schema import ImageRow, SkippedRow, utcnow
@@ -65,6 +67,13 @@ def stack_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(t is None for t in tensors) else torch.stack(tensors)
 
 
+def embed(models: ImageModels, decoded: list[ReadResult]) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
+    """The model stage for decoded files -> (outputs, positions of the non-empty captions, their text vectors)."""
+    out = models.run(models.collate([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]))
+    where, cap_vecs = models.embed_captions(out.captions)
+    return out, where, cap_vecs
+
+
 class Indexer:
     """Runs one incremental indexing pass of a folder into a store and its vectors."""
 
@@ -81,17 +90,23 @@ class Indexer:
         self.encoder_fp = models.encoder.info.fingerprint
         self.captioner_fp = models.captioner.info.fingerprint if models.captioner else None
 
-    def run(self, root: str | Path) -> IndexSummary:
+    def run(self, root: str | Path, runner: Callable[["Indexer", Path], "Run"] | None = None) -> IndexSummary:
+        """Index ``root``; ``runner(indexer, root)`` builds the run (default :class:`Run`, in this process)."""
         root_path = Path(root).expanduser()
         if not root_path.exists():
             raise InputError(f"folder {root_path} does not exist")
         if not root_path.is_dir():
             raise InputError(f"{root_path} is not a folder")
-        return _Run(self, root_path.resolve()).execute()
+        return (runner or Run)(self, root_path.resolve()).execute()
 
 
-class _Run:
-    """The state of one run: what the index held when it started, and what the run has done so far."""
+class Run:
+    """The state of one run: what the index held when it started, and what the run has done so far.
+
+    Two stages can be replaced (``indexing/distributed.py`` runs them on a Ray cluster): :meth:`_read`
+    (files -> read, hashed, decoded results, in order) and :meth:`_embed` (the model stage of a batch).
+    Everything else (the decisions, ids, copies, writes) stays here.
+    """
 
     def __init__(self, indexer: Indexer, root: Path) -> None:
         self.ix, self.root = indexer, root
@@ -132,11 +147,8 @@ class _Run:
         self.bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not ix.progress or not todo)
         try:
             self._advance(0)
-            known = frozenset(self.by_hash)
-            window = max(ix.batch_size * 2, ix.workers * 4)
             models_before = Counter(ix.models.seconds)
-            with reading(ix.models, ix.workers, known, window, ix.processes) as read:
-                results = read((f.path, f) for f in todo)
+            with closing(self._read(todo, frozenset(self.by_hash))) as results:  # readers stop on errors too
                 while True:
                     t0 = time.perf_counter()
                     res = next(results, None)
@@ -146,7 +158,7 @@ class _Run:
                     self.stages["read"] += res.read_s
                     self.stages["decode"] += res.decode_s
                     self._handle(res)
-                self._flush()
+            self._flush()
             # files that disappeared (and were not moved) leave the index
             self.writer.delete([r.id for r in self.gone.values()])
             on_disk = {f.path for f in files}
@@ -166,6 +178,13 @@ class _Run:
         s.total_images = len(ix.vectors)
         ix.store.finish_run(self.run_id, s.to_json())
         return s
+
+    def _read(self, todo: list[FileEntry], known: frozenset[str]) -> Iterator[ReadResult]:
+        """Each file of ``todo``, in order: read and hashed, and decoded when its hash is not ``known``."""
+        ix = self.ix
+        window = max(ix.batch_size * 2, ix.workers * 4)
+        with reading(ix.models, ix.workers, known, window, ix.processes) as read:
+            yield from read((f.path, f) for f in todo)
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -254,9 +273,7 @@ class _Run:
         if not self.batch:
             return
         ix, batch = self.ix, self.batch
-        out = ix.models.run(ix.models.collate([r.pixels for r, _, _ in batch]),
-                            stack_or_none([r.cap_pixels for r, _, _ in batch]))
-        where, cap_vecs = ix.models.embed_captions(out.captions)
+        out, where, cap_vecs = self._embed(batch)
         t0 = time.perf_counter()
         ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
         for _, _, old in batch:
@@ -271,3 +288,8 @@ class _Run:
         self.batch = []
         self.writer.maybe_checkpoint()
         self.stages["write"] += time.perf_counter() - t0
+
+    def _embed(self, batch: list[tuple[ReadResult, int, ImageRow | None]]
+               ) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
+        """The model stage of a batch -> (its outputs, positions of the non-empty captions, their vectors)."""
+        return embed(self.ix.models, [res for res, _, _ in batch])

@@ -125,5 +125,6 @@ def decide(error: str | None, content_hash: str | None, old: IndexedFile | None,
 
 
 def reason_kind(message: str) -> str:
-    """The short kind of a skip reason, e.g. "not a readable image" (what the run's summary counts)."""
+    """The short kind of a skip reason, the error's type in brackets, e.g. "UnidentifiedImageError" (what
+    the run's summary counts)."""
     return message.split("(", 1)[-1].split(":", 1)[0] if "(" in message else "unreadable"

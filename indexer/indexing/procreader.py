@@ -1,5 +1,6 @@
 """Decoding worker processes for the reading stage (see ``reader.py``): read, hash, decode and resize
-on other processes, so decoding uses every core instead of one interpreter's.
+on other processes, so decoding uses every core instead of one interpreter's. :func:`reading` chooses
+between them and reader threads.
 
 Each worker writes the resized picture as raw uint8 (size, size, 3) into a slot of a shared buffer
 (a file in ``/dev/shm`` when it has room, else in the temporary folder; the kernel's page cache keeps
@@ -22,16 +23,17 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from indexer.indexing.discover import FileEntry, hash_bytes
-from indexer.indexing.reader import Jobs, ReadResult, decode_error, read_bytes
+from indexer.indexing.reader import Jobs, ReadResult, decode_error, read_bytes, read_in_order
 from retrieval.errors import ImageDecodeError, PixqueryError
 from retrieval.images import load_image, to_raw
 
@@ -194,3 +196,17 @@ class ProcessReader:
             free.append(slot)
             out.append(res)
         return iter(out)
+
+
+@contextmanager
+def reading(models: "ImageModels", workers: int, known_hashes: frozenset[str] | None, window: int,
+            processes: bool = False) -> Iterator[Callable[[Jobs], Iterator[ReadResult]]]:
+    """A function that reads jobs in order: on ``workers`` decoding processes when ``processes`` is set
+    and the models take raw pixels (:meth:`ImageModels.pixel_spec`), else on ``workers`` threads."""
+    spec = models.pixel_spec() if processes else None
+    if spec is not None:
+        with ProcessReader(workers, spec, known_hashes, window) as reader:
+            yield reader.read_in_order
+        return
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        yield lambda jobs: read_in_order(pool, jobs, models, known_hashes, window)

@@ -1,6 +1,6 @@
 """The reading stage of indexing: each file is read once, hashed, and decoded only when its content is new.
 
-Two ways to run it, chosen by :func:`reading`:
+Two ways to run it, chosen by ``procreader.reading``:
 
 * reader threads (the default on a CPU), with PIL and numpy only: a torch operation on a reader thread
   would start an OpenMP team there that competes with the model stage for the cores
@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from indexer.indexing.discover import FileEntry, hash_bytes
 from retrieval.errors import ImageDecodeError
@@ -27,7 +26,8 @@ from retrieval.images import load_image
 if TYPE_CHECKING:
     import torch
 
-    from indexer.indexing.models import ImageModels
+# "ImageModels" (indexer/indexing/models.py) is named in annotations but not imported: models.py imports
+# this module (through procreader.py), and the rooms keep no import cycles
 
 READERS = ("auto", "threads", "processes")  # EngineConfig.readers
 
@@ -102,19 +102,3 @@ def read_in_order(pool: ThreadPoolExecutor, jobs: Jobs, models: ImageModels,
             yield futures.pop(0).result()
     for fut in futures:
         yield fut.result()
-
-
-@contextmanager
-def reading(models: ImageModels, workers: int, known_hashes: frozenset[str] | None, window: int,
-            processes: bool = False) -> Iterator[Callable[[Jobs], Iterator[ReadResult]]]:
-    """A function that reads jobs in order: on ``workers`` decoding processes when ``processes`` is set
-    and the models take raw pixels (:meth:`ImageModels.pixel_spec`), else on ``workers`` threads."""
-    spec = models.pixel_spec() if processes else None
-    if spec is not None:
-        from indexer.indexing.procreader import ProcessReader
-
-        with ProcessReader(workers, spec, known_hashes, window) as reader:
-            yield reader.read_in_order
-        return
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        yield lambda jobs: read_in_order(pool, jobs, models, known_hashes, window)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 

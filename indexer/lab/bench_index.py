@@ -94,7 +94,10 @@ def naive_loop(engine: Engine, files: list[FileEntry]) -> dict:
     return {"images": len(files), "seconds": round(seconds, 2), "images_per_s": round(len(files) / seconds, 2)}
 
 
-def bench_index(folder: Path, limit: int, config: EngineConfig, naive: int = 100, large: Path | None = None) -> dict:
+def bench_index(folder: Path, limit: int, config: EngineConfig, naive: int = 100, large: Path | None = None,
+                ray=None) -> dict:  # noqa: ANN001 - RayOptions
+    """``ray``: index on Ray (``indexing/distributed.py``) instead of in this process; the run's seconds then
+    include starting the model actors and loading the models in each of them (no stage figures then)."""
     files = discover(folder.expanduser().resolve()) if folder.is_dir() else []
     if not files:
         raise InputError(f"no images to benchmark under {folder}")
@@ -117,9 +120,12 @@ def bench_index(folder: Path, limit: int, config: EngineConfig, naive: int = 100
             models.run(models.collate([models.encoder.preprocess(Image.new("RGB", (32, 32)))]), None)
             load_s = time.perf_counter() - t0
             models.seconds.clear()
-            summary = engine.index(tmp_path / "images")
+            if ray is None:
+                summary, extra = engine.index(tmp_path / "images"), {}
+            else:
+                summary, extra = _index_on_ray(engine, tmp_path / "images", ray)
             total_s = time.perf_counter() - t0
-            report = _report(summary, engine, load_s, total_s)
+            report = {**_report(summary, engine, load_s, total_s), **extra}
             if naive:
                 loop = naive_loop(engine, files[:naive])
                 report["naive_loop"] = loop
@@ -158,3 +164,21 @@ def _report(summary, engine: Engine, load_s: float, total_s: float) -> dict:  # 
         "end_to_end_images_per_s": round(n / total_s, 2),
         "stages": stages, "machine": machine(),
     }
+
+
+def _index_on_ray(engine: Engine, images: Path, options) -> tuple:  # noqa: ANN001 - RayOptions
+    from indexer.indexing.distributed import connect, import_ray, index_on_ray
+
+    t0 = time.perf_counter()
+    started = connect(options)
+    ray_start_s = time.perf_counter() - t0
+    try:
+        summary = index_on_ray(engine, images, options)
+    finally:
+        if started:
+            import_ray().shutdown()
+    return summary, {"ray": {"address": options.address, "start_s": round(ray_start_s, 2), "actors": summary.actors,
+                             "gpus_per_actor": summary.gpus_per_actor,
+                             "note": "peak_rss_mb is the driver's; index_s includes starting the actors"}}
+
+

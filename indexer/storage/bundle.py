@@ -18,23 +18,23 @@ in other processes that are opening the previous one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from indexer.errors import IndexCorruptError
-from indexer.storage.segments import SegmentInfo, SegmentLog, fsync_dir, plan_merge
+from indexer.storage import legacy
+from indexer.storage.manifest import (
+    FORMAT, GENERATION_KEY, kind_entry, manifest_path, read_manifest, write_manifest,
+)
+from indexer.storage.segments import SegmentInfo, SegmentLog, plan_merge
 from indexer.storage.store import Store, WriteBatch
 from indexer.storage.vectors import MemoryStore, VectorIndex, memory_codec
 
 log = logging.getLogger(__name__)
 
-FORMAT = "pixquery-vectors/1"
-GENERATION_KEY = "vector_generation"  # meta key: the manifest generation the rows belong to
 SEARCHABLE = ("images", "captions")
 MEMORIES = "memories"
 
@@ -48,42 +48,6 @@ class Payload:
     caption: str | None
     captioner: str | None
     memory_codes: np.ndarray | None = None  # the scorer memory as stored (8-bit codes)
-
-
-def manifest_path(folder: Path, generation: int) -> Path:
-    return folder / f"manifest-{generation:08d}.json"
-
-
-def read_manifest(folder: Path, generation: int) -> dict:
-    """The manifest of ``generation`` (an empty one for generation 0: a new index)."""
-    if generation == 0:
-        return {"format": FORMAT, "generation": 0, "next_segment": 1, "kinds": {}}
-    path = manifest_path(folder, generation)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise IndexCorruptError(f"the index names vector generation {generation}, but {path} is missing; "
-                                f"rebuild it with: pixquery index FOLDER --rebuild") from None
-    except (OSError, ValueError) as exc:
-        raise IndexCorruptError(f"cannot read {path}: {exc}; rebuild with: pixquery index FOLDER --rebuild") from exc
-    if manifest.get("format") != FORMAT:
-        raise IndexCorruptError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    path = manifest_path(folder, manifest["generation"])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    fsync_dir(folder)
-
-
-def kind_entry(log_: SegmentLog) -> dict:
-    return {"width": log_.width, "dtype": log_.dtype.name, "segments": [s.to_dict() for s in log_.segments]}
 
 
 class VectorBundle:
@@ -124,8 +88,6 @@ class VectorBundle:
     def open(cls, folder: Path, store: Store, dim: int, memory_dim: int | None = None,
              index_type: str = "flat") -> "VectorBundle":
         """The vectors of the generation ``store`` names (an index of an older pixquery is converted first)."""
-        from indexer.storage import legacy
-
         generation = int(store.get_meta(GENERATION_KEY) or 0)
         if legacy.legacy_files(folder.parent):
             if generation == 0:
@@ -263,12 +225,15 @@ class VectorBundle:
         self.captions = VectorIndex(self.captions.records, self.index_type)
 
     def collect_garbage(self, keep: tuple[dict, ...] | None = None) -> int:
-        """Delete manifests and segment files that none of ``keep`` (default: the committed manifest)
-        names: older generations, and what a checkpoint that never committed left behind. Only the
-        process that writes the index may call this. Returns the number of files deleted."""
-        keep = keep or (self._committed,)
+        """Delete manifests and segment files that none of ``keep`` (default: the committed manifest and
+        the one before it) names: older generations, and what a checkpoint that never committed left
+        behind. Only the process that writes the index may call this. Returns the number of files deleted."""
         if not self.folder.is_dir():
             return 0
+        if keep is None:
+            keep = (self._committed,)
+            if manifest_path(self.folder, self.generation - 1).exists():  # readers may still be opening it
+                keep += (read_manifest(self.folder, self.generation - 1),)
         wanted = {manifest_path(self.folder, m["generation"]).name for m in keep if m["generation"]}
         for manifest in keep:
             for kind, entry in manifest["kinds"].items():

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.errors import IndexCorruptError
+from indexer.storage.manifest import FORMAT, GENERATION_KEY, kind_entry, write_manifest
 from indexer.storage.segments import SegmentLog, fsync_dir
 from indexer.storage.store import Store, WriteBatch
 
@@ -44,8 +45,6 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def convert(index_dir: Path, folder: Path, store: Store) -> dict:
     """Convert the FAISS files of ``index_dir`` into generation 1 in ``folder``; returns its manifest."""
-    from indexer.storage.bundle import FORMAT, GENERATION_KEY, kind_entry, write_manifest
-
     folder.mkdir(parents=True, exist_ok=True)
     kinds, number = {}, 1
     for kind, name in LEGACY_FILES.items():

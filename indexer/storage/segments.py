@@ -78,15 +78,19 @@ def _level(n: int) -> int:
 
 
 def plan_merge(sizes: list[int]) -> tuple[int, int] | None:
-    """Which run of segments to merge, given their live sizes in write order: (start, stop) of the newest
-    run of at least MERGE_FACTOR adjacent segments on one size level (``int(log_F(size))``), else None."""
+    """Which run of adjacent segments to merge, given their live sizes in write order, or None.
+
+    The run is the newest segments back to (not including) the first older one on a higher size level
+    (``int(log_F(size))``) than any in the run; it is merged once it holds MERGE_FACTOR segments. So
+    between two segments of one level there are fewer than MERGE_FACTOR smaller ones, a collection of
+    N rows lives in O(F log_F N) segments, and each row is rewritten O(log_F N) times in all."""
     if len(sizes) < MERGE_FACTOR:
         return None
-    stop = len(sizes)
-    start = stop - 1
-    while start > 0 and _level(sizes[start - 1]) == _level(sizes[stop - 1]):
+    start, top = len(sizes) - 1, _level(sizes[-1])
+    while start > 0 and _level(sizes[start - 1]) <= top:
         start -= 1
-    return (start, stop) if stop - start >= MERGE_FACTOR else None
+        top = max(top, _level(sizes[start]))
+    return (start, len(sizes)) if len(sizes) - start >= MERGE_FACTOR else None
 
 
 class SegmentLog:
