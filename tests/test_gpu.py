@@ -4,6 +4,7 @@ CUDA; the others check the device rules that hold everywhere."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +112,13 @@ def test_gpu_index_through_worker_processes_agrees_with_cpu_index(tmp_path):
             paths = engine.paths()
             ids = sorted(paths, key=paths.get)
             results[device] = (summary.embedded, [paths[i] for i in ids], engine.image_vectors(ids),
-                               [engine.image(i).caption for i in ids], engine.search("a dog", k=5))
-    (n0, p0, v0, c0, _), (n1, p1, v1, c1, hits) = results["cpu"], results["cuda"]
+                               [engine.image(i).caption for i in ids])
+            if device == "cuda" and importlib.util.find_spec("faiss") is not None:  # indexing needs no FAISS
+                assert len(engine.search("a dog", k=5)) == 5
+    (n0, p0, v0, c0), (n1, p1, v1, c1) = results["cpu"], results["cuda"]
     assert n0 == n1 == len(list(SAMPLES.glob("*.jpg"))) and p0 == p1
     assert (v0 * v1).sum(1).min() > 0.99
     assert sum(a == b for a, b in zip(c0, c1)) >= 0.7 * len(c0)
-    assert len(hits) == 5
 
 
 @pytest.mark.gpu
