@@ -186,8 +186,13 @@ class NativeCaptioner(GridCaptioner, TextScorer):
     @torch.inference_mode()
     def memory(self, grid: torch.Tensor) -> np.ndarray:
         """(B, 1280, 7, 7) grid -> (B, S * D) float32 decoder memory, flattened for a vector store."""
+        return self.memory_tensor(grid).cpu().numpy()
+
+    @torch.inference_mode()
+    def memory_tensor(self, grid: torch.Tensor) -> torch.Tensor:
+        """:meth:`memory` left on the device as a float32 tensor (the indexer codes it there)."""
         mem = self.model.encode(grid.to(self.device, self.dtype))  # (B, S, D)
-        return mem.flatten(1).float().cpu().numpy()
+        return mem.flatten(1).float()
 
     def _scoring_model(self) -> tuple[CaptionDecoder, torch.dtype]:
         """The decoder that scores texts and its dtype: a bfloat16 copy, made once, where bfloat16 is

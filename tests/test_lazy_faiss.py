@@ -85,3 +85,19 @@ def test_indexing_runs_without_faiss_installed(tmp_path):
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "refused: searching needs FAISS" in out.stdout
+
+
+def test_memories_coded_on_the_model_device_are_the_stored_codes():
+    """The model stage codes memories in torch (on a GPU: before they leave it); the codes equal the
+    numpy codec's bit for bit (here on the CPU; the arithmetic is correctly rounded on GPUs too)."""
+    import torch
+
+    from indexer.indexing.models import code_on_device
+
+    dim = 49 * 64
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((16, dim)) * 2.5).astype(np.float32)
+    boundaries = np.arange(256, dtype=np.float32) / np.float32(255) * np.float32(10) - np.float32(5)
+    x[0, :256], x[1, :256] = boundaries, np.nextafter(boundaries, np.float32(np.inf))
+    x[2, :6] = [-5, 5, -7, 9, 0, 4.9999995]
+    np.testing.assert_array_equal(code_on_device(torch.from_numpy(x)), memory_codec(dim).compute_codes(x))

@@ -67,9 +67,12 @@ def stack_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(t is None for t in tensors) else torch.stack(tensors)
 
 
-def embed(models: ImageModels, decoded: list[ReadResult]) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
-    """The model stage for decoded files -> (outputs, positions of the non-empty captions, their text vectors)."""
-    out = models.run(models.collate([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]))
+def embed(models: ImageModels, decoded: list[ReadResult],
+          codes: bool = False) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
+    """The model stage for decoded files -> (outputs, positions of the non-empty captions, their text vectors);
+    ``codes``: scorer memories as the index's 8-bit codes (``ImageModels.run``), else float32."""
+    out = models.run(models.collate([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]),
+                     codes)
     where, cap_vecs = models.embed_captions(out.captions)
     return out, where, cap_vecs
 
@@ -292,4 +295,4 @@ class Run:
     def _embed(self, batch: list[tuple[ReadResult, int, ImageRow | None]]
                ) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
         """The model stage of a batch -> (its outputs, positions of the non-empty captions, their vectors)."""
-        return embed(self.ix.models, [res for res, _, _ in batch])
+        return embed(self.ix.models, [res for res, _, _ in batch], codes=True)
