@@ -134,3 +134,25 @@ def test_processes_find_known_content_without_decoding_it(tmp_path):
     with ProcessReader(1, PixelSpec(*TinyGridEncoder.pixel_spec), frozenset({digest, "00" * 32}), 16) as reader:
         out = list(reader.read_in_order((f.path, f) for f in files))
     assert [r.content_hash for r in out] == [digest, digest] and all(r.pixels is None for r in out)
+
+
+def test_a_script_without_a_main_guard_can_index_through_processes(tmp_path, odd_files):
+    """Worker processes do not import the user's script again (it would index inside each worker)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "index_it.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from indexer.config import EngineConfig\n"
+        "from indexer.engine import Engine\n"
+        "from test_readers import TinyGridEncoder\n"
+        "print('script ran')\n"
+        f"config = EngineConfig(index_dir=Path({str(tmp_path / 'idx')!r}), progress=False, captioner=None,\n"
+        "                      scorer=None, readers='processes', workers=2, batch_size=4)\n"
+        f"print('embedded', Engine(config, encoder=TinyGridEncoder()).index(Path({str(odd_files)!r})).embedded)\n")
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": f"{tests.parent}:{tests}", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["script ran", "embedded 12"]

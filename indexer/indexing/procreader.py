@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
@@ -103,6 +104,10 @@ def _read_one(slot: int, path: str) -> tuple:
             time.perf_counter() - t1)
 
 
+def _ready() -> int:
+    return 0
+
+
 def _read_chunk(jobs: list[tuple[int, str]]) -> tuple[list[tuple], int]:
     """-> the results of ``jobs``, and this worker's peak resident memory so far (KiB)."""
     return [_read_one(slot, path) for slot, path in jobs], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -140,6 +145,26 @@ class ProcessReader:
             np.save(known, np.sort(np.array([bytes.fromhex(h) for h in known_hashes], dtype="S32")))
         self._pool = ProcessPoolExecutor(max(1, workers), mp_context=_context(), initializer=_init_worker,
                                          initargs=(buffer, self.slots, spec, known))
+        self._start(max(1, workers))
+
+    def _start(self, workers: int) -> None:
+        """Start every worker now, with the main script hidden: a new process imports the ``__main__``
+        module it is given, and a user's script that indexes without an ``if __name__ == "__main__"``
+        guard would index again inside each worker. A module run with ``-m`` is imported by name (its
+        guard holds) and stays visible."""
+        main = sys.modules.get("__main__")
+        hide = main is not None and getattr(main, "__spec__", None) is None and hasattr(main, "__file__")
+        saved = main.__dict__.pop("__file__") if hide else None
+        try:
+            for fut in [self._pool.submit(_ready) for _ in range(workers)]:
+                fut.result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise ReaderError(f"the decoding worker processes could not start ({exc}); use --readers threads") \
+                from None
+        finally:
+            if hide:
+                main.__file__ = saved
 
     def __enter__(self) -> "ProcessReader":
         return self
