@@ -15,6 +15,8 @@ import torch
 from retrieval.errors import InputError
 
 ENV_PRECISION = "PIXQUERY_PRECISION"  # auto (default), fp32, bf16 or fp16
+ENV_RUNTIME = "PIXQUERY_RUNTIME"  # auto (default): onnxruntime for the towers on a CPU when installed; torch; onnx
+RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_BATCH = 256  # images per model batch on a GPU (a CPU takes 32: larger batches only add latency there)
 CPU_BATCH = 32
@@ -60,3 +62,27 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def default_batch_size(device: torch.device) -> int:
     """Images per model batch when the user names none: enough to fill a GPU, small on a CPU."""
     return GPU_BATCH if device.type == "cuda" else CPU_BATCH
+
+
+def resolve_runtime(device: torch.device) -> tuple[str, bool]:
+    """-> (``torch`` or ``onnx``, whether the choice is required rather than preferred) for the native
+    towers on ``device``, from ``PIXQUERY_RUNTIME``: onnxruntime runs them on CPUs only; ``auto`` uses it
+    when it is installed, ``onnx`` insists (an error where it cannot run), ``torch`` never uses it."""
+    name = os.environ.get(ENV_RUNTIME, "auto").strip().lower() or "auto"
+    if name not in RUNTIMES:
+        raise InputError(f"{ENV_RUNTIME}={name!r}: use {', '.join(RUNTIMES)}")
+    if name == "torch":
+        return "torch", False
+    if device.type != "cpu":
+        if name == "onnx":
+            raise InputError(f"{ENV_RUNTIME}=onnx runs the towers on a CPU; on {device.type} they run in PyTorch "
+                             f"(unset {ENV_RUNTIME} or use --device cpu)")
+        return "torch", False
+    from retrieval.native import onnx
+
+    if not onnx.available():
+        if name == "onnx":
+            raise InputError(f"{ENV_RUNTIME}=onnx but onnxruntime is not installed: pip install onnxruntime onnx "
+                             f"(pixquery's 'onnx' extra)")
+        return "torch", False
+    return "onnx", name == "onnx"
