@@ -60,6 +60,7 @@ def test_half_precision_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
 
     for module in (captioning.native, retrieval.native.model):
         monkeypatch.setattr(module, "compute_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setenv("PIXQUERY_RUNTIME", "torch")  # as on a GPU: the towers in PyTorch
     folder = tmp_path / "photos"
     folder.mkdir()
     for p in sample_paths(6):

@@ -117,5 +117,5 @@ class OnnxTower:
         self.session = session(self.path, threads or torch.get_num_threads())
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(pixels.detach().cpu().numpy(), dtype=np.float32)
+        x = np.ascontiguousarray(pixels.detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run(["grid"], {"pixels": x})[0])
