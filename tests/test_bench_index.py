@@ -30,3 +30,24 @@ def test_index_summary_reports_seconds_per_stage(tmp_path, photo_dir):
     assert all(v >= 0 for v in stages.values()) and stages["model"] > 0 and stages["decode"] > 0
     assert sum(v for k, v in stages.items() if k not in ("read", "decode")) <= summary.seconds + 0.01
     assert process_seconds() > 0
+
+
+def test_bench_search_times_a_baseline_beside_pixquery(tmp_path, photo_dir, monkeypatch):
+    import sys
+
+    import pytest
+
+    from indexer.errors import InputError
+    from indexer.lab import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_time", lambda cmd, what: calls.append((what, cmd)) or (2.0 if what != "the baseline" else 1.0))
+    report = bench.bench_search(tmp_path, "a dog", 3, baseline=f"{sys.executable} -c 'print(1)'")
+    assert [w for w, _ in calls] == ["pixquery search", "the baseline"] * 3  # alternating
+    assert calls[1][1] == [sys.executable, "-c", "print(1)"]
+    assert report["baseline"]["median_s"] == 1.0 and report["pixquery_over_baseline"] == 2.0
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="cannot run the baseline"):
+        bench._time(["/no/such/program-xyz"], "the baseline")
+    with pytest.raises(InputError, match="the baseline failed"):
+        bench._time([sys.executable, "-c", "import sys; sys.exit(3)"], "the baseline")

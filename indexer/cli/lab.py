@@ -111,6 +111,8 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("search", help="time cold 'pixquery search' processes against an index")
     b.add_argument("query", nargs="?", default="a dog running on the grass")
     b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--baseline", metavar="CMD",
+                   help="also time this command line (e.g. \"rclip -n 10 'a dog'\"), alternating with pixquery")
     common(b)
     b.set_defaults(handler=bench_search)
     b = bsub.add_parser("latency", help="warm per-query latency of every ranking mode on a synthetic index")
@@ -162,7 +164,7 @@ def bench_caption(args: argparse.Namespace) -> int:
 def bench_search(args: argparse.Namespace) -> int:
     from indexer.lab.bench import bench_search as run
 
-    print(json.dumps(run(config_from(args).index_dir, args.query, args.runs)))
+    print(json.dumps(run(config_from(args).index_dir, args.query, args.runs, baseline=args.baseline)))
     return EXIT_OK
 
 

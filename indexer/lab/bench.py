@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -39,20 +40,45 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def bench_search(index_dir: Path, query: str, runs: int) -> dict:
+def _time(cmd: list[str], what: str) -> float:
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise InputError(f"cannot run {what} {cmd[0]!r}: {exc.strerror or exc}") from None
+    seconds = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise InputError(f"{what} failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+    return seconds
+
+
+def _summary(times: list[float]) -> dict:
+    return {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
+            "max_s": round(max(times), 3)}
+
+
+def bench_search(index_dir: Path, query: str, runs: int, baseline: str | None = None) -> dict:
+    """Cold ``pixquery search`` processes; with ``baseline`` (a shell-style command line, e.g.
+    ``rclip -n 10 'a dog'``), that command too, alternating with pixquery run by run (a drifting
+    machine then hits both alike), and the ratio of the medians."""
     exe = shutil.which("pixquery")
     cmd = [exe] if exe else [sys.executable, "-m", "indexer.cli"]
     cmd += ["search", query, "-k", "10", "--db", str(index_dir), "-q"]
-    times = []
+    base = shlex.split(baseline) if baseline else None
+    if base == []:
+        raise InputError("--baseline is empty: give the command line to compare with")
+    times, base_times = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        times.append(time.perf_counter() - t0)
-        if out.returncode != 0:
-            raise InputError(f"pixquery search failed: {out.stderr.strip()}")
-    return {"query": query, "runs": runs, "cold_process_s_median": round(statistics.median(times), 3),
-            "cold_process_s_min": round(min(times), 3), "cold_process_s_max": round(max(times), 3),
-            "machine": machine()}
+        times.append(_time(cmd, "pixquery search"))
+        if base:
+            base_times.append(_time(base, "the baseline"))
+    report = {"query": query, "runs": runs, "cold_process_s_median": round(statistics.median(times), 3),
+              "cold_process_s_min": round(min(times), 3), "cold_process_s_max": round(max(times), 3)}
+    if base:
+        report["baseline"] = {"command": baseline, **_summary(base_times)}
+        report["pixquery_over_baseline"] = round(statistics.median(times) / statistics.median(base_times), 2)
+    report["machine"] = machine()
+    return report
 
 
 def bench_caption(folder: Path, limit: int, config: EngineConfig) -> dict:
