@@ -41,7 +41,11 @@ def test_bench_search_times_a_baseline_beside_pixquery(tmp_path, photo_dir, monk
     from indexer.lab import bench
 
     calls = []
-    monkeypatch.setattr(bench, "_time", lambda cmd, what: calls.append((what, cmd)) or (2.0 if what != "the baseline" else 1.0))
+    def fake_time(cmd, what):
+        calls.append((what, cmd))
+        return 1.0 if what == "the baseline" else 2.0
+
+    monkeypatch.setattr(bench, "_time", fake_time)
     report = bench.bench_search(tmp_path, "a dog", 3, baseline=f"{sys.executable} -c 'print(1)'")
     assert [w for w, _ in calls] == ["pixquery search", "the baseline"] * 3  # alternating
     assert calls[1][1] == [sys.executable, "-c", "print(1)"]

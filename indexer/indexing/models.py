@@ -29,7 +29,8 @@ from retrieval.encoder import GridEncoder, JointEncoder
 class BatchOutput:
     vectors: np.ndarray  # (B, D) image embeddings
     captions: list[str | None]  # one per image; None where no captioner ran or it wrote nothing
-    memories: np.ndarray | None = None  # (B, S * D_dec) scorer memories (float32, or uint8 codes), None without a scorer
+    # (B, S * D_dec) scorer memories (float32, or uint8 codes), None without a scorer
+    memories: np.ndarray | None = None
 
 
 class ImageModels:
@@ -60,7 +61,9 @@ class ImageModels:
         size, normalised by the encoder on its device), or None when some model needs its own
         preprocessing (then the reader uses threads)."""
         spec = getattr(self.encoder, "pixel_spec", None)
-        if spec is None or not isinstance(self.encoder, GridEncoder) or (self.captioner is not None and not self.shared):
+        if spec is None or not isinstance(self.encoder, GridEncoder):
+            return None
+        if self.captioner is not None and not self.shared:
             return None
         return PixelSpec(*spec)
 

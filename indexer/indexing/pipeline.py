@@ -1,7 +1,8 @@
 """One incremental indexing run: reader threads -> model stage -> writer, in bounded batches.
 
 What happens to each file is decided by ``plan.py`` (the decision table of docs/ARCHITECTURE.md);
-this module carries the decisions out: it reads files on threads or decoding processes (``reader.py``), runs the models on
+this module carries the decisions out: it reads files on threads or decoding processes (``reader.py``,
+``procreader.py``), runs the models on
 batches of new content (``models.py``), copies the vectors of content the index already holds, and
 hands everything to the :class:`~indexer.indexing.writer.BatchWriter`, which checkpoints it. Moves
 and copies carry the caption and its vectors along; an empty caption is never stored.

@@ -121,9 +121,9 @@ class NativeEncoder(GridEncoder):
 
     The towers run in :func:`~retrieval.device.compute_dtype` (float32 on a CPU, bfloat16 on a GPU);
     the heads always in float32. On a CPU the image tower's forward pass runs on onnxruntime where it
-    is installed (``retrieval/native/onnx.py``; ``PIXQUERY_RUNTIME``), exported into ``cache_dir``. :meth:`grid` also takes raw (B, H, W, 3) uint8 pixels
-    (:func:`~retrieval.images.to_raw`, what decoding worker processes hand over) and normalises them
-    on the device.
+    is installed (``retrieval/native/onnx.py``; ``PIXQUERY_RUNTIME``), exported into ``cache_dir``.
+    :meth:`grid` also takes raw (B, H, W, 3) uint8 pixels (:func:`~retrieval.images.to_raw`, what
+    decoding worker processes hand over) and normalises them on the device.
     """
 
     def __init__(self, heads_spec: str = DEFAULT_HEADS, device: torch.device | None = None,
