@@ -27,6 +27,15 @@ ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
 ENV_CAPTIONER = "PIXQUERY_CAPTIONER"  # "none" switches captions off
 ENV_SCORER = "PIXQUERY_SCORER"  # "none" switches the likelihood signal off
 ENV_MATCHER = "PIXQUERY_MATCHER"  # "none" switches the match signal off
+ENV_CHECKPOINT_EVERY = "PIXQUERY_CHECKPOINT_EVERY"  # rows between indexing checkpoints
+
+
+def _int_from_env(var: str, default: int) -> int:
+    raw = os.environ.get(var, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise InputError(f"{var} must be a whole number, got {raw!r}") from None
 
 
 def default_index_dir() -> Path:
@@ -68,6 +77,9 @@ class EngineConfig:
     batch_size: int | None = None  # images per model batch (None: 256 on a GPU, 32 on a CPU; Engine.batch_size)
     workers: int | None = None  # decoding threads or processes (None: 2 on a CPU, most cores beside a GPU)
     readers: str = "auto"  # threads, processes (decoding worker processes) or auto: processes beside a GPU
+    # rows written between checkpoints of an indexing or recaption run: what a crash or kill can lose at most
+    checkpoint_every: int = field(default_factory=lambda: _int_from_env(ENV_CHECKPOINT_EVERY, 1024))
+    wait_for_lock: bool | float = False  # another process writing the index: False fail, True wait, N seconds
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -77,8 +89,10 @@ class EngineConfig:
             self.encoder = os.environ[ENV_ENCODER]
         if self.index_type not in INDEX_TYPES:
             raise InputError(f"unknown vector index type {self.index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
-        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 1):
-            raise InputError("the batch size and the number of reader threads must be at least 1")
+        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 1) \
+                or self.checkpoint_every < 1:
+            raise InputError("the batch size, the number of reader threads and the checkpoint interval must be "
+                             "at least 1")
         if self.readers not in READERS:
             raise InputError(f"unknown readers {self.readers!r}; choose one of: {', '.join(READERS)}")
 

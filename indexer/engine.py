@@ -17,29 +17,34 @@ import json
 import logging
 import os
 import shutil
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from captioning.captioner import Captioner, TextScorer
 from indexer import provenance
 from indexer.config import EngineConfig
-from indexer.errors import IndexNotFoundError, InputError
+from indexer.errors import IndexNotFoundError, InputError, PixqueryError
 from indexer.indexing.models import ImageModels
 from indexer.indexing.pipeline import Indexer, IndexSummary
 from indexer.indexing.recaption import recaption
 from indexer.indexing.writer import BatchWriter
 from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
-from indexer.search.searcher import Searcher, SearchHit
+from indexer.search.searcher import Searcher, SearchHit, check_id
 from indexer.storage import legacy
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.filters import Filters
+from indexer.storage.lock import WriteLock
+from indexer.storage.doctor import Findings, diagnose
 from indexer.storage.repair import reconcile
+from indexer.storage.repair import repair as repair_index
 from indexer.storage.schema import ImageRow
-from indexer.storage.store import Store
+from indexer.storage.store import Store, safe_url
 from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
 from retrieval.native.matcher import Matcher
 from retrieval.query import FusionWeights
@@ -72,6 +77,7 @@ class Engine:
         self._matcher_checked = False
         self._store: Store | None = None
         self._vectors: VectorBundle | None = None
+        self._lock: WriteLock | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -81,10 +87,42 @@ class Engine:
         self.close()
 
     def close(self) -> None:
+        self._close_index()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _close_index(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
         self._vectors = None
+
+    # --- the write lock (indexer/storage/lock.py) ----------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the index's write lock for the block (released after it unless it was held before).
+        Another process writing the index: :class:`~indexer.errors.IndexBusyError`, or a wait
+        (``EngineConfig.wait_for_lock``)."""
+        held = self._lock is not None and self._lock.held
+        self._take_lock()
+        try:
+            yield
+        finally:
+            if not held:
+                self._release_lock()
+
+    def _take_lock(self) -> None:
+        if self._lock is None:
+            self._lock = WriteLock(self.config.index_dir)
+        self._lock.acquire(wait=self.config.wait_for_lock)
+        if self._vectors is not None:
+            self._vectors.owner = True
+
+    def _release_lock(self) -> None:
+        if self._vectors is not None:
+            self._vectors.owner = False
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def exists(self) -> bool:
@@ -94,7 +132,8 @@ class Engine:
         if self._store is None:
             if not create and not self.exists:
                 raise IndexNotFoundError(
-                    f"no index at {self.config.db_url or self.config.index_dir}; build one with: pixquery index "
+                    f"no index at {safe_url(self.config.db_url) if self.config.db_url else self.config.index_dir}; "
+                    f"build one with: pixquery index "
                     f"FOLDER (or point --db / PIXQUERY_DB at an existing index)")
             self.config.index_dir.mkdir(parents=True, exist_ok=True)
             self._store = Store(self.config.url)
@@ -121,11 +160,15 @@ class Engine:
 
     def drop(self) -> None:
         """Delete this index (its database's tables or file, and its vector files; never any image)."""
+        with self.writing():
+            self._drop()
+
+    def _drop(self) -> None:
         if self.exists:
             store = self._store_for(create=False)
             if self.config.db_file is None:
                 store.drop_all()
-        self.close()
+        self._close_index()
         db = self.config.db_file
         if db is not None:
             for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
@@ -221,8 +264,12 @@ class Engine:
     # --- writing -----------------------------------------------------------------------------
     def writer(self) -> BatchWriter:
         """Everything that writes this index goes through one of these (see indexing/writer.py): opens
-        (creating) the index, repairs what an older version left inconsistent, and adopts the scorer."""
+        (creating) the index, repairs what an older version left inconsistent, and adopts the scorer.
+        Takes the index's write lock (held until :meth:`close`, or the end of :meth:`writing`)."""
+        self.config.index_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         index = self.open(create=True)
+        index.vectors.owner = True
         meta = provenance.record_models(self.encoder.info, self.captioner.info if self.captioner else None,
                                         index.store)
         if meta:
@@ -230,39 +277,77 @@ class Engine:
         reconcile(index.store, index.vectors)
         provenance.adopt_scorer(index.store, index.vectors, self.scorer)
         index.vectors.collect_garbage()
-        return BatchWriter(index.store, index.vectors)
+        return BatchWriter(index.store, index.vectors, self.config.checkpoint_every)
 
     def index(self, root: str | Path, rebuild: bool = False,
-              on_progress: Callable[[int, int], None] | None = None) -> IndexSummary:
+              on_progress: Callable[[int, int], None] | None = None,
+              stop: threading.Event | None = None) -> IndexSummary:
         """Index ``root`` incrementally (``rebuild``: drop this index first and start over).
 
         ``on_progress(done, total)`` is called from this thread as files are processed (the app's progress bar).
+        ``stop``: when set (Ctrl-C), the run embeds the batch in flight, commits, and returns a summary with
+        ``interrupted`` true; what it did is kept, and the next run carries on from there.
         """
         root = Path(root).expanduser()
         if not root.is_dir():
             raise InputError(f"folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
-        if rebuild:
-            self.drop()
-        writer = self.writer()
-        indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
-                          workers=self.workers, progress=self.config.progress, on_progress=on_progress,
-                          processes=self.read_processes)
-        return indexer.run(root)
+        with self.writing():
+            if rebuild:
+                self._drop()
+            writer = self.writer()
+            indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                              workers=self.workers, checkpoint_every=self.config.checkpoint_every,
+                              progress=self.config.progress, on_progress=on_progress, stop=stop,
+                              processes=self.read_processes)
+            return indexer.run(root)
 
-    def recaption(self) -> dict:
+    def recaption(self, stop: threading.Event | None = None) -> dict:
         """Caption every indexed image again with the configured captioner (image vectors untouched);
-        the scorer's memories are written again too.
+        the scorer's memories are written again too. An interrupted recaption (killed, or ``stop`` set)
+        carries on where it stopped when run again with the same captioner.
 
-        Returns counts: {"images", "captioned", "failed"}; unreadable files keep their old caption.
+        Returns counts: {"images", "captioned", "failed", "already_done", "interrupted"}; unreadable files
+        keep their old caption.
         """
         if self.captioner is None:
             raise InputError("no captioner is configured (--captioner NAME)")
         self._store_for(create=False)
-        writer = self.writer()
-        counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
-                           workers=self.workers, progress=self.config.progress)
-        writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
+        with self.writing():
+            writer = self.writer()
+            counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                               workers=self.workers, checkpoint_every=self.config.checkpoint_every,
+                               progress=self.config.progress, stop=stop)
+            if not counts.interrupted:
+                writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
         return counts.to_dict()
+
+    # --- consistency -------------------------------------------------------------------------
+    def doctor(self, repair: bool = False) -> tuple[Findings, list[str], list[str]]:
+        """Check this index (see indexer/storage/doctor.py) under its write lock; ``repair``: fix what can be
+        fixed and check again. Returns (the findings after any repair, what was fixed, what could not be).
+        Needs no model, except to embed captions that lost their vector."""
+        store = self._store_for(create=False)
+        with self.writing():
+            findings, vectors = diagnose(store, self.config.vectors_dir)
+            if not repair or findings.consistent and not findings.stray_files:
+                return findings, [], []
+            if vectors is None:
+                return findings, [], ["the index records no encoder, so its vectors cannot be read: rebuild it "
+                                      "with pixquery index FOLDER --rebuild"]
+            vectors.owner = True
+            embed = self._caption_embedder() if findings.missing_caption_vectors else None
+            fixed, not_fixed = repair_index(store, vectors, findings, embed)
+            self._vectors = None  # read again from what is committed now
+            after, _ = diagnose(store, self.config.vectors_dir)
+        return after, fixed, not_fixed
+
+    def _caption_embedder(self) -> Callable[[list[str]], np.ndarray] | None:
+        try:
+            encoder = self.encoder
+        except PixqueryError as exc:
+            log.warning("cannot embed captions (%s)", exc)
+            return None
+        return encoder.encode_texts
 
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:
@@ -318,7 +403,7 @@ class Engine:
         captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
         return {
             "index_dir": str(self.config.index_dir),
-            "database": self.config.db_url or "sqlite",
+            "database": safe_url(self.config.db_url) if self.config.db_url else "sqlite",  # never a password
             "images": store.count_images(),
             "captioned": len(store.captioned_ids()),
             "skipped": len(store.skipped()),
@@ -340,12 +425,18 @@ class Engine:
         return {r.id: r.path for r in self._store_for(create=False).all_images()}
 
     def image_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Stored image embeddings of ``ids`` -> (n, dim)."""
-        return self.open().vectors.images.reconstruct(np.asarray(ids, dtype=np.int64))
+        """Stored image embeddings of ``ids`` -> (n, dim); InputError for an id that has none."""
+        ids = np.asarray([check_id(i) for i in np.asarray(ids).reshape(-1).tolist()], dtype=np.int64)
+        try:
+            return self.open().vectors.images.reconstruct(ids)
+        except KeyError as exc:
+            raise InputError(f"{exc.args[0]} in this index") from None
 
     def image(self, id: int) -> ImageRow | None:
-        """Everything the index holds about image ``id`` (None when no such id is indexed)."""
-        return self._store_for(create=False).images_by_ids([int(id)]).get(int(id))
+        """Everything the index holds about image ``id`` (None when no such id is indexed); InputError
+        for anything that is not an id (a string, a path, a float, a negative or oversized number)."""
+        row_id = check_id(id)
+        return self._store_for(create=False).images_by_ids([row_id]).get(row_id)
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._store_for(create=False).skipped()]

@@ -21,4 +21,17 @@ class IndexCorruptError(PixqueryError):
     exit_code = 1
 
 
-__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError"]
+class IndexBusyError(PixqueryError):
+    """Another process is writing this index (it holds the index's write lock)."""
+
+    exit_code = 5
+
+
+class DatabaseUnavailableError(PixqueryError):
+    """The index's database server cannot be reached (down, wrong address, refused credentials)."""
+
+    exit_code = 1
+
+
+__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
+           "IndexBusyError", "DatabaseUnavailableError"]

@@ -8,6 +8,7 @@ decoded just to be shrunk to 224 px; EXIF orientation is applied; palette, alpha
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from retrieval.errors import ImageDecodeError
 
@@ -23,8 +24,11 @@ if TYPE_CHECKING:  # torch is imported only by to_tensor: decoding worker proces
     import torch
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-MAX_PIXELS = 200_000_000  # refuse decompression bombs beyond this many pixels
+# refuse decompression bombs beyond this many pixels: Pillow's own limit (it warns beyond it, which is an
+# error here), so the check below and Pillow's agree on one number
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _EXIF_ORIENTATION = 0x0112
 _EXIF_IFD = 0x8769
 _EXIF_DATETIME_ORIGINAL = 0x9003
@@ -40,7 +44,12 @@ class DecodedImage:
 
 
 def _exif_taken_at(exif: Image.Exif) -> datetime | None:
-    raw = exif.get_ifd(_EXIF_IFD).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's "Corrupt EXIF data": the date is lost, that is all
+            raw = exif.get_ifd(_EXIF_IFD).get(_EXIF_DATETIME_ORIGINAL) or exif.get(_EXIF_DATETIME)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block costs the date, never the image
+        return None
     if not isinstance(raw, str):
         return None
     try:
@@ -59,8 +68,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return background
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        hi = arr.max() or 1.0
-        return Image.fromarray((arr / hi * 255.0).astype(np.uint8)).convert("RGB")
+        # 16-bit samples: 65535 is white (a dark picture stays dark); wider integers: scaled by their maximum
+        hi = 65535.0 if im.mode != "I" or arr.max(initial=0) <= 65535 else arr.max()
+        return Image.fromarray((arr / hi * 255.0).round().clip(0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
 
 
@@ -75,26 +85,33 @@ def load_image(source: str | Path | bytes, draft_size: int = 448) -> DecodedImag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # Pillow on damaged metadata: tags dropped, pixels fine
             with Image.open(stream) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    raise ImageDecodeError(f"{name}: {im.width}x{im.height} pixels is too large to index")
-                exif = im.getexif()
-                orientation = exif.get(_EXIF_ORIENTATION, 1)
+                    raise ImageDecodeError(f"{name}: too many pixels to index ({im.width}x{im.height}; "
+                                           f"the limit is {MAX_PIXELS:,})")
                 width, height = im.size
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width
                 if im.format == "JPEG" and min(im.size) > draft_size:
                     im.draft("RGB", (draft_size, draft_size))
                 im.seek(0)  # first frame of animated GIF/WebP/TIFF
-                im.load()
+                im.load()  # before the EXIF: a PNG's may follow the pixels, and a damaged file must fail here
+                try:
+                    exif = im.getexif()
+                    orientation = exif.get(_EXIF_ORIENTATION, 1)
+                except Exception:  # noqa: BLE001 - a damaged EXIF block: the picture as stored
+                    exif, orientation = Image.Exif(), 1
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width
                 rgb = _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
                 if rgb is im:
                     rgb = im.copy()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: too many pixels to index ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's parsers raise many kinds on hostile files; each is "unreadable"
+        detail = _OBJECT_REPR.sub("", str(exc)).strip()  # "<_io.BytesIO object at 0x...>" says nothing, differently each time
+        raise ImageDecodeError(f"{name}: not a readable image ({type(exc).__name__}: {detail})") from exc
     if rgb.width < 1 or rgb.height < 1:
         raise ImageDecodeError(f"{name}: image has no pixels")
     return DecodedImage(rgb, width, height, _exif_taken_at(exif))

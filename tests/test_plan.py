@@ -78,6 +78,8 @@ def test_a_move_source_is_claimed_once():
 
 def test_reason_kind_is_the_short_reason():
     assert reason_kind("/x.jpg: not a readable image (UnidentifiedImageError: cannot identify)") == \
-        "UnidentifiedImageError"
-    assert reason_kind("cannot read file (PermissionError: denied)") == "PermissionError"
-    assert reason_kind("weird") == "unreadable"
+        "not a readable image"
+    assert reason_kind("cannot read file (PermissionError: denied)") == "cannot read file"
+    assert reason_kind("broken symbolic link (its target /a: b does not exist)") == "broken symbolic link"
+    assert reason_kind("image has no pixels") == "image has no pixels"
+    assert reason_kind("") == "unreadable"

@@ -214,7 +214,7 @@ def _prefetch_thumbnails(cache_dir: Path, rows: list) -> None:
 
     def make(row) -> None:
         try:
-            thumbnail(cache_dir, Path(row.path), row.content_hash, THUMB_SIZE)
+            thumbnail(cache_dir, Path(row.path), row.content_hash, THUMB_SIZE, row.byte_size)
         except ImageUnavailable:
             pass  # the card says so
 
@@ -234,7 +234,7 @@ def grid_ui(engine: Engine, hits: list) -> None:
                 if row is None:  # removed from the index since the search ran
                     st.caption(f"#{rank} {Path(hit.path).name} is no longer in the index")
                     continue
-                show_thumbnail(cache_dir, row.path, row.content_hash)
+                show_thumbnail(cache_dir, row.path, row.content_hash, byte_size=row.byte_size)
                 st.markdown(f"**{rank}.** `{hit.score:.3f}` {hit.caption or ''}")
                 st.caption(Path(hit.path).name)
                 b1, b2 = st.columns([3, 2], gap="small")
@@ -258,7 +258,7 @@ def details_ui(engine: Engine, image_id: int, hits: list) -> None:
         top.markdown(f"#### {Path(row.path).name}")
         left, right = st.columns([3, 2])
         with left:
-            show_thumbnail(engine.config.cache_dir, row.path, row.content_hash, PREVIEW_SIZE)
+            show_thumbnail(engine.config.cache_dir, row.path, row.content_hash, PREVIEW_SIZE, row.byte_size)
         with right:
             taken = when(row.taken_at) if row.taken_at else f"{when(row.mtime)} (file modified)"
             st.markdown("\n".join([

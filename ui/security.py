@@ -1,7 +1,10 @@
 """What the app lets through from the browser, in one place (no Streamlit here, so it is easy to test).
 
 * Image bytes are only ever served for files that are in the index: the browser names an image by
-  its index id (an int), the path comes from the index, never from the request.
+  its index id (an int), the path comes from the index, never from the request; and only while the
+  file still holds the content that was indexed (its hash is checked when a thumbnail is made), so a
+  file swapped or a symbolic link pointed elsewhere after indexing shows nothing. The browser gets
+  re-encoded thumbnails and previews, never a file's own bytes.
 * An uploaded query image is bounded in bytes and in pixels, decoded with Pillow before anything
   else sees it, and re-encoded into the app's own cache folder under a name derived from its
   content; the browser's file name is never used as a path.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -36,15 +40,18 @@ class ImageUnavailable(PixqueryError):
 
 
 def parse_image_id(value: object) -> int:
-    """An image id from anywhere outside the app's own code: a non-negative int, or InputError."""
+    """An image id from anywhere outside the app's own code: a non-negative int (or its ASCII decimal digits,
+    nothing else: no sign, exponent, other scripts' digits), or InputError."""
     if isinstance(value, bool):
         raise InputError(f"not an image id: {value!r}")
-    try:
-        image_id = int(str(value).strip()) if not isinstance(value, int) else value
-    except ValueError:
-        raise InputError(f"not an image id: {value!r}") from None
-    if image_id < 0:
-        raise InputError(f"not an image id: {value!r}")
+    if isinstance(value, int):
+        image_id = value
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        image_id = int(value.strip())
+    else:
+        raise InputError(f"not an image id: {str(value)[:80]!r}")
+    if not 0 <= image_id < 2**63:
+        raise InputError(f"not an image id: {str(value)[:80]!r}")
     return image_id
 
 
@@ -61,6 +68,30 @@ def indexed_file(engine, image_id: object):
     if not path.is_file():
         raise ImageUnavailable(f"{row.path} is missing (moved or deleted since it was indexed; re-index its folder)")
     return row, path
+
+
+MAX_INDEXED_BYTES = 1 << 30  # as indexing reads at most (indexer/indexing/discover.py)
+
+
+def indexed_bytes(path: Path, content_hash: str, byte_size: int | None = None) -> bytes:
+    """The bytes of an indexed file, only if they are still the content that was indexed (``content_hash``,
+    BLAKE2b-256 as indexing computes it). ``byte_size``: the size indexed; a file of another size is not
+    even read. Raises ImageUnavailable otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe put in its place never blocks us
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEXED_BYTES or \
+                    byte_size is not None and st.st_size != byte_size:
+                raise ImageUnavailable(f"{path} changed since it was indexed; re-index its folder to see it")
+            data = fh.read(MAX_INDEXED_BYTES + 1)
+    except FileNotFoundError:
+        raise ImageUnavailable(f"{path} is missing (moved or deleted since it was indexed)") from None
+    except OSError as exc:
+        raise ImageUnavailable(f"{path} cannot be read any more ({type(exc).__name__})") from None
+    if hashlib.blake2b(data, digest_size=32).hexdigest() != content_hash:
+        raise ImageUnavailable(f"{path} changed since it was indexed; re-index its folder to see it")
+    return data
 
 
 def check_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:

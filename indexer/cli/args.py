@@ -12,7 +12,7 @@ from pathlib import Path
 from retrieval.query import SIGNALS
 from retrieval.shipped import DEFAULTS, names
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INDEX, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INDEX, EXIT_MODEL, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,12 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="never download model weights")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+
+
+def wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="if another pixquery process is writing this index, wait for it to finish "
+                        "(default: stop with a message, exit code 5)")
 
 
 def captioning(p: argparse.ArgumentParser) -> None:
@@ -97,6 +103,8 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.Engi
         kwargs["device"] = args.device
     if args.cache_dir:
         kwargs["cache_dir"] = Path(args.cache_dir)
+    if getattr(args, "wait", False):
+        kwargs["wait_for_lock"] = True
     for name in ("batch_size", "workers", "readers"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)

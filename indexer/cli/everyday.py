@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from indexer.cli.args import (
-    EXIT_OK, EXIT_USAGE, captioning, common, config_from, filters, filters_from, weights, weights_from,
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, captioning, common, config_from, filters, filters_from, wait, weights,
+    weights_from,
 )
 from retrieval.query import MODES
 
@@ -49,12 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the same paths on every node")
     p.add_argument("--ray-actors", type=int, metavar="N", help="model actors on the cluster (default: one per GPU, "
                                                                 "else one per CPU)")
+    wait(p)
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_index)
 
     p = sub.add_parser("recaption", help="caption every indexed image again (after a captioner change)")
     p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
+    wait(p)
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_recaption)
@@ -123,7 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ui)
 
 
-def _print_summary(s, out=sys.stdout) -> None:
+def _print_summary(s, out=None) -> None:
+    out = out or sys.stdout  # looked up now: a default argument would keep the stream of import time
     print(f"indexed {s.root}: {s.files_seen} image files, {s.total_images} in the index", file=out)
     print(f"  new {s.new}, changed {s.changed}, moved {s.moved}, copies {s.copied}, unchanged {s.unchanged}, "
           f"touched {s.touched}, deleted {s.deleted}, skipped {s.skipped}", file=out)
@@ -140,24 +144,31 @@ def _print_summary(s, out=sys.stdout) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.cli.interrupts import stop_on_interrupt
     from indexer.engine import Engine
 
     with Engine(config_from(args)) as engine:
-        if args.ray is not None:
+        if args.ray is not None:  # (Ctrl-C stops a Ray run at once; its last checkpoint stays)
             from indexer.indexing.distributed import RayOptions, index_on_ray
 
             options = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
             summary = index_on_ray(engine, args.folder, options, rebuild=args.rebuild)
         else:
-            summary = engine.index(args.folder, rebuild=args.rebuild)
+            with stop_on_interrupt() as stop:
+                summary = engine.index(args.folder, rebuild=args.rebuild, stop=stop)
     if args.json:
         print(summary.to_json())
     else:
         _print_summary(summary)
+    if summary.interrupted:
+        print("pixquery: interrupted; what was indexed is kept: run the same command again to carry on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
-def _print_hits(hits, out=sys.stdout) -> None:
+def _print_hits(hits, out=None) -> None:
+    out = out or sys.stdout
     if not hits:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):
@@ -221,11 +232,17 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def cmd_recaption(args: argparse.Namespace) -> int:
+    from indexer.cli.interrupts import stop_on_interrupt
     from indexer.engine import Engine
 
-    with Engine(config_from(args)) as engine:
-        counts = engine.recaption()
-    print(f"captioned {counts['captioned']} of {counts['images']} images; {counts['failed']} could not be read")
+    with Engine(config_from(args)) as engine, stop_on_interrupt() as stop:
+        counts = engine.recaption(stop=stop)
+    done = f" ({counts['already_done']} already done by an interrupted run)" if counts["already_done"] else ""
+    print(f"captioned {counts['captioned']} of {counts['images']} images{done}; {counts['failed']} could not be read")
+    if counts["interrupted"]:
+        print("pixquery: interrupted; the new captions so far are kept: run the same command again to carry on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from contextlib import closing
@@ -59,6 +60,7 @@ class IndexSummary:
     # seconds per stage: read and decode summed over the reader threads or processes; wait (the model
     # stage waiting for readers), model, memories, caption, caption_embed and write on the main thread
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False  # stopped early (Ctrl-C): what was done is committed, the next run carries on
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,10 +86,12 @@ class Indexer:
     def __init__(
         self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
-        on_progress: Callable[[int, int], None] | None = None, processes: bool = False,
+        on_progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+        processes: bool = False,
     ) -> None:
         self.store, self.vectors, self.models = store, vectors, models
-        self.processes = processes  # decode on worker processes (reader.reading) instead of threads
+        self.stop = stop  # set from outside (Ctrl-C): finish the batch in flight, commit, return
+        self.processes = processes  # decode on worker processes (procreader.reading) instead of threads
         self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
@@ -152,23 +156,29 @@ class Run:
         try:
             self._advance(0)
             models_before = Counter(ix.models.seconds)
-            with closing(self._read(todo, frozenset(self.by_hash))) as results:  # readers stop on errors too
+            with closing(self._read(todo, frozenset(self.by_hash))) as reads:  # readers stop on errors too
                 while True:
                     t0 = time.perf_counter()
-                    res = next(results, None)
+                    res = next(reads, None)
                     self.stages["wait"] += time.perf_counter() - t0
                     if res is None:
                         break
                     self.stages["read"] += res.read_s
                     self.stages["decode"] += res.decode_s
                     self._handle(res)
+                    if ix.stop is not None and ix.stop.is_set():
+                        s.interrupted = True
+                        reads.close()  # files queued for reading are dropped
+                        break
             self._flush()
-            # files that disappeared (and were not moved) leave the index
-            self.writer.delete([r.id for r in self.gone.values()])
-            on_disk = {f.path for f in files}
-            s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
-            for path in triage.vanished_skips:
-                self.writer.unskip(path)
+            if not s.interrupted:
+                # files that disappeared (and were not moved) leave the index; after an interruption they
+                # stay until a run sees the whole folder (one may be a move not reached yet)
+                self.writer.delete([r.id for r in self.gone.values()])
+                on_disk = {f.path for f in files}
+                s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
+                for path in triage.vanished_skips:
+                    self.writer.unskip(path)
             t0 = time.perf_counter()
             self.writer.checkpoint()
             self.stages["write"] += time.perf_counter() - t0

@@ -34,7 +34,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from indexer.indexing.discover import FileEntry, hash_bytes
-from indexer.indexing.reader import Jobs, ReadResult, decode_error, read_bytes, read_in_order
+from indexer.indexing.reader import (
+    Jobs, ReadResult, decode_error, read_bytes, read_in_order, unexpected_error,
+)
 from retrieval.errors import ImageDecodeError, PixqueryError
 from retrieval.images import load_image, to_raw
 
@@ -84,23 +86,28 @@ def _is_known(content_hash: str) -> bool:
     return i < len(known) and known[i] == key[0]
 
 
-def _read_one(slot: int, path: str) -> tuple:
-    """-> (content hash, error, width, height, taken_at, whether pixels were written to ``slot``,
-    seconds reading and hashing, seconds decoding and resizing)."""
+def _read_one(slot: int, path: str, entry: FileEntry | None) -> tuple:
+    """-> (the entry with the stat of what was read, content hash, error, width, height, taken_at,
+    whether pixels were written to ``slot``, seconds reading and hashing, seconds decoding and resizing):
+    what ``reader.read_file`` finds, for the main process to rebuild its result."""
+    if entry is not None and entry.problem is not None:
+        return entry, None, entry.problem, 0, 0, None, False, 0.0, 0.0
     t0 = time.perf_counter()
-    data, error = read_bytes(path)
-    if data is None:
-        return None, error, 0, 0, None, False, time.perf_counter() - t0, 0.0
+    data, entry, error = read_bytes(path, entry)
+    if error is not None:
+        return entry, None, error, 0, 0, None, False, time.perf_counter() - t0, 0.0
     content_hash = hash_bytes(data)
     t1 = time.perf_counter()
     if _is_known(content_hash):
-        return content_hash, None, 0, 0, None, False, t1 - t0, 0.0
+        return entry, content_hash, None, 0, 0, None, False, t1 - t0, 0.0
     try:
         decoded = load_image(data)
         _worker["slots"][slot] = to_raw(decoded.image, _worker["spec"].size)
     except ImageDecodeError as exc:
-        return content_hash, decode_error(exc), 0, 0, None, False, t1 - t0, time.perf_counter() - t1
-    return (content_hash, None, decoded.width, decoded.height, decoded.taken_at, True, t1 - t0,
+        return entry, content_hash, decode_error(exc), 0, 0, None, False, t1 - t0, time.perf_counter() - t1
+    except Exception as exc:  # noqa: BLE001 - one odd picture never stops a run
+        return entry, content_hash, unexpected_error(exc), 0, 0, None, False, t1 - t0, time.perf_counter() - t1
+    return (entry, content_hash, None, decoded.width, decoded.height, decoded.taken_at, True, t1 - t0,
             time.perf_counter() - t1)
 
 
@@ -108,9 +115,9 @@ def _ready() -> int:
     return 0
 
 
-def _read_chunk(jobs: list[tuple[int, str]]) -> tuple[list[tuple], int]:
+def _read_chunk(jobs: list[tuple[int, str, FileEntry | None]]) -> tuple[list[tuple], int]:
     """-> the results of ``jobs``, and this worker's peak resident memory so far (KiB)."""
-    return [_read_one(slot, path) for slot, path in jobs], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return [_read_one(*job) for job in jobs], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # --- the main side -----------------------------------------------------------------------------------
@@ -184,21 +191,25 @@ class ProcessReader:
         chunk: list[tuple[int, str, FileEntry | None]] = []
 
         def submit() -> None:
-            pending.append((self._pool.submit(_read_chunk, [(s, p) for s, p, _ in chunk]), list(chunk)))
+            pending.append((self._pool.submit(_read_chunk, list(chunk)), list(chunk)))
             chunk.clear()
 
-        for path, entry in jobs:
-            while not free:
-                if chunk:
+        try:
+            for path, entry in jobs:
+                while not free:
+                    if chunk:
+                        submit()
+                    yield from self._take(pending.popleft(), free)
+                chunk.append((free.pop(), path, entry))
+                if len(chunk) >= CHUNK:
                     submit()
-                yield from self._take(pending.popleft(), free)
-            chunk.append((free.pop(), path, entry))
-            if len(chunk) >= CHUNK:
+            if chunk:
                 submit()
-        if chunk:
-            submit()
-        while pending:
-            yield from self._take(pending.popleft(), free)
+            while pending:
+                yield from self._take(pending.popleft(), free)
+        finally:  # closed early (a run stopped): chunks not started yet are dropped
+            for future, _ in pending:
+                future.cancel()
 
     def _take(self, item: tuple[Future, list], free: list[int]) -> Iterator[ReadResult]:
         import torch
@@ -212,7 +223,7 @@ class ProcessReader:
                               f"indexed: run the same command again to go on (or use --readers threads)") from None
         worker_peak_rss_kb = max(worker_peak_rss_kb, peak_kb)
         out = []
-        for (slot, _, entry), (content_hash, error, width, height, taken_at, decoded, read_s, decode_s) \
+        for (slot, _, _), (entry, content_hash, error, width, height, taken_at, decoded, read_s, decode_s) \
                 in zip(jobs, results):
             res = ReadResult(entry, content_hash=content_hash, error=error, width=width, height=height,
                              taken_at=taken_at, read_s=read_s, decode_s=decode_s)

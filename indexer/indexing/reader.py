@@ -14,12 +14,14 @@ This module imports no torch: the worker processes import it.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
 
-from indexer.indexing.discover import FileEntry, hash_bytes
+from indexer.indexing.discover import MAX_FILE_BYTES, FileEntry, hash_bytes
 from retrieval.errors import ImageDecodeError
 from retrieval.images import load_image
 
@@ -49,17 +51,48 @@ class ReadResult:
     decode_s: float = 0.0  # seconds spent decoding and preprocessing it
 
 
-def read_bytes(path: str) -> tuple[bytes | None, str | None]:
-    """-> (the file's bytes, None), or (None, the reason it cannot be read)."""
+def _open_file(path: str) -> BinaryIO:
+    """Open ``path`` for reading without blocking (a file swapped for a pipe must not hang the run)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    return os.fdopen(fd, "rb")
+
+
+def read_bytes(path: str, entry: FileEntry | None) -> tuple[bytes | None, FileEntry | None, str | None]:
+    """(the file's bytes, its entry with the stat of what was read, None) or (None, entry, why not).
+
+    The stat before and after the read must agree: a file deleted, truncated or rewritten while it is
+    read is skipped this time (its record keeps the stat it was listed with, so the next run reads it again).
+    """
     try:
-        with open(path, "rb") as fh:
-            return fh.read(), None
+        with _open_file(path) as fh:
+            before = os.fstat(fh.fileno())
+            if not stat.S_ISREG(before.st_mode):
+                return None, entry, "not a regular file (a pipe, socket or device)"
+            if before.st_size > MAX_FILE_BYTES:
+                return None, entry, f"file too large to index ({before.st_size / 2**20:,.0f} MiB)"
+            data = fh.read(MAX_FILE_BYTES + 1)
+            after = os.fstat(fh.fileno())
+    except FileNotFoundError:
+        return None, entry, "file vanished before it was read (FileNotFoundError)"
     except OSError as exc:
-        return None, f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})"
+        return None, entry, f"cannot read file ({type(exc).__name__}: {exc.strerror or exc})"
+    if after.st_nlink == 0:
+        return None, entry, "file was deleted or replaced while it was read (read again on the next run)"
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+        return None, entry, "file changed while it was read (read again on the next run)"
+    if entry is not None and (entry.size, entry.mtime) != (after.st_size, after.st_mtime):
+        entry = replace(entry, size=after.st_size, mtime=after.st_mtime)  # changed since it was listed
+    if not data:
+        return None, entry, "empty file (0 bytes)"
+    return data, entry, None
 
 
 def decode_error(exc: ImageDecodeError) -> str:
     return str(exc).replace("<bytes>: ", "")
+
+
+def unexpected_error(exc: Exception) -> str:
+    return f"not a readable image ({type(exc).__name__}: {exc})"
 
 
 def decode_into(result: ReadResult, data: bytes, models: ImageModels) -> ReadResult:
@@ -71,6 +104,9 @@ def decode_into(result: ReadResult, data: bytes, models: ImageModels) -> ReadRes
     except ImageDecodeError as exc:
         result.error = decode_error(exc)
         return result
+    except Exception as exc:  # noqa: BLE001 - one odd picture never stops a run (e.g. a model's resize refusing it)
+        result.error = unexpected_error(exc)
+        return result
     finally:
         result.decode_s = time.perf_counter() - t0
     result.width, result.height, result.taken_at = decoded.width, decoded.height, decoded.taken_at
@@ -81,9 +117,11 @@ def read_file(path: str, entry: FileEntry | None, models: ImageModels,
               known_hashes: frozenset[str] | None = None) -> ReadResult:
     """Read ``path`` once: hash it, and decode it unless its hash is in ``known_hashes`` (content the index
     already holds, whose vectors are copied instead)."""
+    if entry is not None and entry.problem is not None:
+        return ReadResult(entry, error=entry.problem)
     t0 = time.perf_counter()
-    data, error = read_bytes(path)
-    if data is None:
+    data, entry, error = read_bytes(path, entry)
+    if error is not None:
         return ReadResult(entry, error=error, read_s=time.perf_counter() - t0)
     result = ReadResult(entry, content_hash=hash_bytes(data))
     result.read_s = time.perf_counter() - t0
@@ -96,9 +134,13 @@ def read_in_order(pool: ThreadPoolExecutor, jobs: Jobs, models: ImageModels,
                   known_hashes: frozenset[str] | None, window: int) -> Iterator[ReadResult]:
     """Read ``(path, entry)`` jobs on ``pool``, yielding results in order, at most ``window`` in flight."""
     futures = []
-    for path, entry in jobs:
-        futures.append(pool.submit(read_file, path, entry, models, known_hashes))
-        if len(futures) >= window:
+    try:
+        for path, entry in jobs:
+            futures.append(pool.submit(read_file, path, entry, models, known_hashes))
+            if len(futures) >= window:
+                yield futures.pop(0).result()
+        while futures:
             yield futures.pop(0).result()
-    for fut in futures:
-        yield fut.result()
+    finally:  # closed early (a run stopped): reads not started yet are dropped
+        for fut in futures:
+            fut.cancel()

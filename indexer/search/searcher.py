@@ -45,6 +45,17 @@ class SearchHit:
         return cls(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, scores)
 
 
+MAX_ID = 2**63 - 1  # ids are signed 64-bit in every store
+
+
+def check_id(value: object) -> int:
+    """An image id (a non-negative int that fits the stores) from ``value``, else InputError: never a path,
+    a string, a float or a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= MAX_ID:
+        raise InputError(f"not an image id: {str(value)[:80]!r}")
+    return int(value)
+
+
 def check_k(k: object) -> None:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InputError("k must be at least 1")
@@ -117,9 +128,10 @@ class Searcher:
         """The row of an indexed image given by id or by path (as given, or resolved)."""
         store = self.store
         if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
-            row = store.images_by_ids([int(image)]).get(int(image))
+            row_id = check_id(image)
+            row = store.images_by_ids([row_id]).get(row_id)
             if row is None:
-                raise InputError(f"no image with id {int(image)} in this index")
+                raise InputError(f"no image with id {row_id} in this index")
             return row
         if not isinstance(image, (str, Path)) or not str(image).strip():
             raise InputError(f"give an indexed image's id or path, not {image!r}")

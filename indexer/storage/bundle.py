@@ -58,6 +58,9 @@ class VectorBundle:
         """``memory_dim``: also keep scorer memories of this size (None: this index ranks without a scorer;
         stored memories are then left as they are)."""
         self.folder, self.dim, self.index_type = folder, dim, index_type
+        # whether this process holds the index's write lock (indexer/storage/lock.py): only then are files
+        # that no kept manifest names deleted (another process's checkpoint in progress would look like that)
+        self.owner = False
         self.generation = int(manifest["generation"])
         self._next_segment = int(manifest["next_segment"])
         self._committed = manifest
@@ -218,7 +221,8 @@ class VectorBundle:
             raise
         previous, self._committed = self._committed, manifest
         self.generation, self._next_segment = manifest["generation"], number
-        self.collect_garbage(keep=(previous, manifest))
+        if self.owner:
+            self.collect_garbage(keep=(previous, manifest))
 
     def _reload(self) -> None:
         for log_ in self._logs():
@@ -231,7 +235,8 @@ class VectorBundle:
     def collect_garbage(self, keep: tuple[dict, ...] | None = None) -> int:
         """Delete manifests and segment files that none of ``keep`` (default: the committed manifest and
         the one before it) names: older generations, and what a checkpoint that never committed left
-        behind. Only the process that writes the index may call this. Returns the number of files deleted."""
+        behind. Only the process that holds the index's write lock may call this (:attr:`owner`).
+        Returns the number of files deleted."""
         if not self.folder.is_dir():
             return 0
         if keep is None:

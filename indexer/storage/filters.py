@@ -92,9 +92,10 @@ def filter_conditions(filters: Filters) -> list[ColumnElement[bool]]:
     if filters.file_types:
         types = {t for ft in filters.file_types for t in (ft, *_SAME_TYPE.get(ft, ()))}
         conds.append(ImageRow.file_type.in_(sorted(types)))
-    # clamped: no image is 2**31 pixels wide, and a bigger Python int would overflow a SQL integer
+    # clamped: no image is 2**31 - 1 pixels wide, and a bigger Python int would overflow a SQL integer
+    # (PostgreSQL binds the value as the column's 32-bit INTEGER)
     if filters.min_width:
-        conds.append(ImageRow.width >= min(filters.min_width, 2**31))
+        conds.append(ImageRow.width >= min(filters.min_width, 2**31 - 1))
     if filters.min_height:
-        conds.append(ImageRow.height >= min(filters.min_height, 2**31))
+        conds.append(ImageRow.height >= min(filters.min_height, 2**31 - 1))
     return conds

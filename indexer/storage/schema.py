@@ -75,12 +75,13 @@ class RunRow(Base):
     summary: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON of IndexSummary
 
 
-# schema version -> SQL that upgrades the previous version to it (portable SQL only; what a keyword
-# index or the vector files need is done by their own owners when an index opens)
+# schema version -> SQL that upgrades the previous version to it (portable SQL only: it runs on SQLite
+# and PostgreSQL; what a keyword index or the vector files need is done by their own owners when an
+# index opens)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE images ADD COLUMN caption TEXT",
         "ALTER TABLE images ADD COLUMN captioner VARCHAR(255)",
-        "ALTER TABLE images ADD COLUMN captioned_at DATETIME"),
+        "ALTER TABLE images ADD COLUMN captioned_at TIMESTAMP"),  # TIMESTAMP: a type both databases know
     3: (),  # the keyword index: created and filled by the keyword index (indexer/storage/keywords.py)
     4: (),  # the vector files: converted by indexer/storage/legacy.py
 }

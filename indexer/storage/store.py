@@ -18,14 +18,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine import Engine as SqlEngine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.errors import IndexCorruptError, InputError
+from indexer.errors import DatabaseUnavailableError, IndexCorruptError, InputError
 from indexer.storage.filters import Filters, filter_conditions
-from indexer.storage.keywords import KeywordIndex, keyword_index_for
+from indexer.storage.keywords import KeywordIndex, SqliteKeywords
+from indexer.storage.pg_keywords import PostgresKeywords, lock_writers
 from indexer.storage.schema import MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
@@ -60,10 +61,49 @@ def sqlite_path(url: str) -> Path | None:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise InputError(f"{url!r} is not a database URL: {exc}") from None
+        raise InputError(f"{safe_url(url)!r} is not a database URL: {exc}") from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+def with_driver(url: str) -> str:
+    """``url`` with PostgreSQL's driver made explicit: ``postgresql://`` means psycopg 3 (the ``postgres``
+    extra), not SQLAlchemy's default psycopg2."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise InputError(f"{safe_url(url)!r} is not a database URL: {exc}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit to print: its password, if any, as ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<a malformed database URL>"
+
+
+def _no_password(error: object, url: str) -> str:
+    """An error's text with the URL's password, if it shows, masked."""
+    message = str(error).strip()
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return message
+    return message.replace(str(password), "***") if password else message
+
+
+def keyword_index_for(engine: SqlEngine) -> KeywordIndex | None:
+    """The keyword index this database can hold (None: keyword ranking is unavailable there)."""
+    if engine.dialect.name == "sqlite":
+        return SqliteKeywords(engine)
+    if engine.dialect.name == "postgresql":
+        return PostgresKeywords(engine)
+    return None
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
@@ -78,38 +118,61 @@ class Store:
     """All SQL access; one :class:`Session` per unit of work, opened here and nowhere else."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = url = with_driver(url)
+        self.safe_url = safe_url(url)
         try:
             self.engine: SqlEngine = create_engine(url)
         except (ArgumentError, ImportError) as exc:  # a malformed URL, or no driver for its database
-            raise InputError(f"cannot use the database {url!r}: {exc}") from None
+            raise InputError(f"cannot use the database {self.safe_url!r}: {_no_password(exc, url)}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._postgres = self.engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.keywords: KeywordIndex | None = keyword_index_for(self.engine)
         try:
-            Base.metadata.create_all(self.engine)
-            self._check_schema()
-            if self.keywords is not None:
-                with self.engine.begin() as conn:
+            with self.engine.begin() as conn:  # tables, migrations and the keyword index: all or nothing
+                if self._postgres:
+                    lock_writers(conn)  # two processes opening a new index do not create it twice
+                Base.metadata.create_all(conn)
+                self._check_schema(conn)
+                if self.keywords is not None:
                     self.keywords.install(conn)
+            if self.keywords is not None:
+                self.keywords.settle()
+        except OperationalError as exc:
+            self.engine.dispose()
+            if not self._postgres:
+                raise IndexCorruptError(f"cannot open the index database {self.safe_url}: {exc.orig}") from exc
+            raise DatabaseUnavailableError(
+                f"cannot reach the database {self.safe_url}: {_no_password(exc.orig, url)}") from None
         except SQLAlchemyError as exc:
-            raise IndexCorruptError(f"cannot open the index database {url}: {exc}") from exc
+            self.engine.dispose()
+            reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's SQL dump
+            raise IndexCorruptError(f"cannot open the index database {self.safe_url}: {reason}. If it is damaged, "
+                                    f"rebuild the index with: pixquery index FOLDER --rebuild (your photos are not "
+                                    f"touched)") from exc
 
     @staticmethod
     def exists(url: str) -> bool:
-        """Whether an index database is at ``url`` (for SQLite: its file; elsewhere: its meta table)."""
+        """Whether an index database is at ``url`` (for SQLite: its file; elsewhere: its meta table).
+        A server that cannot be reached is a :class:`DatabaseUnavailableError`, not a missing index."""
         path = sqlite_path(url)
         if path is not None:
             return path.exists()
+        url = with_driver(url)
         try:
             engine = create_engine(url)
-            try:
-                return inspect(engine).has_table(Meta.__tablename__)
-            finally:
-                engine.dispose()
-        except (ArgumentError, ImportError, SQLAlchemyError):
+        except (ArgumentError, ImportError) as exc:
+            raise InputError(f"cannot use the database {safe_url(url)!r}: {_no_password(exc, url)}") from None
+        try:
+            return inspect(engine).has_table(Meta.__tablename__)
+        except OperationalError as exc:
+            raise DatabaseUnavailableError(
+                f"cannot reach the database {safe_url(url)}: {_no_password(exc.orig, url)}") from None
+        except SQLAlchemyError:
             return False
+        finally:
+            engine.dispose()
 
     def drop_all(self) -> None:
         """Drop every table of the index (``--rebuild`` on a database that is not a file)."""
@@ -127,10 +190,13 @@ class Store:
             yield s
 
     def write(self, batch: WriteBatch) -> None:
-        """Everything in ``batch`` in one transaction: deletions, then skip records, then rows and meta."""
+        """Everything in ``batch`` in one transaction: deletions, then skip records, then rows and meta
+        (and the keyword index's entries of the rows, where triggers do not keep it in step)."""
         if not len(batch):
             return
         with self._session() as s:
+            if self._postgres:
+                lock_writers(s.connection())
             for start in range(0, len(batch.deletes), CHUNK):
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes[start:start + CHUNK])))
             for start in range(0, len(batch.unskip), CHUNK):
@@ -140,6 +206,9 @@ class Store:
                 s.merge(skip)
             for key, value in batch.meta.items():
                 s.merge(Meta(key=key, value=value))
+            if batch.rows and self.keywords is not None:
+                s.flush()
+                self.keywords.update(s.connection(), (row.id for row in batch.rows))
 
     @staticmethod
     def _write_rows(s: Session, rows: list[ImageRow]) -> None:
@@ -162,20 +231,21 @@ class Store:
             s.execute(insert(ImageRow), new)
 
     # --- meta -------------------------------------------------------------------------------
-    def _check_schema(self) -> None:
-        version = self.get_meta("schema_version")
+    def _check_schema(self, conn: Connection) -> None:
+        """Record the schema version of a new index; migrate an older one (in ``conn``'s transaction)."""
+        version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
         if version is None:
-            self.set_meta({"schema_version": str(SCHEMA_VERSION)})
+            conn.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
             return
         if int(version) > SCHEMA_VERSION:
             raise IndexCorruptError(
                 f"the index was written by a newer pixquery (schema {version} > {SCHEMA_VERSION}); upgrade pixquery"
             )
         for target in range(int(version) + 1, SCHEMA_VERSION + 1):
-            with self.engine.begin() as conn:
-                for statement in MIGRATIONS[target]:
-                    conn.exec_driver_sql(statement)
-            self.set_meta({"schema_version": str(target)})
+            for statement in MIGRATIONS[target]:
+                conn.exec_driver_sql(statement)
+        if int(version) < SCHEMA_VERSION:
+            conn.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
     def captions_by_ids(self, ids: Iterable[int]) -> dict[int, str]:
         """{id: caption} of those ``ids`` that have a caption."""
@@ -212,7 +282,7 @@ class Store:
             return set(s.scalars(select(ImageRow.id).where(ImageRow.caption.is_not(None))))
 
     def images_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
-        ids = list(ids)
+        ids = [int(i) for i in ids if -2**31 <= int(i) < 2**31]  # ids are INTEGER: 32-bit on PostgreSQL
         out: dict[int, ImageRow] = {}
         with self._session() as s:
             for start in range(0, len(ids), CHUNK):
@@ -221,6 +291,8 @@ class Store:
         return out
 
     def image_by_path(self, path: str) -> ImageRow | None:
+        if "\x00" in path:  # no file name holds a NUL byte (and PostgreSQL text cannot)
+            return None
         with self._session() as s:
             return s.scalars(select(ImageRow).where(ImageRow.path == path)).first()
 
@@ -232,6 +304,9 @@ class Store:
         """
         if not filters.active:
             return None
+        for value in filters.file_types:  # (a folder with one is refused by filter_conditions)
+            if "\x00" in value:  # no file name holds a NUL byte (and PostgreSQL text cannot)
+                raise InputError(f"file type {value[:200]!r} contains a NUL byte")
         conds = filter_conditions(filters)
         with self._session() as s:
             if filters.glob:
@@ -279,6 +354,24 @@ class Store:
             run.finished_at = utcnow()
             run.summary = summary_json
 
+    def unfinished_runs(self) -> int:
+        """Runs that started and never finished (killed, or stopped by an error)."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(RunRow).where(RunRow.finished_at.is_(None))) or 0
+
     def last_run(self) -> RunRow | None:
         with self._session() as s:
             return s.scalars(select(RunRow).order_by(RunRow.id.desc())).first()
+
+    # --- consistency (pixquery doctor) --------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """What the database itself finds damaged (SQLite's ``quick_check``; other databases check
+        themselves); empty when it is sound."""
+        if self.engine.dialect.name != "sqlite":
+            return []
+        try:
+            with self.engine.connect() as conn:
+                rows = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check")]
+        except SQLAlchemyError as exc:
+            return [str(exc)]
+        return [] if rows == ["ok"] else rows
