@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captioning.captioner import DecodeOptions
+from indexer.indexing.reader import READERS
 from indexer.storage.store import sqlite_path
 from indexer.storage.vectors import INDEX_TYPES
 from retrieval.errors import InputError
@@ -73,8 +74,9 @@ class EngineConfig:
     pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
     rerank_depth: int = 10  # fused ranking: the best candidates the scorer and the match head re-rate
     decode: DecodeOptions = field(default_factory=DecodeOptions)
-    batch_size: int = 32
-    workers: int = 2  # decode threads
+    batch_size: int | None = None  # images per model batch (None: 256 on a GPU, 32 on a CPU; Engine.batch_size)
+    workers: int | None = None  # decoding threads or processes (None: 2 on a CPU, most cores beside a GPU)
+    readers: str = "auto"  # threads, processes (decoding worker processes) or auto: processes beside a GPU
     # rows written between checkpoints of an indexing or recaption run: what a crash or kill can lose at most
     checkpoint_every: int = field(default_factory=lambda: _int_from_env(ENV_CHECKPOINT_EVERY, 1024))
     wait_for_lock: bool | float = False  # another process writing the index: False fail, True wait, N seconds
@@ -87,9 +89,12 @@ class EngineConfig:
             self.encoder = os.environ[ENV_ENCODER]
         if self.index_type not in INDEX_TYPES:
             raise InputError(f"unknown vector index type {self.index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
-        if self.batch_size < 1 or self.workers < 1 or self.checkpoint_every < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 1) \
+                or self.checkpoint_every < 1:
             raise InputError("the batch size, the number of reader threads and the checkpoint interval must be "
                              "at least 1")
+        if self.readers not in READERS:
+            raise InputError(f"unknown readers {self.readers!r}; choose one of: {', '.join(READERS)}")
 
     @property
     def url(self) -> str:
@@ -109,3 +114,24 @@ class EngineConfig:
     @property
     def default_encoder(self) -> str:
         return DEFAULTS["encoder"]
+
+    def batch_size_for(self, device) -> int:  # noqa: ANN001 - torch.device
+        """Images per model batch: the configured size, else 256 on a GPU and 32 on a CPU."""
+        if self.batch_size is not None:
+            return self.batch_size
+        from retrieval.device import default_batch_size
+
+        return default_batch_size(device)
+
+    def workers_for(self, device) -> int:  # noqa: ANN001 - torch.device
+        """Decoding threads or processes: the configured number, else 2 on a CPU (the model needs the
+        cores) and all cores but two beside a GPU (at most 16)."""
+        if self.workers is not None:
+            return self.workers
+        return max(2, min(16, (os.cpu_count() or 2) - 2)) if device.type == "cuda" else 2
+
+    def processes_for(self, device) -> bool:  # noqa: ANN001 - torch.device
+        """Whether indexing decodes on worker processes (``readers``; auto: beside a GPU) rather than threads."""
+        if self.readers != "auto":
+            return self.readers == "processes"
+        return device.type == "cuda"

@@ -232,6 +232,21 @@ class Engine:
             self._matcher = matcher if provenance.matcher_fits(matcher, self.scorer) else None
         return self._matcher
 
+    @property
+    def batch_size(self) -> int:
+        """Images per model batch (EngineConfig.batch_size_for: 256 on a GPU, 32 on a CPU unless set)."""
+        return self.config.batch_size_for(self._device())
+
+    @property
+    def workers(self) -> int:
+        """Decoding threads or processes (EngineConfig.workers_for)."""
+        return self.config.workers_for(self._device())
+
+    @property
+    def read_processes(self) -> bool:
+        """Whether indexing decodes on worker processes rather than threads (EngineConfig.processes_for)."""
+        return self.config.processes_for(self._device())
+
     def models(self) -> ImageModels:
         """The model stage of indexing: encoder, captioner and scorer behind one call per batch."""
         return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer)
@@ -270,9 +285,10 @@ class Engine:
             if rebuild:
                 self._drop()
             writer = self.writer()
-            indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                              workers=self.config.workers, checkpoint_every=self.config.checkpoint_every,
-                              progress=self.config.progress, on_progress=on_progress, stop=stop)
+            indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                              workers=self.workers, checkpoint_every=self.config.checkpoint_every,
+                              progress=self.config.progress, on_progress=on_progress, stop=stop,
+                              processes=self.read_processes)
             return indexer.run(root)
 
     def recaption(self, stop: threading.Event | None = None) -> dict:
@@ -288,8 +304,8 @@ class Engine:
         self._store_for(create=False)
         with self.writing():
             writer = self.writer()
-            counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                               workers=self.config.workers, checkpoint_every=self.config.checkpoint_every,
+            counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                               workers=self.workers, checkpoint_every=self.config.checkpoint_every,
                                progress=self.config.progress, stop=stop)
             if not counts.interrupted:
                 writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})

@@ -110,7 +110,7 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.Engi
         kwargs["cache_dir"] = Path(args.cache_dir)
     if getattr(args, "wait", False):
         kwargs["wait_for_lock"] = True
-    for name in ("batch_size", "workers"):
+    for name in ("batch_size", "workers", "readers"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "captioner", None) is not None:

@@ -38,8 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="index a folder of images (incremental)")
     p.add_argument("folder", help="folder to index, recursively")
     p.add_argument("--rebuild", action="store_true", help="drop this index and embed everything again")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding threads or processes (default 2 on a CPU, most cores beside a GPU)")
+    p.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                   help="decode on threads or on worker processes (default auto: processes beside a GPU)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="read and embed on a Ray cluster (pip install 'pixquery[ray]'): HOST:PORT, ray://HOST:PORT, "
@@ -53,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_index)
 
     p = sub.add_parser("recaption", help="caption every indexed image again (after a captioner change)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
     wait(p)
     common(p)
     captioning(p)
@@ -62,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="print a caption for each image (no index needed)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_caption)
@@ -258,11 +261,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     config = config_from(args)
     if not config.captioner:
         raise InputError("no captioner configured: pass --captioner NAME")
-    captioner = Engine(config).captioner
+    engine = Engine(config)
+    captioner, batch = engine.captioner, engine.batch_size
     results, failed = [], 0
-    for start in range(0, len(args.images), config.batch_size):
+    for start in range(0, len(args.images), batch):
         chunk, images = [], []
-        for path in args.images[start:start + config.batch_size]:
+        for path in args.images[start:start + batch]:
             try:
                 images.append(load_image(Path(path)).image)
                 chunk.append(path)

@@ -93,18 +93,28 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
         b = bsub.add_parser(what, help=text)
         b.add_argument("folder")
         b.add_argument("--limit", type=int, default=1000)
-        b.add_argument("--batch-size", type=int, default=32)
-        b.add_argument("--workers", type=int, default=2)
+        b.add_argument("--batch-size", type=int, default=None, help="default 256 on a GPU, 32 on a CPU")
+        b.add_argument("--workers", type=int, default=None,
+                       help="decoding threads or processes (default 2 on a CPU, most cores beside a GPU)")
         if what == "index":
             b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                            help="index on a Ray cluster, as pixquery index --ray (default address: a local Ray)")
             b.add_argument("--ray-actors", type=int, metavar="N", help="model actors (default: one per GPU or CPU)")
+            b.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                           help="decode on threads or worker processes (default auto: processes beside a GPU)")
+            b.add_argument("--naive", type=int, default=100, metavar="N",
+                           help="also time a naive one-image-at-a-time loop on the first N images (0: no)")
+            b.add_argument("--large", metavar="DIR",
+                           help="benchmark 4000x3000 JPEG copies of the images instead, written into DIR "
+                                "(kept there for the next run): the 12-megapixel test set")
         common(b)
         captioning(b)
         b.set_defaults(handler=handler)
     b = bsub.add_parser("search", help="time cold 'pixquery search' processes against an index")
     b.add_argument("query", nargs="?", default="a dog running on the grass")
     b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--baseline", metavar="CMD",
+                   help="also time this command line (e.g. \"rclip -n 10 'a dog'\"), alternating with pixquery")
     common(b)
     b.set_defaults(handler=bench_search)
     b = bsub.add_parser("latency", help="warm per-query latency of every ranking mode on a synthetic index")
@@ -135,14 +145,15 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_index(args: argparse.Namespace) -> int:
-    from indexer.lab.bench import bench_index as run
+    from indexer.lab.bench_index import bench_index as run
 
     ray = None
     if args.ray is not None:
         from indexer.indexing.distributed import RayOptions
 
         ray = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
-    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), ray=ray)))
+    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), ray=ray, naive=args.naive,
+                         large=Path(args.large) if args.large else None)))
     return EXIT_OK
 
 
@@ -156,7 +167,7 @@ def bench_caption(args: argparse.Namespace) -> int:
 def bench_search(args: argparse.Namespace) -> int:
     from indexer.lab.bench import bench_search as run
 
-    print(json.dumps(run(config_from(args).index_dir, args.query, args.runs)))
+    print(json.dumps(run(config_from(args).index_dir, args.query, args.runs, baseline=args.baseline)))
     return EXIT_OK
 
 

@@ -378,7 +378,7 @@ def index_on_ray(engine, root: str | Path, options: RayOptions = RayOptions(),  
     models = engine.models()
     if build_models is None:
         build_models = EngineModels(replace(config, encoder=models.encoder.info.name, progress=False))
-    indexer = Indexer(writer.store, writer.vectors, models, batch_size=config.batch_size, workers=config.workers,
+    indexer = Indexer(writer.store, writer.vectors, models, batch_size=engine.batch_size, workers=engine.workers,
                       progress=config.progress, on_progress=on_progress)
     use_gpu = str(config.device).lower() != "cpu"
     return indexer.run(root, lambda ix, r: RayRun(ix, r, options, build_models, shard_dir, use_gpu))

@@ -1,7 +1,8 @@
 """One incremental indexing run: reader threads -> model stage -> writer, in bounded batches.
 
 What happens to each file is decided by ``plan.py`` (the decision table of docs/ARCHITECTURE.md);
-this module carries the decisions out: it reads files on threads (``reader.py``), runs the models on
+this module carries the decisions out: it reads files on threads or decoding processes (``reader.py``,
+``procreader.py``), runs the models on
 batches of new content (``models.py``), copies the vectors of content the index already holds, and
 hands everything to the :class:`~indexer.indexing.writer.BatchWriter`, which checkpoints it. Moves
 and copies carry the caption and its vectors along; an empty caption is never stored.
@@ -14,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,7 +28,8 @@ from indexer.errors import InputError
 from indexer.indexing import plan
 from indexer.indexing.discover import FileEntry, discover
 from indexer.indexing.models import BatchOutput, ImageModels
-from indexer.indexing.reader import ReadResult, read_in_order
+from indexer.indexing.procreader import reading
+from indexer.indexing.reader import ReadResult
 from indexer.indexing.writer import BatchWriter
 from indexer.storage.bundle import Payload, VectorBundle
 from indexer.storage.schema import ImageRow, SkippedRow, utcnow
@@ -55,6 +57,9 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     total_images: int = 0
+    # seconds per stage: read and decode summed over the reader threads or processes; wait (the model
+    # stage waiting for readers), model, memories, caption, caption_embed and write on the main thread
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False  # stopped early (Ctrl-C): what was done is committed, the next run carries on
 
     def to_json(self) -> str:
@@ -65,9 +70,12 @@ def stack_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(t is None for t in tensors) else torch.stack(tensors)
 
 
-def embed(models: ImageModels, decoded: list[ReadResult]) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
-    """The model stage for decoded files -> (outputs, positions of the non-empty captions, their text vectors)."""
-    out = models.run(torch.stack([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]))
+def embed(models: ImageModels, decoded: list[ReadResult],
+          codes: bool = False) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
+    """The model stage for decoded files -> (outputs, positions of the non-empty captions, their text vectors);
+    ``codes``: scorer memories as the index's 8-bit codes (``ImageModels.run``), else float32."""
+    out = models.run(models.collate([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]),
+                     codes)
     where, cap_vecs = models.embed_captions(out.captions)
     return out, where, cap_vecs
 
@@ -79,9 +87,11 @@ class Indexer:
         self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
         on_progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+        processes: bool = False,
     ) -> None:
         self.store, self.vectors, self.models = store, vectors, models
         self.stop = stop  # set from outside (Ctrl-C): finish the batch in flight, commit, return
+        self.processes = processes  # decode on worker processes (procreader.reading) instead of threads
         self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
@@ -116,6 +126,7 @@ class Run:
         self.stash: dict[str, Payload] = {}  # what rows held before this run replaced their content, by old hash
         self.done = 0
         self.bar: tqdm | None = None
+        self.stages: Counter[str] = Counter()
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self) -> IndexSummary:
@@ -144,13 +155,21 @@ class Run:
         self.bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not ix.progress or not todo)
         try:
             self._advance(0)
-            reads = self._read(todo, frozenset(self.by_hash))
-            for res in reads:
-                self._handle(res)
-                if ix.stop is not None and ix.stop.is_set():
-                    s.interrupted = True
-                    reads.close()  # files queued for reading are dropped
-                    break
+            models_before = Counter(ix.models.seconds)
+            with closing(self._read(todo, frozenset(self.by_hash))) as reads:  # readers stop on errors too
+                while True:
+                    t0 = time.perf_counter()
+                    res = next(reads, None)
+                    self.stages["wait"] += time.perf_counter() - t0
+                    if res is None:
+                        break
+                    self.stages["read"] += res.read_s
+                    self.stages["decode"] += res.decode_s
+                    self._handle(res)
+                    if ix.stop is not None and ix.stop.is_set():
+                        s.interrupted = True
+                        reads.close()  # files queued for reading are dropped
+                        break
             self._flush()
             if not s.interrupted:
                 # files that disappeared (and were not moved) leave the index; after an interruption they
@@ -160,9 +179,13 @@ class Run:
                 s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
                 for path in triage.vanished_skips:
                     self.writer.unskip(path)
+            t0 = time.perf_counter()
             self.writer.checkpoint()
+            self.stages["write"] += time.perf_counter() - t0
+            self.stages.update(Counter(ix.models.seconds) - models_before)
         finally:
             self.bar.close()
+        s.stage_seconds = {k: round(v, 3) for k, v in sorted(self.stages.items())}
         s.skipped_reasons = dict(self.reasons)
         s.seconds = round(time.time() - self.t0, 3)
         s.images_per_second = round(s.embedded / s.seconds, 2) if s.seconds else 0.0
@@ -174,8 +197,8 @@ class Run:
         """Each file of ``todo``, in order: read and hashed, and decoded when its hash is not ``known``."""
         ix = self.ix
         window = max(ix.batch_size * 2, ix.workers * 4)
-        with ThreadPoolExecutor(max_workers=ix.workers) as pool:
-            yield from read_in_order(pool, ((f.path, f) for f in todo), ix.models, known, window)
+        with reading(ix.models, ix.workers, known, window, ix.processes) as read:
+            yield from read((f.path, f) for f in todo)
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -265,6 +288,7 @@ class Run:
             return
         ix, batch = self.ix, self.batch
         out, where, cap_vecs = self._embed(batch)
+        t0 = time.perf_counter()
         ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
         for _, _, old in batch:
             if old is not None:
@@ -277,8 +301,9 @@ class Run:
         self._advance(len(batch))
         self.batch = []
         self.writer.maybe_checkpoint()
+        self.stages["write"] += time.perf_counter() - t0
 
     def _embed(self, batch: list[tuple[ReadResult, int, ImageRow | None]]
                ) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
         """The model stage of a batch -> (its outputs, positions of the non-empty captions, their vectors)."""
-        return embed(self.ix.models, [res for res, _, _ in batch])
+        return embed(self.ix.models, [res for res, _, _ in batch], codes=True)

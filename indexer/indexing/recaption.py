@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from indexer.indexing.models import ImageModels
@@ -88,7 +87,7 @@ def recaption(store: Store, vectors: VectorBundle, models: ImageModels, batch_si
     def flush() -> None:
         if not pending:
             return
-        caps, memories = models.caption_only(torch.stack([r.pixels for _, r in pending]),
+        caps, memories = models.caption_only(models.collate([r.pixels for _, r in pending]),
                                              stack_or_none([r.cap_pixels for _, r in pending]))
         where, vecs = models.embed_captions(caps)
         ids = np.array([row.id for row, _ in pending], dtype=np.int64)

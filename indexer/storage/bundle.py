@@ -161,14 +161,18 @@ class VectorBundle:
         self.captions.put(caption_ids, vectors)
 
     def set_memories(self, ids: np.ndarray, memories: np.ndarray | None) -> None:
-        """New memories of ``ids``; without them (or of another scorer's size), what ``ids`` had goes, and
-        the likelihood signal stays off for these images."""
+        """New memories of ``ids`` (float32, or uint8 already coded by the memory codec, as the model
+        stage codes them on its device); without them (or of another scorer's size), what ``ids`` had
+        goes, and the likelihood signal stays off for these images."""
         if self.memories is None:
             return
         if memories is None or memories.shape[1] != self.memories.dim:
             self.memories.delete(ids)
             return
-        self.memories.put(ids, memories)
+        if memories.dtype == np.uint8:
+            self.memories.put_codes(np.asarray(ids, np.int64), memories)
+        else:
+            self.memories.put(ids, memories)
 
     def drop_memories(self) -> None:
         """Forget every stored memory (the scorer changed); ``recaption`` writes them again."""

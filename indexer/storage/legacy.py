@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from indexer.errors import IndexCorruptError
@@ -28,6 +27,9 @@ def legacy_files(index_dir: Path) -> list[Path]:
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, rows) of an ``IndexIDMap2`` over a flat (float32) or 8-bit scalar-quantizer index, as stored."""
+    from indexer.storage.vectors import load_faiss
+
+    faiss = load_faiss()  # only an old index needs FAISS to open
     try:
         index = faiss.read_index(str(path))
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)

@@ -9,6 +9,7 @@ as one :class:`WriteBatch`, in one transaction.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,16 +24,22 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import DatabaseUnavailableError, IndexCorruptError, InputError
-from indexer.storage import catalogue
 from indexer.storage.catalogue import CatalogueKeywords, catalogue_keywords_for, condition_sql
+from indexer.storage.catalogue_rows import CatalogueRows
 from indexer.storage.filters import Filters, filter_conditions
 from indexer.storage.keywords import KeywordIndex, SqliteKeywords
 from indexer.storage.pg_keywords import PostgresKeywords, lock_writers
 from indexer.storage.schema import (
-    MIGRATIONS, SCHEMA_VERSION, Base, CatalogueField, CatalogueValue, ImageRow, Meta, RunRow, SkippedRow, utcnow,
+    MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow,
 )
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
+
+
+@functools.cache
+def _image_columns() -> tuple[str, ...]:
+    """The attribute names of every column of ``images`` (read once the mapper is configured)."""
+    return tuple(a.key for a in inspect(ImageRow).column_attrs)
 
 
 @dataclass
@@ -111,7 +118,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connec
     cur.close()
 
 
-class Store:
+class Store(CatalogueRows):
     """All SQL access; one :class:`Session` per unit of work, opened here and nowhere else."""
 
     def __init__(self, url: str) -> None:
@@ -204,8 +211,7 @@ class Store:
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes[start:start + CHUNK])))
             for start in range(0, len(batch.unskip), CHUNK):
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(batch.unskip[start:start + CHUNK])))
-            for row in batch.rows:
-                s.merge(row)
+            self._write_rows(s, batch.rows)
             for skip in batch.skips:
                 s.merge(skip)
             for key, value in batch.meta.items():
@@ -213,6 +219,26 @@ class Store:
             if batch.rows and self.keywords is not None:
                 s.flush()
                 self.keywords.update(s.connection(), (row.id for row in batch.rows))
+
+    @staticmethod
+    def _write_rows(s: Session, rows: list[ImageRow]) -> None:
+        """Insert or update ``rows`` by id (the last of one id wins), as ``merge`` would, but in two
+        executemany statements instead of a SELECT and a write per row: the rows a checkpoint updates
+        first (a moved file's row frees its old path), then the new ones."""
+        if not rows:
+            return
+        latest = {int(r.id): r for r in rows}
+        ids = list(latest)
+        existing: set[int] = set()
+        for start in range(0, len(ids), CHUNK):
+            existing.update(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(ids[start:start + CHUNK]))))
+        keys = _image_columns()
+        old = [{k: getattr(r, k) for k in keys} for i, r in latest.items() if i in existing]
+        new = [{k: getattr(r, k) for k in keys} for i, r in latest.items() if i not in existing]
+        if old:
+            s.execute(update(ImageRow), old)
+        if new:
+            s.execute(insert(ImageRow), new)
 
     # --- meta -------------------------------------------------------------------------------
     def _check_schema(self, conn: Connection) -> None:
@@ -362,83 +388,3 @@ class Store:
         except SQLAlchemyError as exc:
             return [str(exc)]
         return [] if rows == ["ok"] else rows
-
-    # --- catalogue metadata (indexer/storage/catalogue.py) --------------------------------------------
-    def import_catalogue(self, fields: dict[str, tuple[str, bool]], rows: list[tuple[int, dict[str, object]]],
-                         replace: bool = False) -> dict[str, int]:
-        """Write imported catalogue values in one transaction: ``fields`` {name: (kind, keyword)} are
-        registered (a field keeps its kind), and for each (image id, {field: value or None}) the image's
-        values of these fields become these (None: none). ``replace``: every catalogue field and value
-        goes first. Returns the number of values written. Nothing is written when anything fails."""
-        with self._session() as s:
-            conn = s.connection()
-            if replace:
-                s.execute(delete(CatalogueValue))
-                s.execute(delete(CatalogueField))
-            known = {f.name: f for f in s.scalars(select(CatalogueField))}
-            keywords_changed = False
-            for name, (kind, keyword) in fields.items():
-                field = known.get(name)
-                if field is None:
-                    s.add(CatalogueField(name=name, kind=kind, keyword=keyword))
-                    keywords_changed |= keyword
-                    continue
-                if field.kind != kind:
-                    raise InputError(f"{name} is a {field.kind} field already; drop it first to import it as "
-                                     f"{kind} (pixquery meta drop {name})")
-                keywords_changed |= field.keyword != keyword
-                field.keyword, field.imported_at = keyword, utcnow()
-            s.flush()
-            written, removed, changed = catalogue.replace_values(conn, {n: k for n, (k, _) in fields.items()}, rows)
-            if self.catalogue is not None:
-                if keywords_changed or replace:
-                    self.catalogue.rebuild(conn)
-                elif any(keyword for _, keyword in fields.values()):
-                    self.catalogue.refresh(conn, changed)
-            return {"written": written, "removed": removed, "images": len(changed)}
-
-    def drop_catalogue_field(self, name: str) -> int:
-        """Forget catalogue field ``name`` and its values; returns how many values went."""
-        with self._session() as s:
-            field = s.get(CatalogueField, name)
-            if field is None:
-                raise InputError(f"no catalogue field {name!r}")
-            n = s.execute(delete(CatalogueValue).where(CatalogueValue.field == name)).rowcount
-            s.delete(field)
-            s.flush()
-            if self.catalogue is not None and field.keyword:
-                self.catalogue.rebuild(s.connection())
-            return int(n or 0)
-
-    def catalogue_fields(self) -> list[dict]:
-        """[{name, kind, keyword, values}] of every catalogue field, by name."""
-        with self._session() as s:
-            counts = dict(s.execute(select(CatalogueValue.field, func.count()).group_by(CatalogueValue.field)).all())
-            return [{"name": f.name, "kind": f.kind, "keyword": f.keyword, "values": int(counts.get(f.name, 0))}
-                    for f in s.scalars(select(CatalogueField).order_by(CatalogueField.name))]
-
-    def catalogue_kinds(self) -> dict[str, str]:
-        with self.engine.connect() as conn:
-            return catalogue.field_kinds(conn)
-
-    def catalogue_values(self, ids: Iterable[int]) -> dict[int, dict[str, object]]:
-        """{id: {field: value}} of those ``ids`` that have catalogue values."""
-        with self.engine.connect() as conn:
-            return catalogue.values_of(conn, list(ids))
-
-    def catalogue_texts(self, ids: Iterable[int]) -> dict[int, str]:
-        """{id: the text of its keyword fields} (what the ``meta`` signal scores)."""
-        with self.engine.connect() as conn:
-            return catalogue.keyword_texts(conn, list(ids))
-
-    def catalogue_choices(self, name: str, kind: str, limit: int = 50) -> list | tuple:
-        """Distinct text values (most frequent first, at most ``limit``) or the (min, max) of a number/date field."""
-        with self.engine.connect() as conn:
-            if kind == "text":
-                return catalogue.distinct_texts(conn, name, limit)
-            return catalogue.value_range(conn, name, kind)
-
-    def key_lookup(self) -> list[tuple[int, str, str]]:
-        """(id, path, content hash) of every image: what catalogue rows are matched against."""
-        with self.engine.connect() as conn:
-            return [(int(i), p, h) for i, p, h in conn.execute(select(ImageRow.id, ImageRow.path, ImageRow.content_hash))]
