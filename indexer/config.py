@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from captioning.captioner import DecodeOptions
 from indexer.storage.store import sqlite_path
+from indexer.storage.ann import AnnPolicy
 from indexer.storage.vectors import INDEX_TYPES
 from retrieval.errors import InputError
 from retrieval.shipped import DEFAULTS
@@ -54,7 +55,10 @@ class EngineConfig:
     encoder: str | None = None  # None: the index's own encoder, or the default for a new index
     # any SQLAlchemy URL for the metadata (None: SQLite in index_dir); the vector files stay in index_dir
     db_url: str | None = field(default_factory=lambda: os.environ.get(ENV_DB_URL) or None)
-    index_type: str = "flat"  # the vector search structure (indexer/storage/vectors.py)
+    # the vector search structure: "auto" (exact for small collections, approximate IVF above
+    # ann.flat_max vectors), "flat" (always exact) or "ivf" (always approximate); indexer/storage/ann.py
+    index_type: str = "auto"
+    ann: AnnPolicy = field(default_factory=AnnPolicy)  # when and how (thresholds, memory budget, recall target)
     device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
     cache_dir: Path = field(default_factory=default_cache_dir)
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
@@ -77,6 +81,11 @@ class EngineConfig:
             raise InputError(f"unknown vector index type {self.index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
         if self.batch_size < 1 or self.workers < 1:
             raise InputError("the batch size and the number of reader threads must be at least 1")
+
+    @property
+    def ann_policy(self) -> AnnPolicy:
+        """``ann`` with this configuration's ``index_type``."""
+        return replace(self.ann, index_type=self.index_type)
 
     @property
     def url(self) -> str:

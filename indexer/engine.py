@@ -99,10 +99,11 @@ class Engine:
             self._store = Store(self.config.url)
         return self._store
 
-    def open(self, create: bool = False) -> OpenIndex:
+    def open(self, create: bool = False, repair: bool = False) -> OpenIndex:
         """The index as last committed (``create``: a new, empty one if there is none), after checking
         that the configured encoder may use it. Vectors load once and reload when another process
-        commits a newer generation."""
+        commits a newer generation. ``repair``: an approximate search file that is missing or damaged is
+        left out (rebuilt at the next commit) instead of raising ``AnnFileError`` (what writers do)."""
         store = self._store_for(create)
         provenance.check_encoder(store, self.config.encoder, lambda: self.encoder.info, self._encoder_injected)
         if self._vectors is None or self._vectors.stale(store):
@@ -110,7 +111,7 @@ class Engine:
             scorer = self.scorer
             memory_dim = int(np.prod(scorer.memory_shape)) if scorer is not None else None
             self._vectors = VectorBundle.open(self.config.vectors_dir, store, info.dim if info else self.encoder.dim,
-                                              memory_dim, self.config.index_type)
+                                              memory_dim, policy=self.config.ann_policy, repair=repair)
         return OpenIndex(store, self._vectors)
 
     @property
@@ -197,7 +198,9 @@ class Engine:
     def writer(self) -> BatchWriter:
         """Everything that writes this index goes through one of these (see indexing/writer.py): opens
         (creating) the index, repairs what an older version left inconsistent, and adopts the scorer."""
-        index = self.open(create=True)
+        if self._vectors is not None and not self._vectors.repair:
+            self._vectors = None  # a writer opens with repair (a damaged approximate index is rebuilt)
+        index = self.open(create=True, repair=True)
         meta = provenance.record_models(self.encoder.info, self.captioner.info if self.captioner else None,
                                         index.store)
         if meta:
@@ -299,8 +302,7 @@ class Engine:
             "encoder": info.to_dict() if info else None,
             "captioner": json.loads(captioner) if captioner else None,
             "scorer": json.loads(scorer) if scorer else None,
-            "vector_index": {"type": self.config.index_type,
-                             "generation": int(store.get_meta("vector_generation") or 0)},
+            "vector_index": self._vector_stats(store),
             "index_bytes": size,
             "last_run": None if last is None else {
                 "root": last.root, "started_at": last.started_at.isoformat(timespec="seconds"),
@@ -308,6 +310,14 @@ class Engine:
                 "summary": json.loads(last.summary) if last.summary else None,
             },
         }
+
+    def _vector_stats(self, store: Store) -> dict:
+        """The configured search structure and, per searchable kind, the one its manifest records."""
+        from indexer.storage.bundle import describe
+
+        generation = int(store.get_meta("vector_generation") or 0)
+        kinds = describe(self.config.vectors_dir, generation) if generation else {}
+        return {"type": self.config.index_type, "generation": generation, **kinds}
 
     def paths(self) -> dict[int, str]:
         """{id: path} of every indexed image."""

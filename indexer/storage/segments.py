@@ -3,8 +3,9 @@
 A checkpoint writes one new segment per kind that changed: the ids it deletes and the ids and rows it
 puts (the net change since the last checkpoint), so the bytes written are proportional to the change,
 not to the collection. A record is live when the newest segment that mentions its id puts it.
-Segments are never modified: rows are read in place through memory maps (only the rows asked for
-are read), and a merge (:func:`plan_merge`) rewrites a run of adjacent small segments as one, so a
+Segments are never modified: rows are read in place with positional reads (only the rows asked for
+are read, and nothing is mapped into the process, so reading a few rows of a 19 GB file of scorer
+memories for each query does not grow the resident memory), and a merge (:func:`plan_merge`) rewrites a run of adjacent small segments as one, so a
 collection of N rows lives in O(log N) segments and every row is rewritten O(log N) times in all.
 
 Files of one kind ``k``, segment number ``s`` (in a bundle's folder): ``k-s.ids.npy`` (int64 ids
@@ -18,6 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -65,12 +67,100 @@ def _save_array(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
+def _save_chunks(path: Path, shape: tuple[int, int], dtype: np.dtype, chunks: Iterator[np.ndarray]) -> None:
+    """Write an ``.npy`` of ``shape`` from row chunks (in order), without holding it all in memory."""
+    tmp = path.with_name(path.name + ".tmp")
+    written = 0
+    with open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+        for chunk in chunks:
+            fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+            written += len(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if written != shape[0]:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"wrote {written} rows to {path}, expected {shape[0]}")
+    tmp.replace(path)
+
+
 def _load_array(path: Path, mmap: bool) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise IndexCorruptError(f"cannot read vector segment {path}: {exc}; "
                                 f"run pixquery index FOLDER --rebuild to make the index again") from exc
+
+
+class _Rows:
+    """The rows of one segment file, read by position (``os.pread``) from the array's data offset."""
+
+    def __init__(self, path: Path | None, shape: tuple[int, int], dtype: np.dtype, offset: int = 0) -> None:
+        self.path, self.shape, self.dtype, self.offset = path, shape, np.dtype(dtype), offset
+        self.row_bytes = shape[1] * self.dtype.itemsize
+        self._fd: int | None = None
+
+    @classmethod
+    def open(cls, path: Path, expect_width: int, expect_dtype: np.dtype) -> "_Rows":
+        header = _load_array(path, mmap=True)  # reads the header only; nothing is paged in
+        rows = cls(path, header.shape if header.ndim == 2 else (len(header), -1), header.dtype,
+                   int(getattr(header, "offset", 0)))
+        del header
+        return rows
+
+    @classmethod
+    def empty(cls, width: int, dtype: np.dtype) -> "_Rows":
+        return cls(None, (0, width), dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise IndexCorruptError(f"cannot read vector segment {self.path}: {exc}; "
+                                        f"run pixquery index FOLDER --rebuild to make the index again") from exc
+        return self._fd
+
+    def _pread(self, start: int, count: int) -> bytes:
+        want = count * self.row_bytes
+        data = os.pread(self._fileno(), want, self.offset + start * self.row_bytes)
+        if len(data) != want:
+            raise IndexCorruptError(f"vector segment {self.path} is shorter than its header says "
+                                    f"(rows {start}..{start + count}); run pixquery index FOLDER --rebuild")
+        return data
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (one read)."""
+        if stop <= start:
+            return np.zeros((0, self.shape[1]), self.dtype)
+        return np.frombuffer(self._pread(start, stop - start), self.dtype).reshape(stop - start, self.shape[1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at sorted positions ``rows``: one read per run of adjacent rows (a read per row when
+        they are scattered, as a query's candidates are), or one read of the span when they are dense."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return np.zeros((0, self.shape[1]), self.dtype)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if len(rows) * 4 >= hi - lo:  # dense: read the span and pick
+            return self.block(lo, hi)[rows - lo]
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
+            out[a:b] = self.block(int(rows[a]), int(rows[a]) + (b - a))
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _level(n: int) -> int:
@@ -100,7 +190,7 @@ class SegmentLog:
     def __init__(self, folder: Path, kind: str, width: int, dtype: np.dtype | type = np.float32) -> None:
         self.folder, self.kind, self.width, self.dtype = folder, kind, int(width), np.dtype(dtype)
         self.segments: list[SegmentInfo] = []
-        self._maps: list[np.ndarray] = []  # rows of each segment, memory-mapped
+        self._maps: list[_Rows] = []  # rows of each segment, read by position
         # the live records in segments: sorted ids, and where each one's row is (segment index, row)
         self._keys = np.zeros(0, np.int64)
         self._seg = np.zeros(0, np.int32)
@@ -128,7 +218,7 @@ class SegmentLog:
                 row_parts.append(np.full(len(dels), -1, np.int64))  # deleted
             if info.puts:
                 ids = _load_array(ids_path, mmap=False).astype(np.int64)
-                rows = _load_array(rows_path, mmap=True)
+                rows = _Rows.open(rows_path, self.width, self.dtype)
                 if len(ids) != info.puts or rows.shape != (info.puts, self.width) or rows.dtype != self.dtype:
                     raise IndexCorruptError(
                         f"vector segment {rows_path} holds {rows.shape} {rows.dtype}, expected "
@@ -138,7 +228,7 @@ class SegmentLog:
                 row_parts.append(np.arange(len(ids), dtype=np.int64))
                 self._maps.append(rows)
             else:
-                self._maps.append(np.zeros((0, self.width), self.dtype))
+                self._maps.append(_Rows.empty(self.width, self.dtype))
         if not ids_parts:
             self._keys, self._seg, self._row = np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
             return
@@ -177,6 +267,16 @@ class SegmentLog:
             return self._pending[row_id] is not None
         return bool(self._locate(np.array([row_id], np.int64))[0] >= 0)
 
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) mask of the ``ids`` that have a live record (nothing is read)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        mask = self._locate(ids) >= 0
+        if self._pending:
+            for n, i in enumerate(ids.tolist()):
+                if i in self._pending:
+                    mask[n] = self._pending[i] is not None
+        return mask
+
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask (n,) of the ids that have a record, their rows (mask.sum(), width)), in the order given."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -198,8 +298,8 @@ class SegmentLog:
         for s in np.unique(segs).tolist():
             sel = segs == s
             rows = self._row[pos[sel]]
-            order = np.argsort(rows)  # ascending offsets read a memory map front to back
-            out[where[sel][order]] = self._maps[s][rows[order]]
+            order = np.argsort(rows)  # ascending offsets: runs of adjacent rows are read at once
+            out[where[sel][order]] = self._maps[s].take(rows[order])
         mask[where] = True
         return mask, out[mask]
 
@@ -207,6 +307,41 @@ class SegmentLog:
         """(sorted ids, their rows) of every live record, each segment read front to back once."""
         ids = self.ids()
         return ids, self.get(ids)[1]
+
+    def chunks(self, size: int = 65536, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, rows) of the live records stored in segments ``start:`` (pending changes left out), in
+        chunks of at most ``size`` rows read front to back: for passes over a large collection that
+        must not hold it in memory at once."""
+        for s in range(start, len(self.segments)):
+            pos = np.flatnonzero(self._seg == s)
+            if not len(pos):
+                continue
+            order = np.argsort(self._row[pos], kind="stable")
+            pos = pos[order]
+            for lo in range(0, len(pos), size):
+                part = pos[lo:lo + size]
+                yield self._keys[part], self._maps[s].take(self._row[part])
+
+    def live_in(self, start: int) -> np.ndarray:
+        """Sorted ids of the live records stored in segments ``start:`` (pending changes left out)."""
+        return self._keys[self._seg >= start]
+
+    def mentioned_in(self, start: int) -> np.ndarray:
+        """Sorted ids that segments ``start:`` put or delete (whatever they held before is out of date)."""
+        parts = [np.zeros(0, np.int64)]
+        for info in self.segments[start:]:
+            ids_path, _, del_path = segment_files(self.folder, self.kind, info.number)
+            if info.puts:
+                parts.append(_load_array(ids_path, mmap=False).astype(np.int64))
+            if info.deletes:
+                parts.append(_load_array(del_path, mmap=False).astype(np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids put, ids deleted) since the last checkpoint."""
+        put = np.array(sorted(i for i, r in self._pending.items() if r is not None), np.int64)
+        deleted = np.array(sorted(i for i, r in self._pending.items() if r is None), np.int64)
+        return put, deleted
 
     # --- changing -----------------------------------------------------------------------------
     def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -221,7 +356,7 @@ class SegmentLog:
         ids = np.asarray(ids, np.int64).reshape(-1)
         if not len(ids):
             return
-        stored = ids[self._locate(ids) >= 0].tolist()
+        stored = set(ids[self._locate(ids) >= 0].tolist())
         for i in ids.tolist():
             if i in stored:
                 self._pending[i] = None
@@ -265,7 +400,8 @@ class SegmentLog:
         self._seg = np.insert(seg, at, np.full(len(puts), s, np.int32))
         self._row = np.insert(row, at, np.arange(len(puts), dtype=np.int64))
         self.segments.append(info)
-        self._maps.append(_load_array(rows_path, mmap=True) if len(puts) else np.zeros((0, self.width), self.dtype))
+        self._maps.append(_Rows.open(rows_path, self.width, self.dtype) if len(puts)
+                          else _Rows.empty(self.width, self.dtype))
         self._pending.clear()
         return info
 
@@ -275,24 +411,35 @@ class SegmentLog:
         still hide older records; a merge from the first segment on drops them)."""
         if self._pending:
             raise RuntimeError("write the pending changes before merging segments")
-        live = (self._seg >= start) & (self._seg < stop)
-        ids = self._keys[live]  # sorted
-        _, rows = self.get(ids)
+        # the live rows, segment by segment front to back, streamed to the new file (a merge of memory
+        # segments at a million images moves gigabytes: never all in memory at once)
+        pos = np.flatnonzero((self._seg >= start) & (self._seg < stop))
+        pos = pos[np.lexsort((self._row[pos], self._seg[pos]))]
+        ids = self._keys[pos]
         deleted = [_load_array(segment_files(self.folder, self.kind, info.number)[2], mmap=False)
                    for info in self.segments[start:stop] if info.deletes]
         dels = (np.setdiff1d(np.concatenate(deleted).astype(np.int64), ids) if deleted and start > 0
                 else np.zeros(0, np.int64))
         ids_path, rows_path, del_path = segment_files(self.folder, self.kind, number)
         if len(ids):
-            _save_array(rows_path, rows)
+            step = max(1, (64 << 20) // max(1, self.width * self.dtype.itemsize))
+
+            def chunks() -> Iterator[np.ndarray]:
+                for lo in range(0, len(pos), step):
+                    part = pos[lo:lo + step]
+                    segs = self._seg[part]
+                    for s in np.unique(segs).tolist():  # in order: pos is sorted by segment
+                        yield self._maps[s].take(self._row[part[segs == s]])
+
+            _save_chunks(rows_path, (len(ids), self.width), self.dtype, chunks())
             _save_array(ids_path, ids)
         if len(dels):
             _save_array(del_path, dels)
         info = SegmentInfo(number, len(ids), len(dels))
-        self._row[live] = np.arange(len(ids), dtype=np.int64)
-        self._seg[live] = start
+        self._row[pos] = np.arange(len(ids), dtype=np.int64)
+        self._seg[pos] = start
         self._seg[self._seg >= stop] -= stop - start - 1
-        merged = _load_array(rows_path, mmap=True) if len(ids) else np.zeros((0, self.width), self.dtype)
+        merged = _Rows.open(rows_path, self.width, self.dtype) if len(ids) else _Rows.empty(self.width, self.dtype)
         self._maps[start:stop] = [merged]
         self.segments[start:stop] = [info]
         return info
