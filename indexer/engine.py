@@ -34,6 +34,7 @@ from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
 from indexer.search.searcher import Searcher, SearchHit
 from indexer.storage import legacy
+from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.filters import Filters
 from indexer.storage.repair import reconcile
@@ -45,7 +46,7 @@ from retrieval.query import FusionWeights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "OpenIndex", "SearchHit"]
+__all__ = ["Engine", "EngineConfig", "OpenIndex", "SearchHit", "SearchParams"]
 
 
 @dataclass
@@ -255,21 +256,24 @@ class Engine:
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
-               threshold: float | None = None) -> list[SearchHit]:
+               threshold: float | None = None, params: SearchParams | None = None) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first.
 
         ``mode``: one of ``retrieval.query.MODES`` (``fused`` combines every signal, see
         indexer/search/ranker.py); ``weights``: the fused mode's weights (default: tuned on Flickr8k dev);
-        ``filters``: only images that match; ``threshold``: leave out hits whose score is below it.
+        ``filters``: only images that match; ``threshold``: leave out hits whose score is below it;
+        ``params``: knobs of the approximate vector search of large indexes (``SearchParams(nprobe=...,
+        refine=..., exact=...)``; default: the index's own, tuned when it was built).
         """
-        return self.searcher().search(text, image, k, mode, weights, filters, threshold)
+        return self.searcher().search(text, image, k, mode, weights, filters, threshold, params)
 
-    def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image",
+                       params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rank the index for (Q, dim) query vectors by one vector signal -> (scores, ids), each (Q, <=k)."""
         if mode not in ("image", "caption"):
             raise InputError(f"search_vectors ranks by image or caption vectors, not {mode!r}")
         vectors = self.open().vectors
-        return (vectors.images if mode == "image" else vectors.captions).search(queries, k)
+        return (vectors.images if mode == "image" else vectors.captions).search(queries, k, params=params)
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from indexer.cli import scale
 from indexer.cli.args import EXIT_OK, captioning, common, config_from, weights, weights_from
 from retrieval.query import MODES
 from retrieval.shipped import DEFAULTS
@@ -105,6 +106,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--images", type=int, default=100_000, help="synthetic images when --db does not exist yet")
     b.add_argument("--passes", type=int, default=5, help="times each of the 20 benchmark queries runs per mode")
     b.add_argument("--modes", default=",".join(MODES))
+    scale.vector_source(b)
     common(b)
     b.set_defaults(handler=bench_latency)
     b = bsub.add_parser("checkpoints", help="time indexing checkpoints while a synthetic index grows to N images")
@@ -125,6 +127,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     common(b)
     captioning(b)
     b.set_defaults(handler=bench_ui)
+    scale.register_bench(bsub)
 
 
 def bench_index(args: argparse.Namespace) -> int:
@@ -161,7 +164,8 @@ def bench_latency(args: argparse.Namespace) -> int:
     _own_db(args, "latency")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     config = config_from(args)
-    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes)))
+    bases = scale.bases_from(args, config, "latency")
+    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes, bases)))
     return EXIT_OK
 
 

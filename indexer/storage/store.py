@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, inspect, select
+from sqlalchemy import create_engine, delete, event, func, insert, inspect, select
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -39,12 +39,15 @@ class WriteBatch:
     unskip: list[str] = field(default_factory=list)  # paths whose skip record goes (the file indexed, or vanished)
     deletes: list[int] = field(default_factory=list)  # image ids that leave the index
     meta: dict[str, str] = field(default_factory=dict)
+    # new image rows as {column: value}, inserted in bulk (no lookup per row): ids and paths must be unused
+    inserts: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
+        return (len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
+                + len(self.inserts))
 
     def clear(self) -> None:
-        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta):
+        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.inserts):
             part.clear()
 
 
@@ -128,6 +131,8 @@ class Store:
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes[start:start + CHUNK])))
             for start in range(0, len(batch.unskip), CHUNK):
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(batch.unskip[start:start + CHUNK])))
+            if batch.inserts:
+                s.execute(insert(ImageRow), batch.inserts)
             for row in batch.rows:
                 s.merge(row)
             for skip in batch.skips:
