@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from indexer.cli import scale
@@ -165,7 +166,8 @@ def bench_latency(args: argparse.Namespace) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     config = config_from(args)
     bases = scale.bases_from(args, config, "latency")
-    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes, bases)))
+    log = None if args.quiet else (lambda line: print(f"building: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes, bases, log)))
     return EXIT_OK
 
 

@@ -4,6 +4,7 @@ nothing is mapped into the process and only the bytes asked for are read."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +47,9 @@ def load_array(path: Path, mmap: bool) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise IndexCorruptError(f"cannot read vector segment {path}: {exc}; "
                                 f"run pixquery index FOLDER --rebuild to make the index again") from exc
+
+
+PREAD_MAX = 32  # scattered rows read with one system call each up to this many, through a short-lived map above
 
 
 class Rows:
@@ -96,17 +100,37 @@ class Rows:
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at sorted positions ``rows``: one read per run of adjacent rows (a read per row when
-        they are scattered, as a query's candidates are), or one read of the span when they are dense."""
+        they are scattered, as a query's candidates are), one read of the span when they are dense,
+        a short-lived map when there are many scattered ones."""
         rows = np.asarray(rows, np.int64)
         if not len(rows):
             return np.zeros((0, self.shape[1]), self.dtype)
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         if len(rows) * 4 >= hi - lo:  # dense: read the span and pick
             return self.block(lo, hi)[rows - lo]
+        if len(rows) > PREAD_MAX:
+            return self._mapped(rows)
         out = np.empty((len(rows), self.shape[1]), self.dtype)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for a, b in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(rows)]]).tolist()):
             out[a:b] = self.block(int(rows[a]), int(rows[a]) + (b - a))
+        return out
+
+    def _mapped(self, rows: np.ndarray) -> np.ndarray:
+        """Many scattered rows: the file mapped for this call only (a page fault per row instead of a
+        system call and a Python step), copied out and unmapped, so no page stays resident."""
+        fd = self._fileno()
+        size = self.offset + self.shape[0] * self.row_bytes
+        if os.fstat(fd).st_size < size:
+            raise IndexCorruptError(f"vector segment {self.path} is shorter than its header says; "
+                                    f"run pixquery index FOLDER --rebuild")
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        try:
+            view = np.frombuffer(mm, self.dtype, count=self.shape[0] * self.shape[1], offset=self.offset)
+            out = view.reshape(self.shape)[rows]
+            del view
+        finally:
+            mm.close()
         return out
 
     def close(self) -> None:
