@@ -73,7 +73,7 @@ def test_plan_is_exact_when_small_and_approximate_above_the_threshold():
     tight = choose_plan(1_000_000, 1024, AnnPolicy(memory_mb=100))
     assert tight.m < plan.m and tight.resident_bytes(1_000_000, 1024) <= 100 << 20
     # a collection that would not fit the budget exactly goes approximate below flat_max
-    assert choose_plan(40_000, 1024, AnnPolicy(memory_mb=64)) is not None
+    assert choose_plan(15_000, 1024, AnnPolicy(memory_mb=32)) is not None
     assert choose_plan(2_000_000, 1024, AnnPolicy(index_type="flat")) is None
     assert choose_plan(5_000, 64, AnnPolicy(index_type="ivf")) is not None
     assert choose_plan(100, 64, AnnPolicy(index_type="ivf")) is None  # too few to train
@@ -259,3 +259,27 @@ def test_explicit_flat_ignores_and_then_drops_the_structure(tmp_path):
     flat.remove(np.array([1]))
     flat.commit(store, WriteBatch())
     assert "ann" not in manifest(tmp_path, flat)["kinds"]["images"]
+
+
+def test_an_index_from_before_approximate_search_is_migrated_by_the_next_writer(tmp_path):
+    vecs = clustered(3000, 16)
+    store, old = open_bundle(tmp_path, policy=AnnPolicy(index_type="flat"))  # what the previous version wrote
+    fill(old, store, vecs)
+    assert "ann" not in manifest(tmp_path, old)["kinds"]["images"]
+    store.close()
+    store, reader = open_bundle(tmp_path)
+    q = clustered(4, 17)
+    truth, _ = oracle(q, np.arange(1, 3001), vecs, 10)
+    np.testing.assert_array_equal(reader.images.search(q, 10)[1], truth)  # exact until a writer commits
+    reader.commit(store, WriteBatch())  # any indexing run: nothing changed, the structure is built
+    assert reader.images.kind == "ivf-pq" and "ann" in manifest(tmp_path, reader)["kinds"]["images"]
+
+
+def test_a_missing_file_is_named(tmp_path):
+    store, bundle = open_bundle(tmp_path)
+    fill(bundle, store, clustered(3000, 18))
+    path = bundle.images.base.path
+    store.close()
+    path.unlink()
+    with pytest.raises(AnnFileError, match=f"{path.name} is missing"):
+        open_bundle(tmp_path)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("auto", "flat", "ivf")  # auto: exact up to flat_max vectors, IVF above; flat: always exact
 ANN_VERSION = 1  # of the file and its manifest entry; another version is rebuilt, never trusted
-FLAT_MAX = 50_000  # auto: collections up to this size are searched exactly (see docs/BENCHMARKS.md)
+FLAT_MAX = 20_000  # auto: collections up to this size are searched exactly (measured: docs/BENCHMARKS.md)
 MIN_ANN = 256  # fewer vectors than this are always searched exactly (too few to train on)
 NLIST_PER_SQRT = 2.0  # cells ~ this x sqrt(n), a power of two (FAISS suggests 4-16 x; 2 keeps training cheap on 2 cores)
 POINTS_PER_CELL = 40  # training sample per cell (FAISS warns below 39)
