@@ -142,3 +142,33 @@ def test_bench_ann_without_data_says_what_to_give(capsys, monkeypatch):
     monkeypatch.delenv("PIXQUERY_FLICKR8K", raising=False)
     assert main(["bench", "ann", "--n", "100"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_path_filters_answered_from_the_path_index_match_an_oracle(tmp_path):
+    """Folder and glob filters add a range on the path (so the index answers them at a million rows):
+    the ids must be exactly those a prefix test and fnmatch give, whatever characters the paths hold."""
+    import fnmatch
+    from datetime import datetime
+
+    from indexer.storage.filters import literal_prefix
+    from indexer.storage.store import Store, WriteBatch
+
+    paths = ["/p/a/x.jpg", "/p/a/y.png", "/p/a0/x.jpg", "/p/a/%_/z.jpg", "/p/a/é.jpg", "/p/a/\U0001f600.jpg",
+             "/p/b/x.jpg", "/p/a", "/p/a/sub/deep.jpg", "/p/A/x.jpg", "/p/a/[x].jpg"]
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    now = datetime(2024, 1, 1)
+    store.write(WriteBatch(inserts=[dict(id=i + 1, path=p, content_hash=f"{i:064x}", byte_size=1, mtime=0.0,
+                                         width=1, height=1, file_type="jpg", indexed_at=now, encoder="e")
+                                    for i, p in enumerate(paths)]))
+    for f, want in ((Filters(folder="/p/a"), lambda p: p.startswith("/p/a/")),
+                    (Filters(glob="/p/a/*.jpg"), lambda p: fnmatch.fnmatchcase(p, "/p/a/*.jpg")),
+                    (Filters(glob="/p/a/é*"), lambda p: fnmatch.fnmatchcase(p, "/p/a/é*")),
+                    (Filters(glob="/p/a/[[]x].jpg"), lambda p: fnmatch.fnmatchcase(p, "/p/a/[[]x].jpg")),
+                    (Filters(folder="/p/a", glob="*/sub/*"), lambda p: p.startswith("/p/a/") and "/sub/" in p)):
+        got = store.filter_ids(f).tolist()
+        assert got == [i + 1 for i, p in enumerate(paths) if want(p)], f
+    assert literal_prefix(Filters(folder="/p/a", glob="/p/a/sub/*.jpg")) == "/p/a/sub/"
+    plan = store.engine.connect().exec_driver_sql(
+        "EXPLAIN QUERY PLAN SELECT id FROM images WHERE path >= ? AND path < ?", ("/p/a/", "/p/a0")).fetchall()
+    assert "INDEX" in str(plan).upper()
+    store.close()

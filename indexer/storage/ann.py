@@ -20,9 +20,9 @@ results (an ``IDSelector``), so nothing stale ever comes back. When the rows out
 with the same trained quantizers, written again: cost in proportion to the change plus one file
 copy); when the collection outgrows its cells (a plan with twice the cells), it is trained again.
 
-At build time recall@10 against exact search is measured on a sample of queries and the smallest
-``nprobe`` (cells visited per query) that reaches ``AnnPolicy.target_recall`` on it becomes the
-default; both are recorded in the manifest (``pixquery stats`` shows them).
+At build time recall@10 against exact search is measured on a sample of queries, and the cheapest
+``nprobe`` (cells visited per query) and short-list length that reach ``AnnPolicy.target_recall`` on
+it become the defaults; they and the recall are recorded in the manifest (``pixquery stats``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ MIN_ANN = 256  # fewer vectors than this are always searched exactly (too few to
 NLIST_PER_SQRT = 2.0  # cells ~ this x sqrt(n), a power of two (FAISS suggests 4-16 x; 2 keeps training cheap on 2 cores)
 POINTS_PER_CELL = 40  # training sample per cell (FAISS warns below 39)
 MAX_TRAIN = 120_000
-NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192)
+NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
 REFINE = 10  # short list: refine x k candidates for the first ten results (see shortlist), re-ranked exactly
 SHORTLIST_MIN = 64
 
@@ -301,17 +301,26 @@ def recall_at(found: list[np.ndarray], truth: list[np.ndarray] | np.ndarray, k: 
     return float(np.mean(hits)) if hits else 1.0
 
 
-def tune_nprobe(search: Callable[[np.ndarray, int, int], list[np.ndarray]], queries: np.ndarray,
-                truth: np.ndarray, nlist: int, target: float, k: int = 10) -> tuple[int, float]:
-    """The smallest nprobe of the ladder whose recall@k on ``queries`` reaches ``target`` (else the
-    best found) -> (nprobe, its recall)."""
-    best = (nlist, 0.0)
-    for nprobe in [p for p in NPROBE_LADDER if p < nlist] + [nlist]:
-        recall = recall_at(search(queries, k, nprobe), truth, k)
-        if recall > best[1]:
-            best = (nprobe, recall)
-        if recall >= target:
-            return nprobe, recall
+def tune(search: Callable[[np.ndarray, int, int, int], list[np.ndarray]], queries: np.ndarray,
+         truth: list[np.ndarray] | np.ndarray, nlist: int, target: float, refine: int = REFINE, k: int = 10
+         ) -> tuple[int, int, float]:
+    """The cheapest (nprobe, refine) found whose recall@k on ``queries`` reaches ``target`` -> (nprobe,
+    refine, recall); else the best found. Cells visited grow along the ladder (up to a quarter of them)
+    with a short list of ``refine`` x k, stopping when recall no longer grows (the short list is what
+    limits it then); then the same with a short list twice, then four times as long."""
+    best = (nlist, refine, 0.0)
+    ladder = [p for p in NPROBE_LADDER if p <= max(1, nlist // 4)] or [1]
+    for r in (refine, 2 * refine, 4 * refine):
+        history: list[float] = []
+        for nprobe in ladder:
+            recall = recall_at(search(queries, k, nprobe, r), truth, k)
+            if recall > best[2]:
+                best = (nprobe, r, recall)
+            if recall >= target:
+                return nprobe, r, recall
+            history.append(recall)
+            if len(history) >= 4 and history[-1] - history[-4] < 0.002:
+                break  # plateau
     return best
 
 

@@ -14,7 +14,8 @@ import faiss
 import numpy as np
 
 from indexer.storage.ann import (AnnInfo, AnnPlan, AnnPolicy, Timer, add_chunks, build_info, exact_top, merge,
-                                 merged_info, rerank, shortlist, train, tune_nprobe, write)
+                                 merged_info, rerank, shortlist, train, write)
+from indexer.storage.ann import tune as tune_search
 from indexer.storage.segments import SegmentLog
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ def build(records: SegmentLog, plan: AnnPlan, policy: AnnPolicy, folder: Path, n
     else:
         query_ids = None
         queries = np.ascontiguousarray(queries[:policy.recall_queries], dtype=np.float32)
-    nprobe, recall = tune(index, records, queries, query_ids, plan.nlist, policy)
+    nprobe, refine, recall = tune(index, records, queries, query_ids, plan.nlist, policy)
     name = ann_file(records.kind, number)
     size = write(index, folder / name)
     info = build_info(name, [s.number for s in records.segments], index, plan, records.width, size,
-                      timer.seconds, nprobe, policy.refine, recall, len(queries), source or "given queries")
+                      timer.seconds, nprobe, refine, recall, len(queries), source or "given queries")
     log.info("%s: %s nprobe %d recall@10 %.3f, built in %.1f s", records.kind, plan.factory, nprobe, recall,
              timer.seconds)
     return info
@@ -84,21 +85,21 @@ def approximate_top(index: faiss.Index, records: SegmentLog, queries: np.ndarray
 
 
 def tune(index: faiss.Index, records: SegmentLog, queries: np.ndarray, query_ids: np.ndarray | None,
-         nlist: int, policy: AnnPolicy) -> tuple[int, float]:
-    """(default nprobe, its recall@10 against exact search on ``queries``); with ``query_ids`` each
-    query's own id is left out of both rankings (the queries are stored rows)."""
+         nlist: int, policy: AnnPolicy) -> tuple[int, int, float]:
+    """(default nprobe, default refine, their recall@10 against exact search on ``queries``); with
+    ``query_ids`` each query's own id is left out of both rankings (the queries are stored rows)."""
     extra = 1 if query_ids is not None else 0
     truth = exact_top(queries, records.chunks(), K + extra)
     if query_ids is not None:
         truth = [_without(t, i, K) for t, i in zip(truth, query_ids)]
 
-    def search(q: np.ndarray, k: int, nprobe: int) -> list[np.ndarray]:
-        found = approximate_top(index, records, q, k + extra, nprobe, policy.refine)
+    def search(q: np.ndarray, k: int, nprobe: int, refine: int) -> list[np.ndarray]:
+        found = approximate_top(index, records, q, k + extra, nprobe, refine)
         if query_ids is None:
             return found
         return [_without(f, i, k) for f, i in zip(found, query_ids)]
 
-    return tune_nprobe(search, queries, truth, nlist, policy.target_recall, K)
+    return tune_search(search, queries, truth, nlist, policy.target_recall, policy.refine, K)
 
 
 def _without(ids: np.ndarray, own: int, k: int) -> np.ndarray:

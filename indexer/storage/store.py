@@ -23,7 +23,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from indexer.errors import IndexCorruptError, InputError
-from indexer.storage.filters import Filters, filter_conditions
+from indexer.storage.filters import Filters, filter_conditions, literal_prefix, prefix_range
 from indexer.storage.keywords import KeywordIndex, keyword_index_for
 from indexer.storage.schema import MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow
 
@@ -212,6 +212,8 @@ class Store:
         if not filters.active:
             return None
         conds = filter_conditions(filters)
+        if self.engine.dialect.name == "sqlite":  # the path index answers a known prefix without a scan
+            conds += prefix_range(literal_prefix(filters))
         with self._session() as s:
             if filters.glob:
                 pattern = re.compile(fnmatch.translate(filters.glob), re.DOTALL)
