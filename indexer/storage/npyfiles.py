@@ -79,6 +79,8 @@ class Rows:
         if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # rows are read at random: no read-ahead around them
+                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
             except OSError as exc:
                 raise IndexCorruptError(f"cannot read vector segment {self.path}: {exc}; "
                                         f"run pixquery index FOLDER --rebuild to make the index again") from exc
@@ -125,6 +127,8 @@ class Rows:
             raise IndexCorruptError(f"vector segment {self.path} is shorter than its header says; "
                                     f"run pixquery index FOLDER --rebuild")
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_RANDOM)  # a page fault reads its page, not a read-ahead window around it
         try:
             view = np.frombuffer(mm, self.dtype, count=self.shape[0] * self.shape[1], offset=self.offset)
             out = view.reshape(self.shape)[rows]
