@@ -175,10 +175,10 @@ class Ranker:
             keyword = self._pool_bm25(parsed, texts) if parsed is not None else None
         if not len(cand):
             return cand, {}
-        image = np.einsum("ij,j->i", self.vectors.images.reconstruct(cand), q)  # (n,); no BLAS threads for one vector
+        image = self.vectors.images.reconstruct(cand) @ q  # (n,)
         has_cap, cap_vecs = self.vectors.captions.reconstruct_present(cand)
         caption = np.full(len(cand), np.nan)
-        caption[has_cap] = np.einsum("ij,j->i", cap_vecs, q)
+        caption[has_cap] = cap_vecs @ q
         signals = {"image": image, "caption": caption}
         if keyword is not None:
             signals["keyword"] = np.array([keyword.get(int(i), 0.0) for i in cand])
