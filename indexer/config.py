@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from captioning.captioner import DecodeOptions
 from indexer.indexing.reader import READERS
 from indexer.storage.store import sqlite_path
+from indexer.storage.ann import AnnPolicy
 from indexer.storage.vectors import INDEX_TYPES
 from retrieval.errors import InputError
 from retrieval.shipped import DEFAULTS
@@ -64,7 +65,10 @@ class EngineConfig:
     encoder: str | None = None  # None: the index's own encoder, or the default for a new index
     # any SQLAlchemy URL for the metadata (None: SQLite in index_dir); the vector files stay in index_dir
     db_url: str | None = field(default_factory=lambda: os.environ.get(ENV_DB_URL) or None)
-    index_type: str = "flat"  # the vector search structure (indexer/storage/vectors.py)
+    # the vector search structure: "auto" (exact for small collections, approximate IVF above
+    # ann.flat_max vectors), "flat" (always exact) or "ivf" (always approximate); indexer/storage/ann.py
+    index_type: str = "auto"
+    ann: AnnPolicy = field(default_factory=AnnPolicy)  # when and how (thresholds, memory budget, recall target)
     device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
     cache_dir: Path = field(default_factory=default_cache_dir)
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
@@ -95,6 +99,11 @@ class EngineConfig:
                              "at least 1")
         if self.readers not in READERS:
             raise InputError(f"unknown readers {self.readers!r}; choose one of: {', '.join(READERS)}")
+
+    @property
+    def ann_policy(self) -> AnnPolicy:
+        """``ann`` with this configuration's ``index_type``."""
+        return replace(self.ann, index_type=self.index_type)
 
     @property
     def url(self) -> str:

@@ -36,6 +36,7 @@ from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
 from indexer.search.searcher import Searcher, SearchHit, check_id
 from indexer.storage import legacy
+from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.filters import Filters
 from indexer.storage.lock import WriteLock
@@ -50,7 +51,7 @@ from retrieval.query import FusionWeights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "OpenIndex", "SearchHit"]
+__all__ = ["Engine", "EngineConfig", "OpenIndex", "SearchHit", "SearchParams"]
 
 
 @dataclass
@@ -138,10 +139,11 @@ class Engine:
             self._store = Store(self.config.url)
         return self._store
 
-    def open(self, create: bool = False) -> OpenIndex:
+    def open(self, create: bool = False, repair: bool = False) -> OpenIndex:
         """The index as last committed (``create``: a new, empty one if there is none), after checking
         that the configured encoder may use it. Vectors load once and reload when another process
-        commits a newer generation."""
+        commits a newer generation. ``repair``: an approximate search file that is missing or damaged is
+        left out (rebuilt at the next commit) instead of raising ``AnnFileError`` (what writers do)."""
         store = self._store_for(create)
         provenance.check_encoder(store, self.config.encoder, lambda: self.encoder.info, self._encoder_injected)
         if self._vectors is None or self._vectors.stale(store):
@@ -149,7 +151,7 @@ class Engine:
             scorer = self.scorer
             memory_dim = int(np.prod(scorer.memory_shape)) if scorer is not None else None
             self._vectors = VectorBundle.open(self.config.vectors_dir, store, info.dim if info else self.encoder.dim,
-                                              memory_dim, self.config.index_type)
+                                              memory_dim, policy=self.config.ann_policy, repair=repair)
         return OpenIndex(store, self._vectors)
 
     @property
@@ -258,7 +260,9 @@ class Engine:
         Takes the index's write lock (held until :meth:`close`, or the end of :meth:`writing`)."""
         self.config.index_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        index = self.open(create=True)
+        if self._vectors is not None and not self._vectors.repair:
+            self._vectors = None  # a writer opens with repair (a damaged approximate index is rebuilt)
+        index = self.open(create=True, repair=True)
         index.vectors.owner = True
         meta = provenance.record_models(self.encoder.info, self.captioner.info if self.captioner else None,
                                         index.store)
@@ -313,9 +317,8 @@ class Engine:
 
     # --- consistency -------------------------------------------------------------------------
     def doctor(self, repair: bool = False) -> tuple[Findings, list[str], list[str]]:
-        """Check this index (see indexer/storage/doctor.py) under its write lock; ``repair``: fix what can be
-        fixed and check again. Returns (the findings after any repair, what was fixed, what could not be).
-        Needs no model, except to embed captions that lost their vector."""
+        """Check this index under its write lock (indexer/storage/doctor.py); ``repair``: fix what can be fixed
+        and check again. Returns (findings after any repair, fixed, not fixed). Needs a model only for captions."""
         store = self._store_for(create=False)
         with self.writing():
             findings, vectors = diagnose(store, self.config.vectors_dir)
@@ -333,11 +336,10 @@ class Engine:
 
     def _caption_embedder(self) -> Callable[[list[str]], np.ndarray] | None:
         try:
-            encoder = self.encoder
+            return self.encoder.encode_texts
         except PixqueryError as exc:
             log.warning("cannot embed captions (%s)", exc)
             return None
-        return encoder.encode_texts
 
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:
@@ -354,7 +356,7 @@ class Engine:
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
                threshold: float | None = None, positive_ids: Sequence[int] = (),
-               negative_ids: Sequence[int] = ()) -> list[SearchHit]:
+               negative_ids: Sequence[int] = (), params: SearchParams | None = None) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first.
 
         ``mode``: one of ``retrieval.query.MODES`` (``fused`` combines every signal, see
@@ -362,9 +364,12 @@ class Engine:
         ``filters``: only images that match (``Filters(where=("price<50",))`` for catalogue fields);
         ``threshold``: leave out hits whose score is below it; ``positive_ids`` / ``negative_ids``:
         relevance feedback, images marked good / bad (the query moves towards the good and away from the
-        bad, and near copies of the bad are left out; good images alone, without text, also work).
+        bad, and near copies of the bad are left out; good images alone, without text, also work);
+        ``params``: knobs of the approximate vector search of large indexes (``SearchParams(nprobe=...,
+        refine=..., exact=...)``; default: the index's own, tuned when it was built).
         """
-        return self.searcher().search(text, image, k, mode, weights, filters, threshold, positive_ids, negative_ids)
+        return self.searcher().search(text, image, k, mode, weights, filters, threshold, positive_ids, negative_ids,
+                                      params)
 
     def explain(self, hits: list[SearchHit], text: str | None, mode: str = "fused", filters: Filters | None = None,
                 positive_ids: Sequence[int] = (), negative_ids: Sequence[int] = ()) -> list:
@@ -375,12 +380,13 @@ class Engine:
         catalogue = self._store_for(create=False).catalogue_texts([h.id for h in hits])
         return explain(hits, text, mode, filters, catalogue, positive_ids, negative_ids)
 
-    def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image",
+                       params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rank the index for (Q, dim) query vectors by one vector signal -> (scores, ids), each (Q, <=k)."""
         if mode not in ("image", "caption"):
             raise InputError(f"search_vectors ranks by image or caption vectors, not {mode!r}")
         vectors = self.open().vectors
-        return (vectors.images if mode == "image" else vectors.captions).search(queries, k)
+        return (vectors.images if mode == "image" else vectors.captions).search(queries, k, params=params)
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""

@@ -33,5 +33,10 @@ class DatabaseUnavailableError(PixqueryError):
     exit_code = 1
 
 
-__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
+class AnnFileError(IndexCorruptError):
+    """An approximate search structure's file is missing or damaged (its vectors are safe in the
+    segments: a writer rebuilds it)."""
+
+
+__all__ = ["AnnFileError", "InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
            "IndexBusyError", "DatabaseUnavailableError"]

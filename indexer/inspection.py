@@ -30,7 +30,7 @@ def stats(store: Store, config: EngineConfig) -> dict:
         "encoder": info.to_dict() if info else None,
         "captioner": json.loads(captioner) if captioner else None,
         "scorer": json.loads(scorer) if scorer else None,
-        "vector_index": {"type": config.index_type, "generation": int(store.get_meta("vector_generation") or 0)},
+        "vector_index": vector_stats(store, config),
         "index_bytes": size,
         "last_run": None if last is None else {
             "root": last.root, "started_at": last.started_at.isoformat(timespec="seconds"),
@@ -38,6 +38,15 @@ def stats(store: Store, config: EngineConfig) -> dict:
             "summary": json.loads(last.summary) if last.summary else None,
         },
     }
+
+
+def vector_stats(store: Store, config: EngineConfig) -> dict:
+    """The configured search structure and, per searchable kind, the one its manifest records."""
+    from indexer.storage.bundle import describe
+
+    generation = int(store.get_meta("vector_generation") or 0)
+    kinds = describe(config.vectors_dir, generation) if generation else {}
+    return {"type": config.index_type, "generation": generation, **kinds}
 
 
 class Catalogue:

@@ -303,12 +303,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"captions: {stats['captioned']} images" + (f", by {cap['name']} (weights {cap['weights_sha256'][:12]})" if cap else ""))
     scorer = stats.get("scorer")
     print(f"likelihood scorer: {scorer['name']}" if scorer else "likelihood scorer: none (fused ranking without it)")
+    for line in vector_lines(stats.get("vector_index") or {}):
+        print(line)
     if stats["last_run"]:
         lr = stats["last_run"]
         print(f"last run {lr['started_at']} on {lr['root']}")
     for item in stats.get("skipped_files", []):
         print(f"  skipped {item['path']}: {item['reason']}")
     return EXIT_OK
+
+
+def vector_lines(vi: dict) -> list[str]:
+    """``pixquery stats``'s lines about the vector search structures (see Engine.stats)."""
+    out = []
+    for kind in ("images", "captions"):
+        d = vi.get(kind)
+        if not d:
+            continue
+        if d["kind"] == "flat":
+            out.append(f"{kind[:-1]} vectors: exact search (flat), {d['stored_rows']} stored rows")
+            continue
+        recall = d.get("recall_at_10")
+        out.append(f"{kind[:-1]} vectors: approximate, {d['factory']} over {d['approximate_vectors']} vectors "
+                   f"({d['file_mb']} MB), nprobe {d['nprobe']}, short list {d['refine']} x k re-ranked exactly; "
+                   + (f"recall@10 {recall} against exact on {d['recall_queries']} queries when trained at "
+                      f"{d['trained_at_n']} vectors" if recall is not None else "recall not measured"))
+    return out
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
+from indexer.cli.scale import bases_from, register_bench as register_ann_bench, vector_source
 from indexer.cli.teams_lab import register_bench, register_eval
 from indexer.cli.args import EXIT_OK, captioning, common, config_from, weights, weights_from
 from retrieval.query import MODES
@@ -121,6 +123,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--images", type=int, default=100_000, help="synthetic images when --db does not exist yet")
     b.add_argument("--passes", type=int, default=5, help="times each of the 20 benchmark queries runs per mode")
     b.add_argument("--modes", default=",".join(MODES))
+    vector_source(b)
     common(b)
     b.set_defaults(handler=bench_latency)
     b = bsub.add_parser("checkpoints", help="time indexing checkpoints while a synthetic index grows to N images")
@@ -142,6 +145,7 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     captioning(b)
     b.set_defaults(handler=bench_ui)
     register_bench(bsub)
+    register_ann_bench(bsub)
 
 
 def bench_index(args: argparse.Namespace) -> int:
@@ -184,7 +188,9 @@ def bench_latency(args: argparse.Namespace) -> int:
     _own_db(args, "latency")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     config = config_from(args)
-    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes)))
+    bases = bases_from(args, config, "latency")
+    log = None if args.quiet else (lambda line: print(f"building: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes, bases, log)))
     return EXIT_OK
 
 

@@ -39,6 +39,12 @@ class BatchWriter:
         self._next_id = max(self._next_id, int(row.id) + 1)
         self._since += 1
 
+    def insert(self, rows: list[dict]) -> None:
+        """New image rows in bulk, as {column: value} (ids and paths unused; a synthetic benchmark index)."""
+        self.batch.inserts.extend(rows)
+        self._next_id = max(self._next_id, max((int(r["id"]) for r in rows), default=0) + 1)
+        self._since += len(rows)
+
     def skip(self, skip: SkippedRow) -> None:
         self.batch.skips.append(skip)
 

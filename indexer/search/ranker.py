@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
@@ -89,9 +90,10 @@ class Ranker:
         self.matcher = matcher if self.scorer is not None else None
 
     # --- single signals ------------------------------------------------------------------------
-    def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+    def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None,
+                    params: SearchParams | None = None) -> dict[int, float]:
         index = self.vectors.images if which == "image" else self.vectors.captions
-        scores, ids = index.search(q[None], n, ids=allowed)
+        scores, ids = index.search(q[None], n, ids=allowed, params=params)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
 
     def _keyword_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
@@ -180,10 +182,11 @@ class Ranker:
     # --- modes --------------------------------------------------------------------------------
     def rank(self, mode: str, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
              allowed: np.ndarray | None = None, pool: int = 100, depth: int = 10,
-             feedback: Feedback | None = None) -> Ranked:
-        """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query)."""
+             feedback: Feedback | None = None, params: SearchParams | None = None) -> Ranked:
+        """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query).
+        ``params``: the vector searches' knobs (nprobe, refine, exact) for large, approximate indexes."""
         if mode == "fused":
-            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth, feedback)
+            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth, feedback, params)
         want = k
         while True:  # fetch more until exclusions leave k, or the index runs out
             n = want + 8 * len(parsed.negative) if parsed else want
@@ -191,7 +194,7 @@ class Ranker:
             if mode == "keyword":
                 found = self._keyword_top(parsed, n, allowed)
             else:
-                found = self._vector_top(mode, q, n, allowed)
+                found = self._vector_top(mode, q, n, allowed, params)
             ids = list(found)
             drop: set[int] = set()
             if parsed is not None and parsed.negative and ids:
@@ -211,15 +214,17 @@ class Ranker:
 
     def pool(self, q: np.ndarray, parsed: ParsedQuery | None, weights: FusionWeights,
              allowed: np.ndarray | None, pool: int,
-             feedback: Feedback | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+             feedback: Feedback | None = None, params: SearchParams | None = None
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Fused mode's candidates (the union of each signal's best ``pool``, exclusions and feedback's
         rejects dropped) and their image, caption, keyword (and meta) signals -> (ids (n,), {signal: (n,)})."""
         w = weights
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
-        found_i = self._vector_top("image", q, pool, allowed) if w.image or w.likelihood else {}
-        found_c = self._vector_top("caption", q, pool, allowed) if w.caption and w.caption >= w.image / 2 else {}
+        found_i = self._vector_top("image", q, pool, allowed, params) if w.image or w.likelihood else {}
+        found_c = (self._vector_top("caption", q, pool, allowed, params)
+                   if w.caption and w.caption >= w.image / 2 else {})
         found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
         found_m = self._meta_top(parsed, pool, allowed) if w.meta and parsed is not None else {}
@@ -254,8 +259,9 @@ class Ranker:
         return cand, signals
 
     def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
-               allowed: np.ndarray | None, pool: int, depth: int, feedback: Feedback | None = None) -> Ranked:
-        cand, signals = self.pool(q, parsed, weights, allowed, pool, feedback)
+               allowed: np.ndarray | None, pool: int, depth: int, feedback: Feedback | None = None,
+               params: SearchParams | None = None) -> Ranked:
+        cand, signals = self.pool(q, parsed, weights, allowed, pool, feedback, params)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
         fused = first_stage(signals, weights)

@@ -17,6 +17,7 @@ import numpy as np
 from indexer.errors import InputError
 from indexer.search.duplicates import DuplicateGroup, find_duplicates
 from indexer.search.ranker import Feedback, Ranker
+from indexer.storage.ann import SearchParams
 from indexer.storage.filters import Filters
 from indexer.storage.schema import ImageRow
 from retrieval.encoder import JointEncoder
@@ -129,7 +130,7 @@ class Searcher:
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
                threshold: float | None = None, positive_ids: Sequence[int] = (),
-               negative_ids: Sequence[int] = ()) -> list[SearchHit]:
+               negative_ids: Sequence[int] = (), params: SearchParams | None = None) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first (see ``Engine.search``)."""
         check_k(k)
         if mode not in MODES:
@@ -144,7 +145,7 @@ class Searcher:
         if allowed is not None and not len(allowed):
             return []
         ranked = self.ranker.rank(mode, q, parsed, int(k), weights or FusionWeights(), allowed,
-                                  pool=self.pool, depth=self.depth, feedback=feedback)
+                                  pool=self.pool, depth=self.depth, feedback=feedback, params=params)
         rows = self.store.images_by_ids(ranked.ids.tolist())
         hits = []
         for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):

@@ -81,16 +81,40 @@ def _timestamp(local: datetime) -> float:
         return -math.inf if local.year < 1970 else math.inf
 
 
+def folder_prefix(filters: Filters) -> str | None:
+    """The path prefix the folder filter asks for (absolute, ending with a separator), or None."""
+    if not filters.folder:
+        return None
+    try:
+        return os.path.join(str(Path(filters.folder).expanduser().resolve()), "")
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+        raise InputError(f"folder filter {filters.folder[:200]!r} is not a usable path: {exc}") from None
+
+
+def literal_prefix(filters: Filters) -> str:
+    """What every path that passes must start with: the folder, or the glob's text before its first
+    wildcard, whichever is longer ("" when nothing is known)."""
+    glob = filters.glob or ""
+    cut = min([i for i in (glob.find("*"), glob.find("?"), glob.find("[")) if i >= 0], default=len(glob))
+    return max(folder_prefix(filters) or "", glob[:cut], key=len)
+
+
+def prefix_range(prefix: str) -> list[ColumnElement[bool]]:
+    """``path`` in [prefix, the next prefix): conditions the unique index on ``path`` answers without a
+    scan, for databases that compare text by code point (SQLite's default BINARY collation; a server's
+    locale collation may not, so the store adds these only for SQLite, beside the exact conditions)."""
+    if not prefix or ord(prefix[-1]) >= 0x10FFFF:
+        return []
+    return [ImageRow.path >= prefix, ImageRow.path < prefix[:-1] + chr(ord(prefix[-1]) + 1)]
+
+
 def filter_conditions(filters: Filters) -> list[ColumnElement[bool]]:
     """SQL conditions for every filter but the glob and the catalogue conditions (which need the field
     registry: ``Store.filter_ids`` adds them); all values are bound parameters."""
     conds: list[ColumnElement[bool]] = []
-    if filters.folder:
+    prefix = folder_prefix(filters)
+    if prefix:
         # a plain prefix comparison: no LIKE, so '%', '_' and case in paths mean exactly themselves
-        try:
-            prefix = os.path.join(str(Path(filters.folder).expanduser().resolve()), "")
-        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
-            raise InputError(f"folder filter {filters.folder[:200]!r} is not a usable path: {exc}") from None
         conds.append(func.substr(ImageRow.path, 1, len(prefix)) == prefix)
     if filters.after or filters.before:
         # date taken (EXIF, local time), else the file's modification time (local), whole days inclusive

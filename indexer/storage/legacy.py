@@ -27,7 +27,7 @@ def legacy_files(index_dir: Path) -> list[Path]:
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, rows) of an ``IndexIDMap2`` over a flat (float32) or 8-bit scalar-quantizer index, as stored."""
-    from indexer.storage.vectors import load_faiss
+    from indexer.storage.faiss_lazy import load_faiss
 
     faiss = load_faiss()  # only an old index needs FAISS to open
     try:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer.errors import DatabaseUnavailableError, IndexCorruptError, InputError
 from indexer.storage.catalogue import CatalogueKeywords, catalogue_keywords_for, condition_sql
 from indexer.storage.catalogue_rows import CatalogueRows
-from indexer.storage.filters import Filters, filter_conditions
+from indexer.storage.filters import Filters, filter_conditions, literal_prefix, prefix_range
 from indexer.storage.keywords import KeywordIndex, SqliteKeywords
 from indexer.storage.pg_keywords import PostgresKeywords, lock_writers
 from indexer.storage.schema import (
@@ -51,12 +51,15 @@ class WriteBatch:
     unskip: list[str] = field(default_factory=list)  # paths whose skip record goes (the file indexed, or vanished)
     deletes: list[int] = field(default_factory=list)  # image ids that leave the index
     meta: dict[str, str] = field(default_factory=dict)
+    # new image rows as {column: value}, inserted in bulk (no lookup per row): ids and paths must be unused
+    inserts: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
+        return (len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
+                + len(self.inserts))
 
     def clear(self) -> None:
-        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta):
+        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.inserts):
             part.clear()
 
 
@@ -211,6 +214,8 @@ class Store(CatalogueRows):
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes[start:start + CHUNK])))
             for start in range(0, len(batch.unskip), CHUNK):
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(batch.unskip[start:start + CHUNK])))
+            if batch.inserts:  # rows known to be new (bulk builders): no lookup at all
+                s.execute(insert(ImageRow), batch.inserts)
             self._write_rows(s, batch.rows)
             for skip in batch.skips:
                 s.merge(skip)
@@ -321,6 +326,8 @@ class Store(CatalogueRows):
         if filters.where:
             kinds = self.catalogue_kinds()
             conds += [condition_sql(c, kinds) for c in filters.where]
+        if self.engine.dialect.name == "sqlite":  # the path index answers a known prefix without a scan
+            conds += prefix_range(literal_prefix(filters))
         with self._session() as s:
             if filters.glob:
                 pattern = re.compile(fnmatch.translate(filters.glob), re.DOTALL)
