@@ -12,7 +12,8 @@ from conftest import TinyEncoder
 from indexer.cli import main
 from indexer.config import EngineConfig
 from indexer.engine import Engine
-from indexer.lab.bench_latency import build_synthetic_index, synthetic_captions
+from indexer.lab.bench_latency import build_synthetic_index
+from indexer.lab.real_vectors import synthetic_captions
 from indexer.lab.real_vectors import Bases
 from indexer.storage.ann import AnnPolicy, SearchParams
 from indexer.storage.filters import Filters

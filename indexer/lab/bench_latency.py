@@ -28,7 +28,7 @@ from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError
 from indexer.lab.bench import machine
-from indexer.lab.real_vectors import Bases, gaussian_bases, mixed_rows, synthetic_captions
+from indexer.lab.real_vectors import Bases, gaussian_bases, mixed_rows
 from indexer.storage.schema import ImageRow, utcnow
 from indexer.storage.vectors import memory_codec
 from retrieval.query import MODES
