@@ -184,6 +184,51 @@ def test_images_are_named_by_id_only_no_traversal(server, indexed):
     assert server.get(f"/api/images/{ids['white.png']}/file").status_code == 410
 
 
+def test_hostile_ids_reach_no_file_through_any_route(server, indexed, tmp_path):
+    """The app's list of hostile ids (tests/test_traversal.py), percent-encoded and raw, through every route
+    that takes an id, and as feedback ids: never a 2xx, never a byte of a file that is not an indexed image."""
+    from urllib.parse import quote
+
+    from test_traversal import HOSTILE
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwords.txt").write_text("hunter2")
+    url = str(server.base_url)
+    values = [str(v) for v in HOSTILE if not isinstance(v, bytes)] + [str(secret / "passwords.txt"), "/etc/passwd"]
+    tried = 0
+    for value in values:
+        for form in {quote(value, safe=""), quote(value, safe="/")}:
+            for route in ("/api/images/{}", "/api/images/{}/file", "/api/images/{}/thumbnail",
+                          "/api/images/{}/similar"):
+                status, body = raw_get_body(url, route.format(form))
+                tried += 1
+                assert status in (400, 404, 405, 422), (route, value, status)
+                assert b"hunter2" not in body and b"root:" not in body, (route, value)
+        for key in ("positive_ids", "negative_ids"):
+            r = server.post("/api/search", json={"query": "red", key: [value]})
+            tried += 1
+            assert r.status_code in (400, 422), (key, value, r.status_code)
+    assert tried >= 200  # every value went through every route
+    # a symbolic link that is indexed and then pointed elsewhere serves nothing
+    link = Path(indexed.image(ids_by_name(indexed)["red.png"]).path)
+    link.unlink()
+    os.symlink(secret / "passwords.txt", link)
+    r = server.get(f"/api/images/{ids_by_name(indexed)['red.png']}/file")
+    assert r.status_code in (404, 409, 410) and b"hunter2" not in r.content
+
+
+def raw_get_body(url: str, path: str) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def test_malformed_requests_are_json_errors(server):
     r = server.post("/api/search", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error"] == "ValidationError"

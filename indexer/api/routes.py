@@ -3,6 +3,8 @@ calls the Engine; FastAPI runs them on its thread pool, so searches run concurre
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
@@ -14,12 +16,25 @@ from indexer.media import ImageUnavailable, UploadTooLarge, check_upload, indexe
 from indexer.search.searcher import SearchHit
 from indexer.storage.filters import Filters
 from indexer.thumbnails import PREVIEW_SIZE, THUMB_SIZE, thumbnail
+from pydantic import BeforeValidator
+
 from retrieval.query import SIGNALS, FusionWeights
 
 router = APIRouter()
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
                "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff", "tiff": "image/tiff"}
-ImageId = Path(..., ge=0, le=2**62, description="the image's id in the index (see search results)")
+
+
+def _digits_only(value: object) -> object:
+    """Ids from a URL are ASCII decimal digits, nothing else (no sign, exponent or other scripts' digits),
+    as the app's ``parse_image_id`` takes them."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("an image id is ASCII decimal digits")
+    return value
+
+
+ImageId = Annotated[int, BeforeValidator(_digits_only),
+                    Path(ge=0, le=2**62, description="the image's id in the index (see search results)")]
 
 
 def _state(request: Request):  # noqa: ANN202 - indexer.api.app.ApiState
@@ -99,7 +114,7 @@ def search_image(request: Request, file: UploadFile = File(..., description="a J
 
 
 @router.get("/images/{image_id}/similar", response_model=SearchOut, summary="Images most like an indexed image")
-def similar(request: Request, image_id: int = ImageId, k: int = Query(10, ge=1, le=1000),
+def similar(request: Request, image_id: ImageId, k: int = Query(10, ge=1, le=1000),
             where: list[str] = Query([], description="catalogue conditions, e.g. category=shoes")) -> SearchOut:
     _check_k(request, k)
     engine = _engine(request)
@@ -125,7 +140,7 @@ def caption(request: Request, file: UploadFile = File(...)) -> CaptionOut:
 
 # --- images -----------------------------------------------------------------------------------------------
 @router.get("/images/{image_id}", response_model=ImageOut, summary="What the index holds about an image")
-def image_info(request: Request, image_id: int = ImageId) -> ImageOut:
+def image_info(request: Request, image_id: ImageId) -> ImageOut:
     engine = _engine(request)
     row = engine.image(image_id)
     if row is None:
@@ -149,7 +164,7 @@ def _indexed(engine: Engine, image_id: int) -> tuple:
 
 
 @router.get("/images/{image_id}/file", summary="The image file itself", response_class=Response)
-def image_file(request: Request, image_id: int = ImageId) -> Response:
+def image_file(request: Request, image_id: ImageId) -> Response:
     """The file's bytes, only while they are the content that was indexed (a file replaced, or a link
     pointed elsewhere, since indexing is 410 Gone, never someone else's bytes)."""
     row, path = _indexed(_engine(request), image_id)
@@ -159,7 +174,7 @@ def image_file(request: Request, image_id: int = ImageId) -> Response:
 
 
 @router.get("/images/{image_id}/thumbnail", summary="A small JPEG of the image", response_class=FileResponse)
-def image_thumbnail(request: Request, image_id: int = ImageId,
+def image_thumbnail(request: Request, image_id: ImageId,
                     size: int = Query(THUMB_SIZE, description=f"{THUMB_SIZE} (4:3 crop) or {PREVIEW_SIZE} (preview)")
                     ) -> FileResponse:
     if size not in (THUMB_SIZE, PREVIEW_SIZE):

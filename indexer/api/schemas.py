@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Mode = Literal["image", "caption", "keyword", "fused"]
 
@@ -37,8 +37,8 @@ class SearchIn(BaseModel):
                                                                 '"meta": 0.5}; unnamed ones keep their defaults')
     filters: FiltersIn | None = None
     threshold: float | None = Field(None, description="leave out results scoring below this")
-    positive_ids: list[int] = Field(default_factory=list, max_length=1000, description="images marked good")
-    negative_ids: list[int] = Field(default_factory=list, max_length=1000, description="images marked bad")
+    positive_ids: list[StrictInt] = Field(default_factory=list, max_length=1000, description="images marked good")
+    negative_ids: list[StrictInt] = Field(default_factory=list, max_length=1000, description="images marked bad")
     explain: bool = Field(False, description="add a readable reason to each result")
 
 
