@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from indexer.engine import Engine
+from indexer.jobs import JobRunning
 from ui.common import human_bytes, no_index_message, show_error, show_thumbnail
 from ui.resources import Loaded, jobs, read_only
 
@@ -49,7 +50,7 @@ def _start_job(folder: str, rebuild: bool) -> None:
     try:
         jobs().start(folder, rebuild=rebuild)
         st.session_state.index_message = None
-    except RuntimeError as exc:
+    except JobRunning as exc:
         st.session_state.index_message = str(exc)
 
 

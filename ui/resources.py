@@ -7,21 +7,16 @@ which ``pixquery ui`` sets from its flags); tests replace it with one that injec
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import streamlit as st
 
 from indexer.config import EngineConfig
 from indexer.engine import Engine
+from indexer.jobs import IndexJobs
 from retrieval.errors import PixqueryError
-
-log = logging.getLogger("pixquery.ui")
 
 ENV_READ_ONLY = "PIXQUERY_UI_READ_ONLY"  # "1": no indexing from the app (pixquery ui --read-only)
 
@@ -100,73 +95,8 @@ def loaded() -> Loaded:
 
 
 # --- background indexing -------------------------------------------------------------------------
-@dataclass
-class IndexJob:
-    folder: str
-    rebuild: bool = False
-    done: int = 0
-    total: int = 0
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    summary: dict | None = None
-    error: str | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.finished is None
-
-    def fraction(self) -> float:
-        return 0.0 if not self.total else min(1.0, self.done / self.total)
-
-
-class Jobs:
-    """The app's indexing jobs (one at a time, shared by every browser session)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.current: IndexJob | None = None
-        self.generation = 0  # bumped when a job finishes: sessions then load a fresh Engine
-        self.thread: threading.Thread | None = None
-
-    def start(self, folder: str, rebuild: bool = False, factory: Callable[[], Engine] | None = None) -> IndexJob:
-        with self.lock:
-            if self.current is not None and self.current.running:
-                raise RuntimeError("an indexing job is already running")
-            job = IndexJob(folder=folder, rebuild=rebuild)
-            self.current = job
-            build = factory or engine_factory
-            self.thread = threading.Thread(target=self._run, args=(job, build), name="pixquery-index", daemon=True)
-            self.thread.start()
-            return job
-
-    def _run(self, job: IndexJob, build: Callable[[], Engine]) -> None:
-        def progress(done: int, total: int) -> None:
-            job.done, job.total = done, total
-
-        try:
-            with build() as engine:  # its own Engine: own store connection, own vectors
-                summary = engine.index(job.folder, rebuild=job.rebuild, on_progress=progress)
-            job.summary = {k: v for k, v in summary.__dict__.items()}
-        except PixqueryError as exc:
-            job.error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported on the page, logged in full on the server
-            log.error("indexing %s failed:\n%s", job.folder, traceback.format_exc())
-            job.error = f"indexing failed unexpectedly ({type(exc).__name__}: {exc}); see the server log"
-        finally:
-            with self.lock:
-                job.finished = time.time()
-                self.generation += 1
-
-    def bump(self) -> None:
-        """The index changed: every session loads a fresh Engine on its next run."""
-        with self.lock:
-            self.generation += 1
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
-
-
 @st.cache_resource
-def jobs() -> Jobs:
-    return Jobs()
+def jobs() -> IndexJobs:
+    """The app's indexing runs (one at a time, shared by every browser session), each with an Engine from
+    ``engine_factory`` as it is when the run starts."""
+    return IndexJobs(lambda: engine_factory())

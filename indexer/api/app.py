@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from indexer.api.jobs import IndexJobs, JobRunning
+from indexer.jobs import IndexJobs, JobRunning
 from indexer.api.settings import ApiSettings
 from indexer.config import EngineConfig
 from indexer.engine import Engine
