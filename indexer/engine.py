@@ -29,7 +29,9 @@ from indexer.errors import IndexNotFoundError, InputError
 from indexer.indexing.models import ImageModels
 from indexer.indexing.pipeline import Indexer, IndexSummary
 from indexer.indexing.recaption import recaption
+from indexer.indexing.retag import retag
 from indexer.indexing.writer import BatchWriter
+from indexer.search.describe import ImageDescription
 from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
 from indexer.search.searcher import Searcher, SearchHit
@@ -42,6 +44,7 @@ from indexer.storage.store import Store
 from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
 from retrieval.native.matcher import Matcher
 from retrieval.query import FusionWeights
+from retrieval.tagging import Tag, Tagger
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,16 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None,
-                 captioner: Captioner | None = None, scorer: TextScorer | None = None) -> None:
+                 captioner: Captioner | None = None, scorer: TextScorer | None = None,
+                 tagger: Tagger | None = None) -> None:
         self.config = config or EngineConfig()
         self._encoder, self._captioner, self._scorer = encoder, captioner, scorer
         self._encoder_injected = encoder is not None
         self._matcher: Matcher | None = None
         self._matcher_checked = False
+        self._tagger: Tagger | None = tagger
+        self._tagger_checked = tagger is not None
+        self._confidence = None
         self._store: Store | None = None
         self._vectors: VectorBundle | None = None
 
@@ -189,9 +196,33 @@ class Engine:
             self._matcher = matcher if provenance.matcher_fits(matcher, self.scorer) else None
         return self._matcher
 
+    @property
+    def tagger(self) -> Tagger | None:
+        """The tagger (None: off, or the encoder is not the native one, whose tower it classifies)."""
+        if not self._tagger_checked:
+            self._tagger_checked = True
+            encoder = self.encoder
+            if self.config.tagger and isinstance(encoder, GridEncoder) and hasattr(encoder, "text_tower"):
+                # the native encoder: its tower's classifier gives the tags, its text tower embeds queries
+                from retrieval.native.tagger import create_tagger
+
+                self._tagger = create_tagger(self.config.tagger, text_tower=encoder.text_tower,  # may raise: exit 4
+                                             device=self._device())
+        return self._tagger
+
+    @property
+    def confidence_model(self):  # noqa: ANN201 - captioning.confidence.ConfidenceModel | None
+        """The model that rates captions (None: off, or no tagger to rate them with)."""
+        if self._confidence is None and self.config.confidence and self.tagger is not None:
+            from captioning.confidence import ConfidenceModel
+
+            self._confidence = ConfidenceModel(self.config.confidence.removeprefix("native:"))
+        return self._confidence
+
     def models(self) -> ImageModels:
-        """The model stage of indexing: encoder, captioner and scorer behind one call per batch."""
-        return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer)
+        """The model stage of indexing: encoder, captioner, scorer, tagger and confidence behind one call per batch."""
+        return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer, self.tagger,
+                           self.confidence_model)
 
     # --- writing -----------------------------------------------------------------------------
     def writer(self) -> BatchWriter:
@@ -200,6 +231,7 @@ class Engine:
         index = self.open(create=True)
         meta = provenance.record_models(self.encoder.info, self.captioner.info if self.captioner else None,
                                         index.store)
+        meta.update(provenance.record_tagging(self.tagger, self.confidence_model))
         if meta:
             index.store.set_meta(meta)
         reconcile(index.store, index.vectors)
@@ -238,17 +270,33 @@ class Engine:
         writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
         return counts.to_dict()
 
+    def retag(self, everything: bool = False) -> dict:
+        """Tag the indexed images that lack the configured tagger's tags (``everything``: all of them),
+        and rate the captions they have; captions and vectors untouched (what an index from before tags needs).
+
+        Returns counts: {"images", "tagged", "rated", "failed"}; unreadable files keep what they had.
+        """
+        self._store_for(create=False)
+        if self.tagger is None:
+            raise InputError("no tagger: tags need the native encoder and a tagger (--tagger, PIXQUERY_TAGGER)")
+        writer = self.writer()
+        return retag(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
+                     workers=self.config.workers, progress=self.config.progress, everything=everything).to_dict()
+
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:
         """The ranker over this index (the likelihood and match signals only when the stored memories
-        are the scorer's)."""
+        are the scorer's; the tags signal only when the index has tags)."""
         index = self.open()
+        tagger = self.tagger if index.store.get_meta("tagger") else None
         if not provenance.scorer_matches(index.store, self.scorer):
-            return Ranker(index.store, index.vectors)
-        return Ranker(index.store, index.vectors, self.scorer, self.matcher)
+            return Ranker(index.store, index.vectors, tagger=tagger)
+        return Ranker(index.store, index.vectors, self.scorer, self.matcher, tagger)
 
     def searcher(self) -> Searcher:
-        return Searcher(self.ranker(), self.encoder, pool=self.config.pool, depth=self.config.rerank_depth)
+        ranker = self.ranker()
+        return Searcher(ranker, self.encoder, pool=self.config.pool, depth=self.config.rerank_depth,
+                        confidence_threshold=provenance.confidence_threshold(ranker.store))
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
@@ -270,7 +318,7 @@ class Engine:
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
-        return Searcher(Ranker(*self._opened()), self.encoder).more_like_this(image, k, filters)
+        return self.searcher().more_like_this(image, k, filters)
 
     def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicateGroup]:
         """Groups of exact copies (same bytes) and near copies (image similarity >= ``threshold``).
@@ -290,6 +338,8 @@ class Engine:
         info = self.index_info
         size = sum(p.stat().st_size for p in self.config.index_dir.rglob("*") if p.is_file())
         captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
+        tagger, confidence = store.get_meta("tagger"), store.get_meta("confidence")
+        threshold = provenance.confidence_threshold(store)
         return {
             "index_dir": str(self.config.index_dir),
             "database": self.config.db_url or "sqlite",
@@ -299,6 +349,9 @@ class Engine:
             "encoder": info.to_dict() if info else None,
             "captioner": json.loads(captioner) if captioner else None,
             "scorer": json.loads(scorer) if scorer else None,
+            "tags": {"tagger": json.loads(tagger) if tagger else None, **store.tag_counts()},
+            "caption_confidence": {"model": json.loads(confidence) if confidence else None,
+                                   **store.confidence_counts(threshold)},
             "vector_index": {"type": self.config.index_type,
                              "generation": int(store.get_meta("vector_generation") or 0)},
             "index_bytes": size,
@@ -316,6 +369,33 @@ class Engine:
     def image_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Stored image embeddings of ``ids`` -> (n, dim)."""
         return self.open().vectors.images.reconstruct(np.asarray(ids, dtype=np.int64))
+
+    def describe(self, ids: Sequence[int] | None = None) -> list[ImageDescription]:
+        """Caption, caption confidence, tags and alt text of images ``ids`` (None: every indexed image), in
+        id order; what exports read (an uncertain caption is never alt text, see ImageDescription)."""
+        store = self._store_for(create=False)
+        rows = sorted((store.all_images() if ids is None else store.images_by_ids([int(i) for i in ids]).values()),
+                      key=lambda r: r.id)
+        tags = self.tags([r.id for r in rows])
+        threshold = provenance.confidence_threshold(store)
+        return [ImageDescription.of(r, tags.get(r.id), threshold) for r in rows]
+
+    def untagged(self) -> int:
+        """How many indexed images have no tags yet (an index from before tags: ``pixquery retag`` adds them)."""
+        return self._store_for(create=False).tag_counts()["untagged"]
+
+    def tags(self, ids: Sequence[int]) -> dict[int, list[Tag]]:
+        """{id: its tags, most likely first} of those ``ids`` that have any."""
+        store = self._store_for(create=False)
+        tagger = self.tagger
+        if tagger is None or not store.get_meta("tagger"):
+            return {}
+        out = {}
+        for i, cls in store.classes_by_ids(ids).items():
+            found = tagger.tags(cls)
+            if found:
+                out[i] = found
+        return out
 
     def image(self, id: int) -> ImageRow | None:
         """Everything the index holds about image ``id`` (None when no such id is indexed)."""

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from retrieval.errors import InputError
 
-MODES = ("image", "caption", "keyword", "fused")  # text->image ranking modes
+MODES = ("image", "caption", "keyword", "tags", "fused")  # text->image ranking modes
 # the signals of fused ranking, in order: the first stage ranks a candidate pool by a normalised weighted
 # sum of these ...
-FIRST_STAGE = ("image", "caption", "keyword")
+FIRST_STAGE = ("image", "caption", "keyword", "tags")
 # ... and the second stage re-scores its best few with these (read from the scorer's stored memories)
 SECOND_STAGE = ("likelihood", "match")
 SIGNALS = FIRST_STAGE + SECOND_STAGE  # every weight of FusionWeights, by name
@@ -26,8 +26,11 @@ class FusionWeights:
     image: query vs image embedding; caption: query vs the embedding of the generated caption;
     keyword: BM25 of the query words in the generated caption; likelihood: how likely the caption
     decoder finds the query as a caption of the image; match: how well the match head finds the query
-    fits the image (these two re-score the best candidates only).
-    Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune`` (docs/BENCHMARKS.md).
+    fits the image (these two re-score the best candidates only); tags: zero-shot score of the query
+    against the image's classifier classes (its weight is scaled by how much the query names a concept,
+    retrieval/tagging.py).
+    Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune``; tags on Flickr8k dev and the
+    tune half of the out-of-domain queries (docs/BENCHMARKS.md).
     """
 
     image: float = 1.0
@@ -35,6 +38,7 @@ class FusionWeights:
     keyword: float = 0.05
     likelihood: float = 0.3
     match: float = 0.1
+    tags: float = 0.8  # the last field: positional FusionWeights(image, caption, keyword, likelihood, match) still work
 
     def __post_init__(self) -> None:
         values = self.to_dict()

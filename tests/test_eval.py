@@ -30,8 +30,8 @@ def test_eval_report_matches_contract_and_hand_count(tmp_path):
     images, caps = captioned_set(tmp_path)
     cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False, captioner=None)
     report = evaluate_retrieval(images, caps, cfg, encoder=TinyEncoder())
-    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "matcher", "weights", "pool",
-                           "rerank_depth", "text_to_image", "image_to_text"}
+    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "matcher", "tagger", "weights",
+                           "pool", "rerank_depth", "text_to_image", "image_to_text"}
     assert (report["n_images"], report["n_queries"], report["encoder"]) == (4, 9, "test:tiny")
     assert set(report["text_to_image"]) == {"image", "caption", "keyword", "fused"}
     assert set(report["text_to_image"]["image"]) == {"R@1", "R@5", "R@10", "medr"}
@@ -66,7 +66,7 @@ def test_eval_reports_caption_and_keyword_modes_from_generated_captions(tmp_path
     assert t2i["fused"]["R@1"] >= t2i["image"]["R@1"] - 0.01
     tuning = report["tuning"]
     assert len(tuning["first_stage"]) > 1 and set(tuning["best_first_stage"]) == {"image", "caption", "keyword",
-                                                                                "likelihood", "match"}
+                                                                                "likelihood", "match", "tags"}
 
 
 def test_eval_cli_prints_exactly_one_json_object(tmp_path, capsys, monkeypatch):

@@ -38,11 +38,13 @@ PRESETS: dict[str, tuple[str, FusionWeights | None]] = {
     "Looks like": ("image", None),
     "Caption says": ("caption", None),
     "Exact words": ("keyword", None),
+    "Tags say": ("tags", None),
     "Custom": ("fused", None),
 }
 WEIGHT_LABELS = {"image": "Looks like (image)", "caption": "Caption meaning", "keyword": "Caption words",
                  "likelihood": "Captioner agrees (re-scores the best)",
-                 "match": "Match head agrees (re-scores the best)"}
+                 "match": "Match head agrees (re-scores the best)",
+                 "tags": "Tags agree (zero-shot: what the classifier sees)"}
 
 
 def _init_state() -> None:
@@ -222,6 +224,26 @@ def _prefetch_thumbnails(cache_dir: Path, rows: list) -> None:
         list(pool.map(make, missing))
 
 
+def tag_chips(tags) -> str:
+    """Tags as badges: ``:blue-badge[cheeseburger 62%]`` (markdown)."""
+    return " ".join(f":blue-badge[{t.name.replace(']', ')')} {t.probability:.0%}]" for t in tags)
+
+
+def caption_ui(rank: int, hit) -> None:
+    """Rank, score, caption and tag chips of a result. A caption rated uncertain comes after the tags,
+    greyed and marked, so the card never states it as if it were sure."""
+    uncertain = bool(hit.caption) and hit.caption_is_confident is False
+    head = f"**{rank}.** `{hit.score:.3f}`"
+    if uncertain:
+        st.markdown(f"{head} {tag_chips(hit.tags)}" if hit.tags else head)
+        st.markdown(f":gray[*uncertain caption:* {hit.caption}]",
+                    help=f"The caption model is not sure of this caption (confidence {hit.caption_confidence:.2f}).")
+    else:
+        st.markdown(f"{head} {hit.caption or ''}")
+        if hit.tags:
+            st.markdown(tag_chips(hit.tags))
+
+
 def grid_ui(engine: Engine, hits: list) -> None:
     cache_dir = engine.config.cache_dir
     rows = {h.id: engine.image(h.id) for h in hits}
@@ -235,7 +257,7 @@ def grid_ui(engine: Engine, hits: list) -> None:
                     st.caption(f"#{rank} {Path(hit.path).name} is no longer in the index")
                     continue
                 show_thumbnail(cache_dir, row.path, row.content_hash)
-                st.markdown(f"**{rank}.** `{hit.score:.3f}` {hit.caption or ''}")
+                caption_ui(rank, hit)
                 st.caption(Path(hit.path).name)
                 b1, b2 = st.columns([3, 2], gap="small")
                 b1.button("More like this", key=f"mlt-{hit.id}", on_click=_more_like_this, args=(hit.id,),
@@ -265,13 +287,21 @@ def details_ui(engine: Engine, image_id: int, hits: list) -> None:
                 f"- **Path:** `{row.path}`",
                 f"- **Size:** {row.width} x {row.height} px, {human_bytes(row.byte_size)}, {row.file_type.upper()}",
                 f"- **Date:** {taken}",
-                f"- **Caption:** {row.caption or '(none)'}",
+                f"- **Caption:** {row.caption or '(none)'}" + _confidence_note(hit),
+                f"- **Tags:** {tag_chips(hit.tags) if hit is not None and hit.tags else '(none)'}",
             ]))
             if hit is not None:
                 st.markdown(f"**Score** `{hit.score:.4f}`")
                 if hit.scores:
                     st.table({"signal": list(hit.scores), "score": [round(v, 4) for v in hit.scores.values()]})
             st.button("More like this", key=f"mlt-details-{image_id}", on_click=_more_like_this, args=(image_id,))
+
+
+def _confidence_note(hit) -> str:
+    if hit is None or hit.caption_confidence is None:
+        return ""
+    sure = "confident" if hit.caption_is_confident else "**uncertain**"
+    return f" ({sure}, confidence {hit.caption_confidence:.2f})"
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -281,6 +311,15 @@ def folders_and_types(_engine: Engine, generation: int) -> tuple[list[str], list
     folders = Counter(os.path.dirname(p) for p in paths)
     types = sorted({os.path.splitext(p)[1].lower().lstrip(".") for p in paths} - {""})
     return [f for f, _ in folders.most_common(200)], types
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _untagged(_engine: Engine, generation: int) -> int:
+    """Images without tags (an index from before tags), when tags are on."""
+    try:
+        return _engine.untagged() if _engine.tagger is not None else 0
+    except Exception:  # noqa: BLE001 - only a hint; the search itself reports real problems
+        return 0
 
 
 def page(state: Loaded) -> None:
@@ -297,6 +336,10 @@ def page(state: Loaded) -> None:
     if job is not None and job.running:
         st.caption(f":material/sync: Indexing {job.folder} in the background ({job.done}/{job.total}); "
                    f"new photos appear in results when it finishes.")
+    untagged = _untagged(engine, state.generation)
+    if untagged:
+        st.caption(f":material/label_off: {untagged} photos have no tags yet, so the tags do not help find them; "
+                   f"add them from a terminal with `pixquery retag`.")
     folders, types = folders_and_types(engine, state.generation)
     params = controls_ui(folders, types)
     search_ui(engine)

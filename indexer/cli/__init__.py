@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from indexer.cli import everyday, lab
+from indexer.cli import everyday, lab, tags
 from indexer.cli.args import EXIT_INTERRUPTED
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     everyday.register(sub)
     lab.register(sub)
+    tags.register(sub)
     return parser
 
 

@@ -123,6 +123,8 @@ def _print_summary(s, out=sys.stdout) -> None:
         print(f"  skipped files by reason: {why} (list them with: pixquery stats --skipped)", file=out)
     if s.captioned:
         print(f"  captioned {s.captioned} images", file=out)
+    if s.tagged:
+        print(f"  tagged {s.tagged} images (the others had no confident class)", file=out)
     if s.embedded:
         print(f"  embedded {s.embedded} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)", file=out)
 
@@ -139,13 +141,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tag_line(tags) -> str:
+    return ", ".join(f"{t.name} {t.probability:.2f}" for t in tags)
+
+
 def _print_hits(hits, out=sys.stdout) -> None:
+    """Rank, score and path of each hit; then its caption and tags. A caption rated uncertain comes after
+    the tags and is marked so (the tags are what the photo surely shows)."""
     if not hits:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h.score:.4f}  {h.path}", file=out)
-        if h.caption:
+        uncertain = h.caption and h.caption_is_confident is False
+        if h.caption and not uncertain:
             print(f"           {h.caption}", file=out)
+        if h.tags:
+            print(f"           tags: {_tag_line(h.tags)}", file=out)
+        if uncertain:
+            print(f"           (uncertain caption, confidence {h.caption_confidence:.2f}) {h.caption}", file=out)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -158,6 +171,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     with Engine(config_from(args)) as engine:
         hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode, weights=weights,
                              filters=filters, threshold=args.threshold)
+        untagged = engine.untagged() if engine.tagger is not None else 0
+    if untagged and not args.json:
+        print(f"pixquery: note: {untagged} images of this index have no tags yet, so ranking does not use them "
+              f"for those; add them with: pixquery retag", file=sys.stderr)
     if args.json:
         print(json.dumps({"query": args.query, "image": args.image, "mode": args.mode, "k": args.k,
                           "weights": weights.to_dict(), "results": [h.to_dict() for h in hits]}))
@@ -207,7 +224,8 @@ def cmd_recaption(args: argparse.Namespace) -> int:
 
     with Engine(config_from(args)) as engine:
         counts = engine.recaption()
-    print(f"captioned {counts['captioned']} of {counts['images']} images; {counts['failed']} could not be read")
+    print(f"captioned {counts['captioned']} of {counts['images']} images ({counts['tagged']} given tags); "
+          f"{counts['failed']} could not be read")
     return EXIT_OK
 
 
@@ -260,6 +278,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"captions: {stats['captioned']} images" + (f", by {cap['name']} (weights {cap['weights_sha256'][:12]})" if cap else ""))
     scorer = stats.get("scorer")
     print(f"likelihood scorer: {scorer['name']}" if scorer else "likelihood scorer: none (fused ranking without it)")
+    tags, conf = stats["tags"], stats["caption_confidence"]
+    if tags["tagger"]:
+        print(f"tags: {tags['tagged']} images tagged by {tags['tagger']['name']}"
+              + (f"; {tags['untagged']} not yet (add them with: pixquery retag)" if tags["untagged"] else ""))
+    else:
+        print("tags: none (an index from before tags; add them with: pixquery retag)")
+    if conf["model"]:
+        print(f"caption confidence: {conf['confident']} of {conf['rated']} rated captions confident "
+              f"(from {conf['model']['threshold']:.2f})" + (f"; {conf['unrated']} not rated (pixquery retag)"
+                                                         if conf["unrated"] else ""))
+    elif stats["captioned"]:
+        print("caption confidence: not rated (rate the captions with: pixquery retag)")
     if stats["last_run"]:
         lr = stats["last_run"]
         print(f"last run {lr['started_at']} on {lr['root']}")

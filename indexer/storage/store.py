@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, inspect, select
+from sqlalchemy import create_engine, delete, event, func, insert, inspect, select
 from sqlalchemy.engine import Engine as SqlEngine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -25,7 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer.errors import IndexCorruptError, InputError
 from indexer.storage.filters import Filters, filter_conditions
 from indexer.storage.keywords import KeywordIndex, keyword_index_for
-from indexer.storage.schema import MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow
+from indexer.storage.schema import (
+    MIGRATIONS, SCHEMA_VERSION, Base, ImageClassRow, ImageRow, Meta, RunRow, SkippedRow, utcnow,
+)
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
 
@@ -39,12 +41,15 @@ class WriteBatch:
     unskip: list[str] = field(default_factory=list)  # paths whose skip record goes (the file indexed, or vanished)
     deletes: list[int] = field(default_factory=list)  # image ids that leave the index
     meta: dict[str, str] = field(default_factory=dict)
+    # image id -> its classes [(class index, probability)], replacing what it had (retrieval/tagging.py)
+    classes: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
+        return (len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
+                + len(self.classes))
 
     def clear(self) -> None:
-        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta):
+        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.classes):
             part.clear()
 
 
@@ -57,6 +62,18 @@ def sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
+def _already_applied(conn, statement: str) -> bool:  # noqa: ANN001 - a SQLAlchemy connection
+    """Whether ``statement`` adds a column the table already has (a migration interrupted after it, or a
+    database that an older pixquery downgraded by hand): adding it again would fail."""
+    m = _ADD_COLUMN.match(statement.strip())
+    if m is None:
+        return False
+    return m.group(2) in {c["name"] for c in inspect(conn).get_columns(m.group(1))}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
@@ -120,18 +137,30 @@ class Store:
             yield s
 
     def write(self, batch: WriteBatch) -> None:
-        """Everything in ``batch`` in one transaction: deletions, then skip records, then rows and meta."""
+        """Everything in ``batch`` in one transaction: deletions, then skip records, then rows, their
+        classes and meta."""
         if not len(batch):
             return
         with self._session() as s:
             for start in range(0, len(batch.deletes), CHUNK):
-                s.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes[start:start + CHUNK])))
+                chunk = batch.deletes[start:start + CHUNK]
+                s.execute(delete(ImageClassRow).where(ImageClassRow.image_id.in_(chunk)))  # not only by cascade
+                s.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             for start in range(0, len(batch.unskip), CHUNK):
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(batch.unskip[start:start + CHUNK])))
             for row in batch.rows:
                 s.merge(row)
             for skip in batch.skips:
                 s.merge(skip)
+            if batch.classes:
+                s.flush()  # the rows first: classes refer to them
+                ids = list(batch.classes)
+                for start in range(0, len(ids), CHUNK):
+                    s.execute(delete(ImageClassRow).where(ImageClassRow.image_id.in_(ids[start:start + CHUNK])))
+                values = [{"image_id": int(i), "class_index": int(c), "probability": float(p)}
+                          for i, cls in batch.classes.items() for c, p in cls]
+                if values:
+                    s.execute(insert(ImageClassRow), values)
             for key, value in batch.meta.items():
                 s.merge(Meta(key=key, value=value))
 
@@ -148,7 +177,8 @@ class Store:
         for target in range(int(version) + 1, SCHEMA_VERSION + 1):
             with self.engine.begin() as conn:
                 for statement in MIGRATIONS[target]:
-                    conn.exec_driver_sql(statement)
+                    if not _already_applied(conn, statement):
+                        conn.exec_driver_sql(statement)
             self.set_meta({"schema_version": str(target)})
 
     def captions_by_ids(self, ids: Iterable[int]) -> dict[int, str]:
@@ -161,6 +191,57 @@ class Store:
                     ImageRow.caption.is_not(None), ImageRow.id.in_(ids[start:start + CHUNK])))
                 out.update({int(i): c for i, c in rows})
         return out
+
+    def classes_by_ids(self, ids: Iterable[int]) -> dict[int, list[tuple[int, float]]]:
+        """{id: [(class index, probability)], most likely first} of those ``ids`` that have classes."""
+        ids = [int(i) for i in ids]
+        out: dict[int, list[tuple[int, float]]] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(ids), CHUNK):
+                rows = conn.execute(select(ImageClassRow.image_id, ImageClassRow.class_index, ImageClassRow.probability)
+                                    .where(ImageClassRow.image_id.in_(ids[start:start + CHUNK])))
+                for i, c, p in rows:
+                    out.setdefault(int(i), []).append((int(c), float(p)))
+        for cls in out.values():
+            cls.sort(key=lambda cp: -cp[1])
+        return out
+
+    def ids_with_classes(self, classes: Iterable[int], min_probability: float, limit: int,
+                         allowed: set[int] | None = None) -> list[int]:
+        """Ids of images holding any of ``classes`` at ``min_probability`` or more, the most probable first,
+        at most ``limit`` (``allowed``: only these ids): candidates for tag and zero-shot search."""
+        classes = sorted({int(c) for c in classes})
+        if not classes or limit < 1:
+            return []
+        query = (select(ImageClassRow.image_id, func.max(ImageClassRow.probability).label("p"))
+                 .where(ImageClassRow.class_index.in_(classes), ImageClassRow.probability >= min_probability)
+                 .group_by(ImageClassRow.image_id).order_by(func.max(ImageClassRow.probability).desc()))
+        out: list[int] = []
+        with self.engine.connect() as conn:
+            for i, _ in conn.execute(query if allowed is not None else query.limit(limit)):
+                if allowed is None or int(i) in allowed:
+                    out.append(int(i))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def tag_counts(self) -> dict[str, int]:
+        """{"tagged": images whose classes were computed, "untagged": images never tagged (an older index)}."""
+        with self._session() as s:
+            tagged = s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.tagger.is_not(None))) or 0
+            total = s.scalar(select(func.count()).select_from(ImageRow)) or 0
+        return {"tagged": tagged, "untagged": total - tagged}
+
+    def confidence_counts(self, threshold: float | None) -> dict[str, int]:
+        """{"rated": captions with a confidence, "confident": of them at or above ``threshold``,
+        "unrated": captions without one (an older index)}."""
+        with self._session() as s:
+            captioned = s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.caption.is_not(None))) or 0
+            rated = s.scalar(select(func.count()).select_from(ImageRow).where(
+                ImageRow.caption.is_not(None), ImageRow.caption_confidence.is_not(None))) or 0
+            sure = 0 if threshold is None else s.scalar(select(func.count()).select_from(ImageRow).where(
+                ImageRow.caption.is_not(None), ImageRow.caption_confidence >= threshold)) or 0
+        return {"rated": rated, "confident": sure, "unrated": captioned - rated}
 
     def get_meta(self, key: str) -> str | None:
         with self._session() as s:
