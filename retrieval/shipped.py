@@ -52,6 +52,10 @@ SHIPPED = (
             "449c429df8679466ecf829202553e3c4a1b3d293a943fbafb1bd7dd483a9b906",
             "tags from the image tower's ImageNet-1k classifier, calibrated on Flickr8k train; class-name "
             "embeddings for the zero-shot signal"),
+    Shipped("caption-confidence-v1", "confidence", "captioning",
+            "c0f03b08e52b6adbf68385324c4f0c09d516bc12f03563a26fa51977051e496f",
+            "how sure a caption of effl0-sat-v4 is: logistic regression fitted on Flickr8k train, calibrated on "
+            "half of dev"),
 )
 
 # role -> the model a new index uses for it (None in the configuration switches a role off)

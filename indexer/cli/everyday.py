@@ -145,9 +145,10 @@ def _tag_line(tags) -> str:
     return ", ".join(f"{t.name} {t.probability:.2f}" for t in tags)
 
 
-def _print_hits(hits, out=sys.stdout) -> None:
+def _print_hits(hits, out=None) -> None:
     """Rank, score and path of each hit; then its caption and tags. A caption rated uncertain comes after
     the tags and is marked so (the tags are what the photo surely shows)."""
+    out = out or sys.stdout
     if not hits:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):

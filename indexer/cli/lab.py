@@ -288,7 +288,7 @@ def _train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--group-precision", type=float, default=0.95, help="target precision of group tags on train")
     common(t)
     t.set_defaults(handler=train_tagger)
-    t = tsub.add_parser("confidence", help="fit the caption confidence on Flickr8k train (checked on dev)",
+    t = tsub.add_parser("confidence", help="fit the caption confidence on Flickr8k train, calibrate it on half of dev",
                         description="Caption Flickr8k train and dev with the captioner, measure each caption against "
                                     "its image (joint-encoder agreement, the captioner's likelihood, agreement with "
                                     "the tags), and fit a logistic regression on train that predicts whether the "
@@ -297,8 +297,6 @@ def _train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", default="runs/confidence/confidence.pt", help="where to write the model")
     t.add_argument("--captioner", default=DEFAULTS["captioner"], help="the captioner whose captions are rated")
     t.add_argument("--good-cider", type=float, default=0.5, help="CIDEr-D from which a caption counts as good")
-    t.add_argument("--target", type=float, default=0.6,
-                   help="share of good captions among those marked confident on train (sets the threshold)")
     common(t)
     t.set_defaults(handler=train_confidence)
 
@@ -364,10 +362,10 @@ def train_confidence(args: argparse.Namespace) -> int:
 
     features, device = _training_setup(args)
     meta = run(TrainConfidenceConfig(data=Path(args.data), out=Path(args.out), cache_dir=features, device=device,
-                                     captioner=args.captioner, good_cider=args.good_cider, target=args.target,
+                                     captioner=args.captioner, good_cider=args.good_cider,
                                      progress=not args.quiet))
     print(f"wrote {args.out} (threshold {meta['threshold']}); log: {Path(args.out).with_suffix('.json')}")
-    print(json.dumps({k: v["model"] for k, v in meta["report"].items()}))
+    print(json.dumps({k: v["full"] for k, v in meta["report"].items()}))
     return EXIT_OK
 
 

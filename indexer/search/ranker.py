@@ -34,7 +34,7 @@ whenever k images match.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -174,8 +174,11 @@ class Ranker:
         return self.tags.query(parsed.positive_text)
 
     def effective(self, weights: FusionWeights, tq: TagQuery | None) -> FusionWeights:
-        """The weights a query ranks with: the tags weight scaled by its gate (0 without tags)."""
-        return replace(weights, tags=weights.tags * tq.gate if tq is not None else 0.0)
+        """The weights a query ranks with: the tags weight scaled by its gate (0 without tags). Not checked
+        again: without tags, weights that only had a tags weight have none left (no candidates)."""
+        out = copy.copy(weights)
+        object.__setattr__(out, "tags", weights.tags * tq.gate if tq is not None else 0.0)
+        return out
 
     def pool(self, q: np.ndarray, parsed: ParsedQuery | None, weights: FusionWeights,
              allowed: np.ndarray | None, pool: int,

@@ -106,13 +106,15 @@ class Searcher:
         parsed = parse_query(text) if text is not None else None
         if parsed is None and mode in ("keyword", "tags"):
             raise InputError(f"{mode} mode needs words to look for")
-        if mode == "tags" and self.ranker.tags is None:
+        weights = weights or FusionWeights()
+        only_tags = mode == "fused" and not (weights.image or weights.caption or weights.keyword)
+        if (mode == "tags" or only_tags) and self.ranker.tags is None:
             raise InputError("this index has no tags to rank by; add them with: pixquery retag")
         q = self.query(parsed, image)
         allowed = self.store.filter_ids(filters) if filters is not None else None
         if allowed is not None and not len(allowed):
             return []
-        ranked = self.ranker.rank(mode, q, parsed, int(k), weights or FusionWeights(), allowed,
+        ranked = self.ranker.rank(mode, q, parsed, int(k), weights, allowed,
                                   pool=self.pool, depth=self.depth)
         found = []
         for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
