@@ -23,6 +23,7 @@ from captioning.decoding import beam_search
 from captioning.ensemble import DecoderEnsemble
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.tokenizer import DANGLING_WORDS, WordTokenizer, clean_words
+from retrieval.device import compute_dtype
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.images import to_tensor
 from retrieval.shipped import is_shipped, resolve_weights
@@ -124,11 +125,16 @@ def decode_captions(model: CaptionDecoder, tok: WordTokenizer, grid: torch.Tenso
 
 
 class NativeCaptioner(GridCaptioner, TextScorer):
-    """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v4``, the default)."""
+    """Attention decoder over EfficientNet-Lite0 grid features (``native:effl0-sat-v4``, the default).
+
+    Runs in :func:`~retrieval.device.compute_dtype` (float32 on a CPU, bfloat16 on a GPU); beam
+    scores, log-probabilities and stored memories are float32 whatever the decoder's dtype.
+    """
 
     def __init__(self, spec: str = DEFAULT_CAPTIONER, device: torch.device | None = None,
                  image_tower: ImageTower | None = None) -> None:
         self.device = device or torch.device("cpu")
+        self.dtype = compute_dtype(self.device)
         members = load_members(spec)
         first = members[0]
         self.tokenizer = first.tokenizer
@@ -148,14 +154,14 @@ class NativeCaptioner(GridCaptioner, TextScorer):
             name = "+".join(f"{m.name}@{w:g}" for m, w in zip(members, weights))
             sha = hashlib.sha256(" ".join(f"{m.sha256}@{w!r}" for m, w in zip(members, weights)).encode())
             self.info = CaptionerInfo(name=f"native:{name}", weights_sha256=sha.hexdigest())
-        self.model.to(self.device).eval()
+        self.model.to(self.device, self.dtype).eval()
         self._image_tower = image_tower
         self._scorer: tuple[CaptionDecoder, torch.dtype] | None = None  # see _scoring_model
 
     @property
     def image_tower(self) -> ImageTower:
         if self._image_tower is None:
-            self._image_tower = ImageTower().to(self.device).to(memory_format=torch.channels_last).eval()
+            self._image_tower = ImageTower().to(self.device, self.dtype).to(memory_format=torch.channels_last).eval()
         return self._image_tower
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -164,11 +170,11 @@ class NativeCaptioner(GridCaptioner, TextScorer):
     @torch.inference_mode()
     def caption_grid(self, grid: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
         """(B, 1280, 7, 7) grid features -> B captions."""
-        return decode_captions(self.model, self.tokenizer, grid.float().to(self.device), options)
+        return decode_captions(self.model, self.tokenizer, grid.to(self.device, self.dtype), options)
 
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, options: DecodeOptions = DecodeOptions()) -> list[str]:
-        x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+        x = pixels.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         return self.caption_grid(self.image_tower(x), options)
 
     # --- scoring a text against images: log P(text | image), for caption-conditioned ranking ---------
@@ -180,15 +186,22 @@ class NativeCaptioner(GridCaptioner, TextScorer):
     @torch.inference_mode()
     def memory(self, grid: torch.Tensor) -> np.ndarray:
         """(B, 1280, 7, 7) grid -> (B, S * D) float32 decoder memory, flattened for a vector store."""
-        mem = self.model.encode(grid.float().to(self.device))  # (B, S, D)
-        return mem.flatten(1).cpu().numpy().astype(np.float32)
+        return self.memory_tensor(grid).cpu().numpy()
+
+    @torch.inference_mode()
+    def memory_tensor(self, grid: torch.Tensor) -> torch.Tensor:
+        """:meth:`memory` left on the device as a float32 tensor (the indexer codes it there)."""
+        mem = self.model.encode(grid.to(self.device, self.dtype))  # (B, S, D)
+        return mem.flatten(1).float()
 
     def _scoring_model(self) -> tuple[CaptionDecoder, torch.dtype]:
         """The decoder that scores texts and its dtype: a bfloat16 copy, made once, where bfloat16 is
         fast (autocast would cast every weight again on every query: a third of the scoring time),
         else the model itself."""
         if self._scorer is None:
-            if _fast_bf16(self.device):
+            if self.dtype != torch.float32:  # already in half precision (a GPU)
+                self._scorer = (self.model, self.dtype)
+            elif _fast_bf16(self.device):
                 self._scorer = (copy.deepcopy(self.model).to(torch.bfloat16).eval(), torch.bfloat16)
             else:
                 self._scorer = (self.model, torch.float32)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from captioning.captioner import DecodeOptions
+from indexer.indexing.reader import READERS
 from indexer.storage.store import sqlite_path
+from indexer.storage.ann import AnnPolicy
 from indexer.storage.vectors import INDEX_TYPES
 from retrieval.errors import InputError
 from retrieval.shipped import DEFAULTS
@@ -28,6 +30,15 @@ ENV_SCORER = "PIXQUERY_SCORER"  # "none" switches the likelihood signal off
 ENV_MATCHER = "PIXQUERY_MATCHER"  # "none" switches the match signal off
 ENV_TAGGER = "PIXQUERY_TAGGER"  # "none": no tags for new images, and no tags signal
 ENV_CONFIDENCE = "PIXQUERY_CONFIDENCE"  # "none": captions are not rated
+ENV_CHECKPOINT_EVERY = "PIXQUERY_CHECKPOINT_EVERY"  # rows between indexing checkpoints
+
+
+def _int_from_env(var: str, default: int) -> int:
+    raw = os.environ.get(var, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise InputError(f"{var} must be a whole number, got {raw!r}") from None
 
 
 def default_index_dir() -> Path:
@@ -56,7 +67,10 @@ class EngineConfig:
     encoder: str | None = None  # None: the index's own encoder, or the default for a new index
     # any SQLAlchemy URL for the metadata (None: SQLite in index_dir); the vector files stay in index_dir
     db_url: str | None = field(default_factory=lambda: os.environ.get(ENV_DB_URL) or None)
-    index_type: str = "flat"  # the vector search structure (indexer/storage/vectors.py)
+    # the vector search structure: "auto" (exact for small collections, approximate IVF above
+    # ann.flat_max vectors), "flat" (always exact) or "ivf" (always approximate); indexer/storage/ann.py
+    index_type: str = "auto"
+    ann: AnnPolicy = field(default_factory=AnnPolicy)  # when and how (thresholds, memory budget, recall target)
     device: str = field(default_factory=lambda: os.environ.get(ENV_DEVICE, "auto"))
     cache_dir: Path = field(default_factory=default_cache_dir)
     offline: bool = False  # never fetch model weights (open_clip / Hugging Face)
@@ -70,8 +84,12 @@ class EngineConfig:
     pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
     rerank_depth: int = 10  # fused ranking: the best candidates the scorer and the match head re-rate
     decode: DecodeOptions = field(default_factory=DecodeOptions)
-    batch_size: int = 32
-    workers: int = 2  # decode threads
+    batch_size: int | None = None  # images per model batch (None: 256 on a GPU, 32 on a CPU; Engine.batch_size)
+    workers: int | None = None  # decoding threads or processes (None: 2 on a CPU, most cores beside a GPU)
+    readers: str = "auto"  # threads, processes (decoding worker processes) or auto: processes beside a GPU
+    # rows written between checkpoints of an indexing or recaption run: what a crash or kill can lose at most
+    checkpoint_every: int = field(default_factory=lambda: _int_from_env(ENV_CHECKPOINT_EVERY, 1024))
+    wait_for_lock: bool | float = False  # another process writing the index: False fail, True wait, N seconds
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,8 +99,17 @@ class EngineConfig:
             self.encoder = os.environ[ENV_ENCODER]
         if self.index_type not in INDEX_TYPES:
             raise InputError(f"unknown vector index type {self.index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise InputError("the batch size and the number of reader threads must be at least 1")
+        if (self.batch_size is not None and self.batch_size < 1) or (self.workers is not None and self.workers < 1) \
+                or self.checkpoint_every < 1:
+            raise InputError("the batch size, the number of reader threads and the checkpoint interval must be "
+                             "at least 1")
+        if self.readers not in READERS:
+            raise InputError(f"unknown readers {self.readers!r}; choose one of: {', '.join(READERS)}")
+
+    @property
+    def ann_policy(self) -> AnnPolicy:
+        """``ann`` with this configuration's ``index_type``."""
+        return replace(self.ann, index_type=self.index_type)
 
     @property
     def url(self) -> str:
@@ -102,3 +129,24 @@ class EngineConfig:
     @property
     def default_encoder(self) -> str:
         return DEFAULTS["encoder"]
+
+    def batch_size_for(self, device) -> int:  # noqa: ANN001 - torch.device
+        """Images per model batch: the configured size, else 256 on a GPU and 32 on a CPU."""
+        if self.batch_size is not None:
+            return self.batch_size
+        from retrieval.device import default_batch_size
+
+        return default_batch_size(device)
+
+    def workers_for(self, device) -> int:  # noqa: ANN001 - torch.device
+        """Decoding threads or processes: the configured number, else 2 on a CPU (the model needs the
+        cores) and all cores but two beside a GPU (at most 16)."""
+        if self.workers is not None:
+            return self.workers
+        return max(2, min(16, (os.cpu_count() or 2) - 2)) if device.type == "cuda" else 2
+
+    def processes_for(self, device) -> bool:  # noqa: ANN001 - torch.device
+        """Whether indexing decodes on worker processes (``readers``; auto: beside a GPU) rather than threads."""
+        if self.readers != "auto":
+            return self.readers == "processes"
+        return device.type == "cuda"

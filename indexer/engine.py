@@ -13,42 +13,44 @@ or rank itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from captioning.captioner import Captioner, TextScorer
-from indexer import provenance
+from indexer import inspection, provenance
 from indexer.config import EngineConfig
-from indexer.errors import IndexNotFoundError, InputError
+from indexer.errors import IndexNotFoundError, InputError, PixqueryError
 from indexer.indexing.models import ImageModels
 from indexer.indexing.pipeline import Indexer, IndexSummary
-from indexer.indexing.recaption import recaption
-from indexer.indexing.retag import retag
 from indexer.indexing.writer import BatchWriter
-from indexer.search.describe import ImageDescription
 from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
-from indexer.search.searcher import Searcher, SearchHit
+from indexer.search.searcher import Searcher, SearchHit, check_id
 from indexer.storage import legacy
+from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.filters import Filters
+from indexer.storage.lock import WriteLock
+from indexer.storage.doctor import Findings, diagnose
 from indexer.storage.repair import reconcile
+from indexer.storage.repair import repair as repair_index
 from indexer.storage.schema import ImageRow
-from indexer.storage.store import Store
+from indexer.storage.store import Store, safe_url
+from indexer.tags import EngineTags, Tagger
 from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
 from retrieval.native.matcher import Matcher
 from retrieval.query import FusionWeights
-from retrieval.tagging import Tag, Tagger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "OpenIndex", "SearchHit"]
+__all__ = ["Engine", "EngineConfig", "OpenIndex", "SearchHit", "SearchParams"]
 
 
 @dataclass
@@ -59,10 +61,11 @@ class OpenIndex:
     vectors: VectorBundle
 
 
-class Engine:
+class Engine(EngineTags):
     """One index (a folder of vector files and a metadata database, see EngineConfig) and the models to use it.
 
     Models are built on first use from the config, unless injected (tests, the app, evaluations).
+    Recaption, retag, tags and caption confidence: indexer/tags.py.
     """
 
     def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None,
@@ -73,11 +76,10 @@ class Engine:
         self._encoder_injected = encoder is not None
         self._matcher: Matcher | None = None
         self._matcher_checked = False
-        self._tagger: Tagger | None = tagger
-        self._tagger_checked = tagger is not None
-        self._confidence = None
+        self._init_tags(tagger)
         self._store: Store | None = None
         self._vectors: VectorBundle | None = None
+        self._lock: WriteLock | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -87,10 +89,42 @@ class Engine:
         self.close()
 
     def close(self) -> None:
+        self._close_index()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _close_index(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
         self._vectors = None
+
+    # --- the write lock (indexer/storage/lock.py) ----------------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the index's write lock for the block (released after it unless it was held before).
+        Another process writing the index: :class:`~indexer.errors.IndexBusyError`, or a wait
+        (``EngineConfig.wait_for_lock``)."""
+        held = self._lock is not None and self._lock.held
+        self._take_lock()
+        try:
+            yield
+        finally:
+            if not held:
+                self._release_lock()
+
+    def _take_lock(self) -> None:
+        if self._lock is None:
+            self._lock = WriteLock(self.config.index_dir)
+        self._lock.acquire(wait=self.config.wait_for_lock)
+        if self._vectors is not None:
+            self._vectors.owner = True
+
+    def _release_lock(self) -> None:
+        if self._vectors is not None:
+            self._vectors.owner = False
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def exists(self) -> bool:
@@ -100,16 +134,22 @@ class Engine:
         if self._store is None:
             if not create and not self.exists:
                 raise IndexNotFoundError(
-                    f"no index at {self.config.db_url or self.config.index_dir}; build one with: pixquery index "
+                    f"no index at {safe_url(self.config.db_url) if self.config.db_url else self.config.index_dir}; "
+                    f"build one with: pixquery index "
                     f"FOLDER (or point --db / PIXQUERY_DB at an existing index)")
             self.config.index_dir.mkdir(parents=True, exist_ok=True)
             self._store = Store(self.config.url)
         return self._store
 
-    def open(self, create: bool = False) -> OpenIndex:
+    def store(self) -> Store:
+        """The index's metadata store (IndexNotFoundError when there is no index)."""
+        return self._store_for(create=False)
+
+    def open(self, create: bool = False, repair: bool = False) -> OpenIndex:
         """The index as last committed (``create``: a new, empty one if there is none), after checking
         that the configured encoder may use it. Vectors load once and reload when another process
-        commits a newer generation."""
+        commits a newer generation. ``repair``: an approximate search file that is missing or damaged is
+        left out (rebuilt at the next commit) instead of raising ``AnnFileError`` (what writers do)."""
         store = self._store_for(create)
         provenance.check_encoder(store, self.config.encoder, lambda: self.encoder.info, self._encoder_injected)
         if self._vectors is None or self._vectors.stale(store):
@@ -117,7 +157,7 @@ class Engine:
             scorer = self.scorer
             memory_dim = int(np.prod(scorer.memory_shape)) if scorer is not None else None
             self._vectors = VectorBundle.open(self.config.vectors_dir, store, info.dim if info else self.encoder.dim,
-                                              memory_dim, self.config.index_type)
+                                              memory_dim, policy=self.config.ann_policy, repair=repair)
         return OpenIndex(store, self._vectors)
 
     @property
@@ -127,11 +167,15 @@ class Engine:
 
     def drop(self) -> None:
         """Delete this index (its database's tables or file, and its vector files; never any image)."""
+        with self.writing():
+            self._drop()
+
+    def _drop(self) -> None:
         if self.exists:
             store = self._store_for(create=False)
             if self.config.db_file is None:
                 store.drop_all()
-        self.close()
+        self._close_index()
         db = self.config.db_file
         if db is not None:
             for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
@@ -197,38 +241,36 @@ class Engine:
         return self._matcher
 
     @property
-    def tagger(self) -> Tagger | None:
-        """The tagger (None: off, or the encoder is not the native one, whose tower it classifies)."""
-        if not self._tagger_checked:
-            self._tagger_checked = True
-            encoder = self.encoder
-            if self.config.tagger and isinstance(encoder, GridEncoder) and hasattr(encoder, "text_tower"):
-                # the native encoder: its tower's classifier gives the tags, its text tower embeds queries
-                from retrieval.native.tagger import create_tagger
-
-                self._tagger = create_tagger(self.config.tagger, text_tower=encoder.text_tower,  # may raise: exit 4
-                                             device=self._device())
-        return self._tagger
+    def batch_size(self) -> int:
+        """Images per model batch (EngineConfig.batch_size_for: 256 on a GPU, 32 on a CPU unless set)."""
+        return self.config.batch_size_for(self._device())
 
     @property
-    def confidence_model(self):  # noqa: ANN201 - captioning.confidence.ConfidenceModel | None
-        """The model that rates captions (None: off, or no tagger to rate them with)."""
-        if self._confidence is None and self.config.confidence and self.tagger is not None:
-            from captioning.confidence import ConfidenceModel
+    def workers(self) -> int:
+        """Decoding threads or processes (EngineConfig.workers_for)."""
+        return self.config.workers_for(self._device())
 
-            self._confidence = ConfidenceModel(self.config.confidence.removeprefix("native:"))
-        return self._confidence
+    @property
+    def read_processes(self) -> bool:
+        """Whether indexing decodes on worker processes rather than threads (EngineConfig.processes_for)."""
+        return self.config.processes_for(self._device())
 
     def models(self) -> ImageModels:
-        """The model stage of indexing: encoder, captioner, scorer, tagger and confidence behind one call per batch."""
+        """The model stage of indexing: encoder, captioner, scorer, tagger and confidence, one call per batch."""
         return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer, self.tagger,
                            self.confidence_model)
 
     # --- writing -----------------------------------------------------------------------------
     def writer(self) -> BatchWriter:
         """Everything that writes this index goes through one of these (see indexing/writer.py): opens
-        (creating) the index, repairs what an older version left inconsistent, and adopts the scorer."""
-        index = self.open(create=True)
+        (creating) the index, repairs what an older version left inconsistent, and adopts the scorer.
+        Takes the index's write lock (held until :meth:`close`, or the end of :meth:`writing`)."""
+        self.config.index_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        if self._vectors is not None and not self._vectors.repair:
+            self._vectors = None  # a writer opens with repair (a damaged approximate index is rebuilt)
+        index = self.open(create=True, repair=True)
+        index.vectors.owner = True
         meta = provenance.record_models(self.encoder.info, self.captioner.info if self.captioner else None,
                                         index.store)
         meta.update(provenance.record_tagging(self.tagger, self.confidence_model))
@@ -237,58 +279,62 @@ class Engine:
         reconcile(index.store, index.vectors)
         provenance.adopt_scorer(index.store, index.vectors, self.scorer)
         index.vectors.collect_garbage()
-        return BatchWriter(index.store, index.vectors)
+        return BatchWriter(index.store, index.vectors, self.config.checkpoint_every)
 
     def index(self, root: str | Path, rebuild: bool = False,
-              on_progress: Callable[[int, int], None] | None = None) -> IndexSummary:
+              on_progress: Callable[[int, int], None] | None = None,
+              stop: threading.Event | None = None) -> IndexSummary:
         """Index ``root`` incrementally (``rebuild``: drop this index first and start over).
 
         ``on_progress(done, total)`` is called from this thread as files are processed (the app's progress bar).
+        ``stop``: when set (Ctrl-C), the run embeds the batch in flight, commits, and returns a summary with
+        ``interrupted`` true; what it did is kept, and the next run carries on from there.
         """
         root = Path(root).expanduser()
         if not root.is_dir():
             raise InputError(f"folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
-        if rebuild:
-            self.drop()
-        writer = self.writer()
-        indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                          workers=self.config.workers, progress=self.config.progress, on_progress=on_progress)
-        return indexer.run(root)
+        with self.writing():
+            if rebuild:
+                self._drop()
+            writer = self.writer()
+            indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
+                              workers=self.workers, checkpoint_every=self.config.checkpoint_every,
+                              progress=self.config.progress, on_progress=on_progress, stop=stop,
+                              processes=self.read_processes)
+            return indexer.run(root)
 
-    def recaption(self) -> dict:
-        """Caption every indexed image again with the configured captioner (image vectors untouched);
-        the scorer's memories are written again too.
+    # --- consistency -------------------------------------------------------------------------
+    def doctor(self, repair: bool = False) -> tuple[Findings, list[str], list[str]]:
+        """Check this index under its write lock (indexer/storage/doctor.py); ``repair``: fix what can be fixed
+        and check again. Returns (findings after any repair, fixed, not fixed). Needs a model only for captions."""
+        store = self._store_for(create=False)
+        with self.writing():
+            findings, vectors = diagnose(store, self.config.vectors_dir)
+            if not repair or findings.consistent and not findings.stray_files:
+                return findings, [], []
+            if vectors is None:
+                return findings, [], ["the index records no encoder, so its vectors cannot be read: rebuild it "
+                                      "with pixquery index FOLDER --rebuild"]
+            vectors.owner = True
+            embed = self._caption_embedder() if findings.missing_caption_vectors else None
+            fixed, not_fixed = repair_index(store, vectors, findings, embed)
+            self._vectors = None  # read again from what is committed now
+            after, _ = diagnose(store, self.config.vectors_dir)
+        return after, fixed, not_fixed
 
-        Returns counts: {"images", "captioned", "failed"}; unreadable files keep their old caption.
-        """
-        if self.captioner is None:
-            raise InputError("no captioner is configured (--captioner NAME)")
-        self._store_for(create=False)
-        writer = self.writer()
-        counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                           workers=self.config.workers, progress=self.config.progress)
-        writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
-        return counts.to_dict()
-
-    def retag(self, everything: bool = False) -> dict:
-        """Tag the indexed images that lack the configured tagger's tags (``everything``: all of them),
-        and rate the captions they have; captions and vectors untouched (what an index from before tags needs).
-
-        Returns counts: {"images", "tagged", "rated", "failed"}; unreadable files keep what they had.
-        """
-        self._store_for(create=False)
-        if self.tagger is None:
-            raise InputError("no tagger: tags need the native encoder and a tagger (--tagger, PIXQUERY_TAGGER)")
-        writer = self.writer()
-        return retag(writer.store, writer.vectors, self.models(), batch_size=self.config.batch_size,
-                     workers=self.config.workers, progress=self.config.progress, everything=everything).to_dict()
+    def _caption_embedder(self) -> Callable[[list[str]], np.ndarray] | None:
+        try:
+            return self.encoder.encode_texts
+        except PixqueryError as exc:
+            log.warning("cannot embed captions (%s)", exc)
+            return None
 
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:
         """The ranker over this index (the likelihood and match signals only when the stored memories
         are the scorer's; the tags signal only when the index has tags)."""
         index = self.open()
-        tagger = self.tagger if index.store.get_meta("tagger") else None
+        tagger = self._index_tagger(index.store)
         if not provenance.scorer_matches(index.store, self.scorer):
             return Ranker(index.store, index.vectors, tagger=tagger)
         return Ranker(index.store, index.vectors, self.scorer, self.matcher, tagger)
@@ -300,25 +346,44 @@ class Engine:
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
-               threshold: float | None = None) -> list[SearchHit]:
+               threshold: float | None = None, positive_ids: Sequence[int] = (),
+               negative_ids: Sequence[int] = (), params: SearchParams | None = None) -> list[SearchHit]:
         """Top ``k`` images for a text query and/or an example image, best first.
 
         ``mode``: one of ``retrieval.query.MODES`` (``fused`` combines every signal, see
         indexer/search/ranker.py); ``weights``: the fused mode's weights (default: tuned on Flickr8k dev);
-        ``filters``: only images that match; ``threshold``: leave out hits whose score is below it.
+        ``filters``: only images that match (``Filters(where=("price<50",))`` for catalogue fields);
+        ``threshold``: leave out hits whose score is below it; ``positive_ids`` / ``negative_ids``:
+        relevance feedback, images marked good / bad (the query moves towards the good and away from the
+        bad, and near copies of the bad are left out; good images alone, without text, also work);
+        ``params``: knobs of the approximate vector search of large indexes (``SearchParams(nprobe=...,
+        refine=..., exact=...)``; default: the index's own, tuned when it was built).
         """
-        return self.searcher().search(text, image, k, mode, weights, filters, threshold)
+        return self.searcher().search(text, image, k, mode, weights, filters, threshold, positive_ids, negative_ids,
+                                      params)
 
-    def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    def explain(self, hits: list[SearchHit], text: str | None, mode: str = "fused", filters: Filters | None = None,
+                positive_ids: Sequence[int] = (), negative_ids: Sequence[int] = ()) -> list:
+        """A readable reason for each of ``hits`` of a search with these arguments
+        (:class:`indexer.search.explain.Explanation`: matched words, what each signal added, filters)."""
+        from indexer.search.explain import explain
+
+        catalogue = self._store_for(create=False).catalogue_texts([h.id for h in hits])
+        return explain(hits, text, mode, filters, catalogue, positive_ids, negative_ids)
+
+    def search_vectors(self, queries: np.ndarray, k: int, mode: str = "image",
+                       params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rank the index for (Q, dim) query vectors by one vector signal -> (scores, ids), each (Q, <=k)."""
         if mode not in ("image", "caption"):
             raise InputError(f"search_vectors ranks by image or caption vectors, not {mode!r}")
         vectors = self.open().vectors
-        return (vectors.images if mode == "image" else vectors.captions).search(queries, k)
+        return (vectors.images if mode == "image" else vectors.captions).search(queries, k, params=params)
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
-        return self.searcher().more_like_this(image, k, filters)
+        store, vectors = self._opened()
+        return Searcher(Ranker(store, vectors, tagger=self._index_tagger(store)), self.encoder,
+                        confidence_threshold=provenance.confidence_threshold(store)).more_like_this(image, k, filters)
 
     def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicateGroup]:
         """Groups of exact copies (same bytes) and near copies (image similarity >= ``threshold``).
@@ -333,73 +398,41 @@ class Engine:
 
     # --- inspection --------------------------------------------------------------------------
     def stats(self) -> dict:
+        """What is in the index and which models made it (see indexer/inspection.py)."""
+        return inspection.stats(self._store_for(create=False), self.config)
+
+    def rows(self, filters: Filters | None = None) -> list[ImageRow]:
+        """Every indexed image's row, by id (only the images that pass ``filters`` when given)."""
         store = self._store_for(create=False)
-        last = store.last_run()
-        info = self.index_info
-        size = sum(p.stat().st_size for p in self.config.index_dir.rglob("*") if p.is_file())
-        captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
-        tagger, confidence = store.get_meta("tagger"), store.get_meta("confidence")
-        threshold = provenance.confidence_threshold(store)
-        return {
-            "index_dir": str(self.config.index_dir),
-            "database": self.config.db_url or "sqlite",
-            "images": store.count_images(),
-            "captioned": len(store.captioned_ids()),
-            "skipped": len(store.skipped()),
-            "encoder": info.to_dict() if info else None,
-            "captioner": json.loads(captioner) if captioner else None,
-            "scorer": json.loads(scorer) if scorer else None,
-            "tags": {"tagger": json.loads(tagger) if tagger else None, **store.tag_counts()},
-            "caption_confidence": {"model": json.loads(confidence) if confidence else None,
-                                   **store.confidence_counts(threshold)},
-            "vector_index": {"type": self.config.index_type,
-                             "generation": int(store.get_meta("vector_generation") or 0)},
-            "index_bytes": size,
-            "last_run": None if last is None else {
-                "root": last.root, "started_at": last.started_at.isoformat(timespec="seconds"),
-                "finished_at": last.finished_at.isoformat(timespec="seconds") if last.finished_at else None,
-                "summary": json.loads(last.summary) if last.summary else None,
-            },
-        }
+        ids = store.filter_ids(filters) if filters is not None else None
+        if ids is None:
+            return sorted(store.all_images(), key=lambda r: r.id)
+        found = store.images_by_ids(ids.tolist())
+        return [found[i] for i in sorted(found)]
 
     def paths(self) -> dict[int, str]:
         """{id: path} of every indexed image."""
         return {r.id: r.path for r in self._store_for(create=False).all_images()}
 
     def image_vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Stored image embeddings of ``ids`` -> (n, dim)."""
-        return self.open().vectors.images.reconstruct(np.asarray(ids, dtype=np.int64))
-
-    def describe(self, ids: Sequence[int] | None = None) -> list[ImageDescription]:
-        """Caption, caption confidence, tags and alt text of images ``ids`` (None: every indexed image), in
-        id order; what exports read (an uncertain caption is never alt text, see ImageDescription)."""
-        store = self._store_for(create=False)
-        rows = sorted((store.all_images() if ids is None else store.images_by_ids([int(i) for i in ids]).values()),
-                      key=lambda r: r.id)
-        tags = self.tags([r.id for r in rows])
-        threshold = provenance.confidence_threshold(store)
-        return [ImageDescription.of(r, tags.get(r.id), threshold) for r in rows]
-
-    def untagged(self) -> int:
-        """How many indexed images have no tags yet (an index from before tags: ``pixquery retag`` adds them)."""
-        return self._store_for(create=False).tag_counts()["untagged"]
-
-    def tags(self, ids: Sequence[int]) -> dict[int, list[Tag]]:
-        """{id: its tags, most likely first} of those ``ids`` that have any."""
-        store = self._store_for(create=False)
-        tagger = self.tagger
-        if tagger is None or not store.get_meta("tagger"):
-            return {}
-        out = {}
-        for i, cls in store.classes_by_ids(ids).items():
-            found = tagger.tags(cls)
-            if found:
-                out[i] = found
-        return out
+        """Stored image embeddings of ``ids`` -> (n, dim); InputError for an id that has none."""
+        ids = np.asarray([check_id(i) for i in np.asarray(ids).reshape(-1).tolist()], dtype=np.int64)
+        try:
+            return self.open().vectors.images.reconstruct(ids)
+        except KeyError as exc:
+            raise InputError(f"{exc.args[0]} in this index") from None
 
     def image(self, id: int) -> ImageRow | None:
-        """Everything the index holds about image ``id`` (None when no such id is indexed)."""
-        return self._store_for(create=False).images_by_ids([int(id)]).get(int(id))
+        """Everything the index holds about image ``id`` (None when no such id is indexed); InputError
+        for anything that is not an id (a string, a path, a float, a negative or oversized number)."""
+        row_id = check_id(id)
+        return self._store_for(create=False).images_by_ids([row_id]).get(row_id)
+
+    # --- catalogue metadata --------------------------------------------------------------------
+    @property
+    def catalogue(self) -> inspection.Catalogue:
+        """Imported catalogue fields (SKU, price, ...): import, list, look up, drop (indexer/inspection.py)."""
+        return inspection.Catalogue(self._store_for(create=False))
 
     def skipped_files(self) -> list[dict]:
         return [{"path": s.path, "reason": s.reason} for s in self._store_for(create=False).skipped()]

@@ -21,4 +21,22 @@ class IndexCorruptError(PixqueryError):
     exit_code = 1
 
 
-__all__ = ["InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError"]
+class IndexBusyError(PixqueryError):
+    """Another process is writing this index (it holds the index's write lock)."""
+
+    exit_code = 5
+
+
+class DatabaseUnavailableError(PixqueryError):
+    """The index's database server cannot be reached (down, wrong address, refused credentials)."""
+
+    exit_code = 1
+
+
+class AnnFileError(IndexCorruptError):
+    """An approximate search structure's file is missing or damaged (its vectors are safe in the
+    segments: a writer rebuilds it)."""
+
+
+__all__ = ["AnnFileError", "InputError", "PixqueryError", "IndexNotFoundError", "EncoderMismatchError", "IndexCorruptError",
+           "IndexBusyError", "DatabaseUnavailableError"]

@@ -38,7 +38,7 @@ def create_encoder(
     if kind == "native":
         from retrieval.native.model import NativeEncoder
 
-        return NativeEncoder(spec, device=device)
+        return NativeEncoder(spec, device=device, cache_dir=Path(cache_dir) if cache_dir is not None else None)
     if kind == "openclip":
         from retrieval.openclip_encoder import OpenClipEncoder
 

@@ -11,7 +11,7 @@ image) and the match head's logit for the best few candidates, each relative to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -19,6 +19,11 @@ import numpy as np
 from retrieval.query import FIRST_STAGE, FusionWeights, ParsedQuery
 
 NEGATIVE_WEIGHT = 0.5  # how far an excluded term pushes the query vector away
+# relevance feedback (Rocchio): q' = ALPHA q + BETA mean(good) - GAMMA mean(bad), the textbook weights
+# (Manning et al., Introduction to Information Retrieval, 9.1.1); candidates whose image is at least
+# NEAR_BAD similar (cosine) to a bad one are left out, so near copies of a rejected photo go with it
+ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA = 1.0, 0.75, 0.15
+NEAR_BAD = 0.9
 
 
 @dataclass
@@ -26,6 +31,7 @@ class Ranked:
     ids: np.ndarray  # (n,) best first
     scores: np.ndarray  # (n,) final score of each
     signals: dict[str, np.ndarray]  # per signal, (n,) aligned with ids (NaN: not measured for that image)
+    parts: dict[str, np.ndarray] = field(default_factory=dict)  # fused: what each signal added to the score
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -66,6 +72,33 @@ def query_vector(parsed: ParsedQuery, embed: Callable[[list[str]], np.ndarray],
     return q.astype(np.float32)
 
 
+def feedback_vector(q: np.ndarray | None, good: np.ndarray, bad: np.ndarray, alpha: float = ROCCHIO_ALPHA,
+                    beta: float = ROCCHIO_BETA, gamma: float = ROCCHIO_GAMMA) -> np.ndarray:
+    """Rocchio's query update: the (D,) unit vector of ``alpha`` x ``q`` (None: no query, only marked
+    images) + ``beta`` x the mean of ``good`` (G, D) - ``gamma`` x the mean of ``bad`` (B, D)."""
+    dim = q.shape[-1] if q is not None else (good if len(good) else bad).shape[-1]
+    out = np.zeros(dim, dtype=np.float64) if q is None else alpha * np.asarray(q, dtype=np.float64)
+    if len(good):
+        out = out + beta * np.asarray(good, dtype=np.float64).mean(0)
+    if len(bad):
+        out = out - gamma * np.asarray(bad, dtype=np.float64).mean(0)
+    return (out / (np.linalg.norm(out) or 1.0)).astype(np.float32)
+
+
+def near_bad(vectors: np.ndarray, bad: np.ndarray, near: float = NEAR_BAD) -> np.ndarray:
+    """(n,) True where a candidate's unit image vector (n, D) is at least ``near`` similar to a bad one (B, D)."""
+    if not len(bad) or not len(vectors):
+        return np.zeros(len(vectors), dtype=bool)
+    return (np.asarray(vectors) @ np.asarray(bad).T).max(axis=1) >= near
+
+
+def first_stage_parts(signals: Mapping[str, np.ndarray], weights: FusionWeights) -> dict[str, np.ndarray]:
+    """What each first-stage signal adds to :func:`first_stage` (their sum), for explanations."""
+    total = stage_total(signals, weights)
+    return {name: getattr(weights, name) * zscore(signals[name]) / total
+            for name in FIRST_STAGE if name in signals and getattr(weights, name)}
+
+
 def stage_total(signals: Mapping[str, np.ndarray], weights: FusionWeights) -> float:
     """Sum of the first stage's weights over the signals measured (what its weighted sum is divided by)."""
     return sum(getattr(weights, name) for name in FIRST_STAGE if name in signals) or 1.0
@@ -83,9 +116,14 @@ def add_relative(fused: np.ndarray, top: np.ndarray, values: np.ndarray, weight:
     best of them, to ``fused`` (n,) for the candidates ``top``; every other candidate (below the depth,
     or without a value) counts as the worst one. Raw values, not z-scores: ten candidates are too few to
     estimate a spread, and a difference of one nat means the same for every query."""
+    return fused + relative_part(len(fused), top, values, weight, total)
+
+
+def relative_part(n: int, top: np.ndarray, values: np.ndarray, weight: float, total: float) -> np.ndarray | float:
+    """What :func:`add_relative` adds to each of ``n`` candidates ((n,), or 0.0 when no value is known)."""
     if np.isnan(values).all():
-        return fused
+        return 0.0
     rel = values - np.nanmax(values)  # (len(top),) <= 0
-    add = np.full(len(fused), np.nanmin(rel))
+    add = np.full(n, np.nanmin(rel))
     add[top] = np.where(np.isnan(rel), np.nanmin(rel), rel)
-    return fused + weight * add / total
+    return weight * add / total

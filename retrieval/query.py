@@ -13,7 +13,7 @@ from retrieval.errors import InputError
 MODES = ("image", "caption", "keyword", "tags", "fused")  # text->image ranking modes
 # the signals of fused ranking, in order: the first stage ranks a candidate pool by a normalised weighted
 # sum of these ...
-FIRST_STAGE = ("image", "caption", "keyword", "tags")
+FIRST_STAGE = ("image", "caption", "keyword", "meta", "tags")
 # ... and the second stage re-scores its best few with these (read from the scorer's stored memories)
 SECOND_STAGE = ("likelihood", "match")
 SIGNALS = FIRST_STAGE + SECOND_STAGE  # every weight of FusionWeights, by name
@@ -24,7 +24,9 @@ class FusionWeights:
     """How much each signal counts in ``fused`` mode (non-negative; image, caption or keyword positive).
 
     image: query vs image embedding; caption: query vs the embedding of the generated caption;
-    keyword: BM25 of the query words in the generated caption; likelihood: how likely the caption
+    keyword: BM25 of the query words in the generated caption; meta: BM25 of the query words in the
+    image's imported catalogue text (SKU, title, brand...; 0 by default: on, it also brings the images
+    whose catalogue text has the words into the candidates); likelihood: how likely the caption
     decoder finds the query as a caption of the image; match: how well the match head finds the query
     fits the image (these two re-score the best candidates only); tags: zero-shot score of the query
     against the image's classifier classes (its weight is scaled by how much the query names a concept,
@@ -38,7 +40,8 @@ class FusionWeights:
     keyword: float = 0.05
     likelihood: float = 0.3
     match: float = 0.1
-    tags: float = 0.8  # the last field: positional FusionWeights(image, caption, keyword, likelihood, match) still work
+    meta: float = 0.0
+    tags: float = 0.8  # the last field: positional FusionWeights(image, caption, keyword, likelihood, match, meta) still work
 
     def __post_init__(self) -> None:
         values = self.to_dict()

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from captioning.captioner import Captioner, CaptionerInfo, DecodeOptions
+from pg_server import PgServer, PgServerError, start_server
 from captioning.model import CaptionDecoder, DecoderConfig
 from captioning.tokenizer import WordTokenizer
 from retrieval.encoder import EncoderInfo, JointEncoder
@@ -45,8 +46,63 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.mktemp("home")
     for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"), ("HF_HOME", "hf")):
         monkeypatch.setenv(var, str(home / sub))
-    for var in ("PIXQUERY_DB", "PIXQUERY_ENCODER", "PIXQUERY_DEVICE", "PIXQUERY_CACHE_DIR"):
+    for var in ("PIXQUERY_DB", "PIXQUERY_DB_URL", "PIXQUERY_ENCODER", "PIXQUERY_DEVICE", "PIXQUERY_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
+
+
+# --- the databases: SQLite files, and a PostgreSQL server the tests start themselves ------------------
+@pytest.fixture(scope="session")
+def pg_server() -> PgServer:
+    """A PostgreSQL server for the whole session (tests/pg_server.py); its tests skip, saying why, where
+    none can be started."""
+    try:
+        server = start_server()
+    except PgServerError as exc:
+        pytest.skip(f"PostgreSQL tests need a server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    url = pg_server.new_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+class Databases:
+    """Where a test's indexes keep their metadata: ``kind`` is "sqlite" (a file in each index folder) or
+    "postgres" (a new database on the test server for each index name)."""
+
+    def __init__(self, kind: str, tmp_path: Path, server: PgServer | None) -> None:
+        self.kind, self.tmp_path, self.server = kind, tmp_path, server
+        self._urls: dict[str, str] = {}
+
+    def url(self, name: str = "idx") -> str | None:
+        """``EngineConfig.db_url`` for index ``name`` (None: SQLite in its folder)."""
+        if self.server is None:
+            return None
+        if name not in self._urls:
+            self._urls[name] = self.server.new_database()
+        return self._urls[name]
+
+    def store_url(self, name: str = "meta") -> str:
+        """A URL for a bare ``Store``: a file in ``tmp_path``, or a database of its own."""
+        return self.url(name) or f"sqlite:///{self.tmp_path / (name + '.sqlite')}"
+
+    def close(self) -> None:
+        for url in self._urls.values():
+            self.server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Databases:
+    """Run the test on SQLite and again on PostgreSQL (skipped, saying why, without a server)."""
+    server = request.getfixturevalue("pg_server") if request.param == "postgres" else None
+    dbs = Databases(request.param, tmp_path, server)
+    yield dbs
+    dbs.close()
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ def caption_state(engine):
     return out
 
 
-def test_every_new_image_is_captioned_and_caption_embedded(tmp_path, photo_dir):
+def test_every_new_image_is_captioned_and_caption_embedded(tmp_path, photo_dir, db):
     cap = TinyCaptioner(blank=("purple",))
-    engine = engine_at(tmp_path, "idx", captioner=cap)
+    engine = engine_at(tmp_path, "idx", captioner=cap, db=db)
     s = engine.index(photo_dir)
     assert s.new == 16 and s.captioned == 14 and cap.captioned == 16
     state = caption_state(engine)
@@ -45,9 +45,9 @@ def test_every_new_image_is_captioned_and_caption_embedded(tmp_path, photo_dir):
     assert row.captioner == cap.info.fingerprint and row.captioned_at is not None
 
 
-def test_incremental_captions_equal_full_rebuild(tmp_path, photo_dir):
+def test_incremental_captions_equal_full_rebuild(tmp_path, photo_dir, db):
     cap = TinyCaptioner()
-    inc = engine_at(tmp_path, "inc", captioner=cap)
+    inc = engine_at(tmp_path, "inc", captioner=cap, db=db)
     inc.index(photo_dir)
     shutil.move(photo_dir / "a" / "blue.png", photo_dir / "blue-moved.png")
     shutil.copy(photo_dir / "a" / "red.png", photo_dir / "red-copy.png")
@@ -56,19 +56,20 @@ def test_incremental_captions_equal_full_rebuild(tmp_path, photo_dir):
     cap.captioned = 0
     inc.index(photo_dir)
     assert cap.captioned == 1  # only the edited file; the move and the copy reuse caption and vectors
-    full = engine_at(tmp_path, "full", captioner=TinyCaptioner())
+    full = engine_at(tmp_path, "full", captioner=TinyCaptioner(), db=db)
     full.index(photo_dir)
     assert caption_state(inc) == caption_state(full)
     assert caption_state(inc)["green.png"][0] == "a orange picture"
 
 
-def test_recaption_changes_captions_but_not_image_vectors(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx", captioner=TinyCaptioner())
+def test_recaption_changes_captions_but_not_image_vectors(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", captioner=TinyCaptioner(), db=db)
     engine.index(photo_dir)
     before = engine.image_vectors(sorted(engine.paths()))
-    other = engine_at(tmp_path, "idx", captioner=TinyCaptioner(name="test:other", template="something {}"))
+    other = engine_at(tmp_path, "idx", captioner=TinyCaptioner(name="test:other", template="something {}"), db=db)
     counts = other.recaption()
-    assert counts == {"images": 16, "captioned": 16, "failed": 0, "tagged": 0}  # the tiny encoder: no tags
+    assert counts == {"images": 16, "captioned": 16, "failed": 0, "already_done": 0, "interrupted": False,
+                      "tagged": 0}  # the tiny encoder: no tags
     np.testing.assert_array_equal(other.image_vectors(sorted(other.paths())), before)
     state = caption_state(other)
     assert state["red.png"][0] == "something red"
@@ -77,8 +78,8 @@ def test_recaption_changes_captions_but_not_image_vectors(tmp_path, photo_dir):
     assert other.stats()["captioner"]["name"] == "test:other"
 
 
-def test_index_without_captioner_has_no_captions(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx")
+def test_index_without_captioner_has_no_captions(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", db=db)
     s = engine.index(photo_dir)
     assert s.captioned == 0 and engine.search("red", k=1)[0].caption is None
     assert engine.stats()["captioner"] is None

@@ -30,7 +30,7 @@ def original(root: Path, name: str, fmt: str = "png") -> Path:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
+def engine(tmp_path: Path, db) -> Engine:
     """red: 3 exact copies; blue: resized + re-encoded JPEG; green: an exact pair plus a resized copy;
     the other five colours are unique."""
     root = tmp_path / "photos"
@@ -48,7 +48,8 @@ def engine(tmp_path: Path) -> Engine:
         im.resize((128, 96)).save(root / "green-big.png")
     for name in ("yellow", "black", "white", "purple", "orange"):
         original(root, name)
-    e = Engine(EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None), encoder=TinyEncoder())
+    e = Engine(EngineConfig(index_dir=tmp_path / "idx", db_url=db.url("idx"), progress=False, captioner=None),
+               encoder=TinyEncoder())
     e.index(root)
     yield e
     e.close()
@@ -134,24 +135,25 @@ def test_bad_threshold(engine, threshold):
 def test_cli_similar_and_duplicates(engine, tmp_path, capsys, monkeypatch):
     engine.close()
     monkeypatch.setattr("indexer.engine.Engine.encoder", property(lambda self: self._encoder or TinyEncoder()))
-    db = str(tmp_path / "idx")
-    assert main(["duplicates", "--db", db, "--threshold", "0.99", "--json"]) == EXIT_OK
+    db_url = engine.config.db_url  # PostgreSQL: the CLI's --db-url
+    flags = ["--db", str(tmp_path / "idx"), *(["--db-url", db_url] if db_url else [])]
+    assert main(["duplicates", *flags, "--threshold", "0.99", "--json"]) == EXIT_OK
     out = json.loads(capsys.readouterr().out)
     assert out["summary"]["groups"] == 3 and out["summary"]["images"] == 9 and len(out["groups"]) == 3
-    assert main(["duplicates", "--db", db, "--threshold", "0.99"]) == EXIT_OK
+    assert main(["duplicates", *flags, "--threshold", "0.99"]) == EXIT_OK
     text = capsys.readouterr().out
     assert "3 groups, 9 images" in text and "red-copy2.jpg" in text
     for bad in ("0", "1.5", "nan"):
-        assert main(["duplicates", "--db", db, "--threshold", bad]) == EXIT_USAGE
+        assert main(["duplicates", *flags, "--threshold", bad]) == EXIT_USAGE
         assert "threshold" in capsys.readouterr().err
     red = str(tmp_path / "photos" / "red.jpg")
-    assert main(["similar", red, "--db", db, "-k", "2", "--json"]) == EXIT_OK
+    assert main(["similar", red, *flags, "-k", "2", "--json"]) == EXIT_OK
     hits = json.loads(capsys.readouterr().out)["results"]
     assert sorted(names(h["path"] for h in hits)) == ["red-copy.jpg", "red-copy2.jpg"]
-    assert main(["similar", str(hits[0]["id"]), "--db", db, "-k", "2", "--json"]) == EXIT_OK  # by id
+    assert main(["similar", str(hits[0]["id"]), *flags, "-k", "2", "--json"]) == EXIT_OK  # by id
     assert "red.jpg" in names(h["path"] for h in json.loads(capsys.readouterr().out)["results"])
     for bad in ("99999", str(tmp_path / "nope.jpg"), "' OR 1=1 --"):
-        assert main(["similar", bad, "--db", db]) == EXIT_USAGE
+        assert main(["similar", bad, *flags]) == EXIT_USAGE
         err = capsys.readouterr().err
         assert "not in this index" in err or "no image with id" in err
 

@@ -12,6 +12,7 @@ from indexer.config import EngineConfig
 from indexer.errors import InputError
 from indexer.lab.evaluate import evaluate_retrieval
 from retrieval.images import load_image
+from retrieval.query import SIGNALS
 
 
 def captioned_set(tmp_path):
@@ -65,8 +66,7 @@ def test_eval_reports_caption_and_keyword_modes_from_generated_captions(tmp_path
     assert t2i["keyword"]["R@1"] == pytest.approx(100 * 6 / 9, abs=0.01)
     assert t2i["fused"]["R@1"] >= t2i["image"]["R@1"] - 0.01
     tuning = report["tuning"]
-    assert len(tuning["first_stage"]) > 1 and set(tuning["best_first_stage"]) == {"image", "caption", "keyword",
-                                                                                "likelihood", "match", "tags"}
+    assert len(tuning["first_stage"]) > 1 and set(tuning["best_first_stage"]) == set(SIGNALS)
 
 
 def test_eval_cli_prints_exactly_one_json_object(tmp_path, capsys, monkeypatch):

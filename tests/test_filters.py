@@ -106,9 +106,9 @@ def local_ts(*args: int) -> float:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    """Rows only (no files): odd folder names, sizes, types, EXIF dates and file dates."""
-    s = Store(f"sqlite:///{tmp_path / 'meta.sqlite'}")
+def store(db) -> Store:
+    """Rows only (no files): odd folder names, sizes, types, EXIF dates and file dates (SQLite, PostgreSQL)."""
+    s = Store(db.store_url())
     rows = []
     for i, folder in enumerate(ODD_FOLDERS, start=1):
         ext = ("jpg", "png", "jpeg", "webp")[i % 4]
@@ -232,7 +232,7 @@ def test_bad_filters_are_input_errors(kw):
 
 
 # --- through the Engine and the CLI ------------------------------------------------------------------------------
-def build(tmp_path: Path) -> tuple[Engine, Path]:
+def build(tmp_path: Path, db_url: str | None = None) -> tuple[Engine, Path]:
     """Reds near each other and a far-away 'blue' folder of mixed sizes and types."""
     root = tmp_path / "photos"
     for i in range(8):
@@ -240,13 +240,14 @@ def build(tmp_path: Path) -> tuple[Engine, Path]:
     for i in range(4):
         make_image(root / "blues" / f"blue{i}.jpg", (30, 40, 220 - i * 10), size=(64 + 64 * i, 48))
     make_image(root / "blues" / "blue-png.png", (30, 40, 200), size=(300, 300))
-    engine = Engine(EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None), encoder=TinyEncoder())
+    engine = Engine(EngineConfig(index_dir=tmp_path / "idx", db_url=db_url, progress=False, captioner=None),
+                    encoder=TinyEncoder())
     engine.index(root)
     return engine, root.resolve()
 
 
-def test_more_like_this_with_filters_returns_k_from_the_filtered_set(tmp_path):
-    engine, root = build(tmp_path)
+def test_more_like_this_with_filters_returns_k_from_the_filtered_set(tmp_path, db):
+    engine, root = build(tmp_path, db.url("idx"))
     query = root / "reds" / "red0.png"
     unfiltered = engine.more_like_this(query, k=5)
     assert all("/reds/" in h.path for h in unfiltered)  # blues all rank below the unfiltered top 5

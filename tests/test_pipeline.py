@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TinyCaptioner, TinyEncoder, make_image
+from conftest import Databases, TinyCaptioner, TinyEncoder, make_image
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import EncoderMismatchError, IndexNotFoundError, InputError
@@ -18,8 +18,10 @@ QUERIES = ["red", "green", "blue things", "yellow", "black", "purple orange"]
 
 
 def engine_at(tmp_path: Path, name: str, encoder: TinyEncoder | None = None,
-              captioner: TinyCaptioner | None = None) -> Engine:
-    config = EngineConfig(index_dir=tmp_path / name, progress=False, batch_size=4, captioner=None)
+              captioner: TinyCaptioner | None = None, db: Databases | None = None) -> Engine:
+    """An engine on index ``name`` in ``tmp_path`` (its metadata in ``db``'s database for it; default SQLite)."""
+    config = EngineConfig(index_dir=tmp_path / name, db_url=db.url(name) if db else None, progress=False,
+                          batch_size=4, captioner=None)
     return Engine(config, encoder=encoder or TinyEncoder(), captioner=captioner)
 
 
@@ -27,8 +29,8 @@ def ranking(engine: Engine, k: int = 50) -> list[list[tuple[str, float]]]:
     return [[(h.path, round(h.score, 5)) for h in engine.search(q, k=k)] for q in QUERIES]
 
 
-def test_first_index_then_rerun_embeds_nothing(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx")
+def test_first_index_then_rerun_embeds_nothing(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", db=db)
     first = engine.index(photo_dir)
     assert (first.new, first.embedded, first.total_images, first.skipped) == (16, 16, 16, 0)
     second = engine.index(photo_dir)
@@ -36,9 +38,9 @@ def test_first_index_then_rerun_embeds_nothing(tmp_path, photo_dir):
     assert engine.search("red", k=1)[0].path.endswith("red.png") or "red" in engine.search("red", k=1)[0].path
 
 
-def test_incremental_after_adds_edits_moves_deletes_equals_full_rebuild(tmp_path, photo_dir):
+def test_incremental_after_adds_edits_moves_deletes_equals_full_rebuild(tmp_path, photo_dir, db):
     enc = TinyEncoder()
-    inc = engine_at(tmp_path, "incremental", enc)
+    inc = engine_at(tmp_path, "incremental", enc, db=db)
     inc.index(photo_dir)
     ids_before = {os.path.basename(p): i for i, p in inc.paths().items()}
 
@@ -65,7 +67,7 @@ def test_incremental_after_adds_edits_moves_deletes_equals_full_rebuild(tmp_path
     assert ids_after["red.png"] == ids_before["red.png"]
     assert "green.png" not in ids_after
 
-    full = engine_at(tmp_path, "rebuild")
+    full = engine_at(tmp_path, "rebuild", db=db)
     full.index(photo_dir)
     assert len(inc.paths()) == len(full.paths()) == 17
     assert ranking(inc) == ranking(full)
@@ -74,8 +76,8 @@ def test_incremental_after_adds_edits_moves_deletes_equals_full_rebuild(tmp_path
         assert [h.path for h in inc.search(image=path, k=5)] == [h.path for h in full.search(image=path, k=5)]
 
 
-def test_reindex_only_subfolder_keeps_other_roots(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx")
+def test_reindex_only_subfolder_keeps_other_roots(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", db=db)
     engine.index(photo_dir / "a")
     engine.index(photo_dir / "b")
     assert len(engine.paths()) == 16
@@ -93,16 +95,18 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         engine.index(tmp_path / "empty")
 
 
-def test_bad_files_are_skipped_counted_and_recorded(tmp_path, photo_dir):
+def test_bad_files_are_skipped_counted_and_recorded(tmp_path, photo_dir, db):
     (photo_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 20)
     (photo_dir / "text.png").write_text("hello, I am not a PNG")
     (photo_dir / "empty.webp").write_bytes(b"")
-    engine = engine_at(tmp_path, "idx")
+    engine = engine_at(tmp_path, "idx", db=db)
     s = engine.index(photo_dir)
     assert s.total_images == 16 and s.skipped == 3
     skipped = {os.path.basename(x["path"]): x["reason"] for x in engine.skipped_files()}
     assert set(skipped) == {"corrupt.jpg", "text.png", "empty.webp"}
-    assert all("not a readable image" in r for r in skipped.values())
+    assert skipped["empty.webp"] == "empty file (0 bytes)"
+    assert all(skipped[n].startswith("not a readable image") for n in ("corrupt.jpg", "text.png"))
+    assert s.skipped_reasons == {"not a readable image": 2, "empty file": 1}
     again = engine.index(photo_dir)  # unchanged bad files are not retried but still counted
     assert again.skipped == 3 and again.embedded == 0
     (photo_dir / "text.png").unlink()
@@ -112,8 +116,8 @@ def test_bad_files_are_skipped_counted_and_recorded(tmp_path, photo_dir):
     assert {os.path.basename(x["path"]) for x in engine.skipped_files()} == {"empty.webp"}
 
 
-def test_file_that_becomes_unreadable_leaves_the_index(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx")
+def test_file_that_becomes_unreadable_leaves_the_index(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", db=db)
     engine.index(photo_dir)
     (photo_dir / "a" / "red.png").write_bytes(b"broken")
     s = engine.index(photo_dir)
@@ -121,30 +125,32 @@ def test_file_that_becomes_unreadable_leaves_the_index(tmp_path, photo_dir):
     assert not any(p.endswith("red.png") for p in engine.paths().values())
 
 
-def test_search_without_index_and_with_other_encoder_is_refused(tmp_path, photo_dir):
+def test_search_without_index_and_with_other_encoder_is_refused(tmp_path, photo_dir, db):
     with pytest.raises(IndexNotFoundError, match="pixquery index"):
-        engine_at(tmp_path, "nothing").search("red")
-    assert not (tmp_path / "nothing" / "pixquery.sqlite").exists()  # searching never creates an index
-    engine_at(tmp_path, "idx").index(photo_dir)
-    other = engine_at(tmp_path, "idx", TinyEncoder(seed=1))
+        engine_at(tmp_path, "nothing", db=db).search("red")
+    assert not engine_at(tmp_path, "nothing", db=db).exists  # searching never creates an index
+    assert not (tmp_path / "nothing" / "pixquery.sqlite").exists()
+    engine_at(tmp_path, "idx", db=db).index(photo_dir)
+    other = engine_at(tmp_path, "idx", TinyEncoder(seed=1), db=db)
     with pytest.raises(EncoderMismatchError, match="not comparable"):
         other.search("red")
     with pytest.raises(EncoderMismatchError):
         other.index(photo_dir)
-    named = Engine(EngineConfig(index_dir=tmp_path / "idx", encoder="native:effl0-minilm-v1", progress=False))
+    named = Engine(EngineConfig(index_dir=tmp_path / "idx", db_url=db.url("idx"), encoder="native:effl0-minilm-v1",
+                                progress=False))
     with pytest.raises(EncoderMismatchError, match="was built with encoder 'test:tiny'"):
         named.search("red")
 
 
-def test_rebuild_switches_encoder(tmp_path, photo_dir):
-    engine_at(tmp_path, "idx").index(photo_dir)
-    other = engine_at(tmp_path, "idx", TinyEncoder(name="test:other", seed=1))
+def test_rebuild_switches_encoder(tmp_path, photo_dir, db):
+    engine_at(tmp_path, "idx", db=db).index(photo_dir)
+    other = engine_at(tmp_path, "idx", TinyEncoder(name="test:other", seed=1), db=db)
     s = other.index(photo_dir, rebuild=True)
     assert s.new == 16 and other.index_info.name == "test:other"
 
 
-def test_query_validation(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx")
+def test_query_validation(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", db=db)
     engine.index(photo_dir)
     with pytest.raises(InputError, match="empty"):
         engine.search("   ")
@@ -158,8 +164,8 @@ def test_query_validation(tmp_path, photo_dir):
     assert len(hits) == 16 and hits == sorted(hits, key=lambda h: -h.score)
 
 
-def test_rows_without_vectors_are_repaired_when_the_index_opens_for_writing(tmp_path, photo_dir):
-    engine = engine_at(tmp_path, "idx")
+def test_rows_without_vectors_are_repaired_when_the_index_opens_for_writing(tmp_path, photo_dir, db):
+    engine = engine_at(tmp_path, "idx", db=db)
     engine.index(photo_dir)
     # rows whose vectors are gone (an index edited by hand, or converted from an older version)
     index = engine.open()
@@ -167,7 +173,7 @@ def test_rows_without_vectors_are_repaired_when_the_index_opens_for_writing(tmp_
     index.vectors.images.delete(np.array([victim.id]))
     index.vectors.commit(index.store)
     engine.close()
-    fresh = engine_at(tmp_path, "idx")
+    fresh = engine_at(tmp_path, "idx", db=db)
     summary = fresh.index(photo_dir)
     assert summary.new == 1 and summary.unchanged == 15  # the row went, and its file was indexed again
     assert len(fresh.search("red", k=100)) == 16

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from indexer.errors import InputError
 from indexer.storage.filters import Filters
 from retrieval.query import FusionWeights
 from indexer.storage.keywords import fts_any
+from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.schema import SCHEMA_VERSION
 from indexer.storage.store import Store
 from retrieval.fusion import add_relative, zscore
@@ -79,13 +79,15 @@ def test_fusion_weights_are_checked():
 
 # --- an index with captions -----------------------------------------------------------------------
 @pytest.fixture
-def captioned(tmp_path) -> Engine:
+def captioned(tmp_path, db) -> Engine:
+    """12 captioned images, on SQLite and on PostgreSQL."""
     root = tmp_path / "photos"
     for name in COLOURS:  # two near-identical files per colour (a faint stripe keeps their bytes apart)
         rgb = TinyEncoder.COLOURS[name]
         make_image(root / f"{name}.jpg", name, stripe=tuple(min(255, c + 6) for c in rgb))
         make_image(root / "more" / f"{name}-2.png", name, stripe=tuple(max(0, c - 6) for c in rgb))
-    cfg = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner="test", scorer=None)
+    cfg = EngineConfig(index_dir=tmp_path / "idx", db_url=db.url("idx"), progress=False, captioner="test",
+                       scorer=None)
     engine = Engine(cfg, encoder=TinyEncoder(), captioner=TinyCaptioner())
     engine.index(root)
     yield engine
@@ -175,19 +177,31 @@ def test_keyword_index_follows_edits_moves_and_deletions(captioned, tmp_path):
 
 
 def test_schema_2_index_gets_a_filled_keyword_index(captioned):
-    db = captioned.config.db_file
+    url = captioned.open().store.url
     captioned.close()
-    con = sqlite3.connect(db)
-    for trig in ("captions_fts_ai", "captions_fts_ad", "captions_fts_au"):
-        con.execute(f"DROP TRIGGER {trig}")
-    con.execute("DROP TABLE captions_fts")
-    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    con.commit()
-    con.close()
-    store = Store(f"sqlite:///{db}")
+    old = Store(url)  # back to schema 2: no keyword index
+    with old.engine.begin() as conn:
+        old.keywords.uninstall(conn)
+        conn.exec_driver_sql("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    old.close()
+    store = Store(url)
     assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
-    assert len(store.keywords.top(["purple"], 10)) == 2
+    assert len(store.keywords.top(["purple"], 10)) == 2 and store.keywords.check() == []
     store.close()
+
+
+def test_keyword_check_finds_captions_changed_behind_its_back_and_rebuild_mends_them(captioned):
+    store = captioned.open().store
+    assert store.keywords.check() == []
+    with store.engine.begin() as conn:  # by hand, around pixquery (SQLite: without the trigger that follows it)
+        if store.engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER captions_fts_au")
+        conn.exec_driver_sql("UPDATE images SET caption = 'a zebra picture' WHERE caption = 'a red picture'")
+    assert store.keywords.check()  # says what is wrong
+    store.keywords.rebuild()
+    assert store.keywords.check() == []
+    assert sorted(names(captioned.search("zebra", k=5, mode="keyword"))) == ["red-2.png", "red.jpg"]
+    assert captioned.search("red", k=5, mode="keyword") == []
 
 
 def test_image_only_and_image_plus_text_queries(captioned, tmp_path):
@@ -268,7 +282,7 @@ def test_ranker_adds_likelihood_only_to_the_scored_candidates():
     assert np.array_equal(add_relative(fused, top, np.full(3, np.nan), 10.0, 1.0), fused)
 
 
-def test_recaption_gives_an_index_without_memories_the_likelihood_signal(tmp_path, tiny_scorer_weights):
+def test_recaption_gives_an_index_without_memories_the_likelihood_signal(tmp_path, tiny_scorer_weights, db):
     from captioning.native import NativeCaptioner
     from retrieval.factory import DEFAULT_ENCODER, create_encoder
 
@@ -278,15 +292,23 @@ def test_recaption_gives_an_index_without_memories_the_likelihood_signal(tmp_pat
         shutil.copy(SAMPLES / n, root / n)
     encoder = create_encoder(DEFAULT_ENCODER)
     weights = str(tiny_scorer_weights)
-    old = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=f"native:{weights}", scorer=None)
+    old = EngineConfig(index_dir=tmp_path / "idx", db_url=db.url("idx"), progress=False, captioner=f"native:{weights}",
+                       scorer=None)
     with Engine(old, encoder=encoder) as engine:  # an index as made before the scorer existed
         engine.index(root)
         assert not list(engine.config.vectors_dir.glob("memories-*"))
         assert "likelihood" not in engine.search("a dog runs", k=1)[0].scores
-    new = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=f"native:{weights}",
-                       scorer=f"native:{weights}")
+    new = EngineConfig(index_dir=tmp_path / "idx", db_url=db.url("idx"), progress=False,
+                       captioner=f"native:{weights}", scorer=f"native:{weights}")
     with Engine(new, encoder=encoder, scorer=NativeCaptioner(weights)) as engine:
         assert "likelihood" not in engine.search("a dog runs", k=1)[0].scores  # memories not written yet
+        store = engine.open().store
+        with store.engine.begin() as conn:  # captions another captioner wrote (their keywords must go)
+            conn.exec_driver_sql("UPDATE images SET caption = 'zebra zebra zebra'")
         engine.recaption()
         assert "likelihood" in engine.search("a dog runs", k=1)[0].scores
+        assert engine.search("zebra", k=5, mode="keyword") == [] and store.keywords.check() == []
+        with PoolKeywords({}) as tokenizer:  # the new captions' words are in the keyword index
+            tokens = {t for r in store.all_images() if r.caption for t in tokenizer.tokens(r.caption)}
+        assert tokens and min(store.keywords.doc_freq(tokens).values()) >= 1
         assert engine.stats()["scorer"]["name"] == f"native:{tiny_scorer_weights.resolve()}"

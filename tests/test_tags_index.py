@@ -34,9 +34,10 @@ def confidence_file(tmp_path, threshold: float = 0.5):
     return path
 
 
-def engine(tmp_path, name="idx", tagger=True, captioner=None, confidence=True):
+def engine(tmp_path, name="idx", tagger=True, captioner=None, confidence=True, db=None):
     cfg = EngineConfig(index_dir=tmp_path / name, cache_dir=tmp_path / "cache", progress=False, captioner=None,
-                       scorer=None, matcher=None, confidence=str(confidence_file(tmp_path)) if confidence else None)
+                       scorer=None, matcher=None, confidence=str(confidence_file(tmp_path)) if confidence else None,
+                       db_url=db.url(name) if db is not None else None)
     return Engine(cfg, encoder=TinyGridEncoder(), captioner=captioner,
                   tagger=ColourTagger() if tagger else None)
 
@@ -48,8 +49,8 @@ def stored(eng):
     return {r.path.rsplit("/", 1)[-1]: (r.tagger, classes.get(i, []), r.caption_confidence) for i, r in rows.items()}
 
 
-def test_index_stores_classes_and_tags_with_provenance(tmp_path, photo_dir):
-    eng = engine(tmp_path)
+def test_index_stores_classes_and_tags_with_provenance(tmp_path, photo_dir, db):
+    eng = engine(tmp_path, db=db)
     summary = eng.index(photo_dir)
     state = stored(eng)
     assert all(t == "test:colour-tagger|" + ColourTagger().info.weights_sha256[:16] for t, _, _ in state.values())
@@ -94,8 +95,8 @@ def test_copies_carry_tags_changes_replace_them_deletions_remove_them(tmp_path, 
     assert orphans == (0,) and store.count_images() == 16
 
 
-def test_tags_join_keywords_and_the_zero_shot_signal(tmp_path, photo_dir):
-    eng = engine(tmp_path)  # no captioner: every keyword match comes from tags
+def test_tags_join_keywords_and_the_zero_shot_signal(tmp_path, photo_dir, db):
+    eng = engine(tmp_path, db=db)  # no captioner: every keyword match comes from tags
     eng.index(photo_dir)
     names = [h.path.rsplit("/", 1)[-1] for h in eng.search("warm", k=16, mode="keyword")]
     assert names and {n.split("-")[0].split(".")[0] for n in names} <= set(("red", "orange", "yellow"))
@@ -115,13 +116,15 @@ def test_exclusions_see_tags(tmp_path, photo_dir):
     assert all("red" not in {t.name for t in h.tags} for h in hits)
 
 
-def test_caption_confidence_is_stored_and_marks_captions(tmp_path, photo_dir):
-    # the captioner names the nearest colour, except that it calls every blue picture "a yellow picture"
-    class Liar(TinyCaptioner):
-        def caption_pixels(self, pixels, options=None):  # noqa: ANN001, ANN201
-            return [c.replace("blue", "yellow") for c in super().caption_pixels(pixels)]
+class Liar(TinyCaptioner):
+    """Names the nearest colour, except that it calls every blue picture "a yellow picture"."""
 
-    eng = engine(tmp_path, captioner=Liar())
+    def caption_pixels(self, pixels, options=None):  # noqa: ANN001, ANN201
+        return [c.replace("blue", "yellow") for c in super().caption_pixels(pixels)]
+
+
+def test_caption_confidence_is_stored_and_marks_captions(tmp_path, photo_dir, db):
+    eng = engine(tmp_path, captioner=Liar(), db=db)
     eng.index(photo_dir)
     hits = {h.path.rsplit("/", 1)[-1]: h for h in eng.search("picture", k=16, mode="image")}
     assert hits["red.png"].caption == "a red picture" and hits["red.png"].caption_is_confident is True
@@ -140,10 +143,10 @@ def test_older_index_keeps_working_and_retag_adds_tags(tmp_path, photo_dir):
     old = engine(tmp_path, tagger=False, captioner=TinyCaptioner(), confidence=False)
     old.index(photo_dir)
     old.close()
-    # make it an index of schema 4: no tag columns, no classes table
+    # make it an index of schema 5 (catalogue tables, from before tags): no tag columns, no classes table
     con = sqlite3.connect(tmp_path / "idx" / "pixquery.sqlite")
     con.executescript("DROP TABLE image_classes; ALTER TABLE images DROP COLUMN caption_confidence; "
-                      "ALTER TABLE images DROP COLUMN tagger; UPDATE meta SET value = '4' WHERE key = 'schema_version';")
+                      "ALTER TABLE images DROP COLUMN tagger; UPDATE meta SET value = '5' WHERE key = 'schema_version';")
     con.commit()
     con.close()
     eng = engine(tmp_path)
@@ -152,7 +155,8 @@ def test_older_index_keeps_working_and_retag_adds_tags(tmp_path, photo_dir):
     assert Store(eng.config.url).get_meta("schema_version") == str(SCHEMA_VERSION)
     assert eng.untagged() == 16 and eng.stats()["tags"]["untagged"] == 16
     counts = eng.retag()
-    assert counts == {"images": 16, "tagged": counts["tagged"], "rated": 16, "failed": 0} and counts["tagged"] >= 12
+    assert counts == {"images": 16, "tagged": counts["tagged"], "rated": 16, "failed": 0, "interrupted": False}
+    assert counts["tagged"] >= 12
     assert eng.untagged() == 0
     again = eng.retag()
     assert again["images"] == 0  # nothing left to do
@@ -168,3 +172,51 @@ def test_retag_refuses_without_a_tagger(tmp_path, photo_dir):
     eng.index(photo_dir)
     with pytest.raises(InputError, match="tagger"):
         eng.retag()
+
+
+def test_export_and_alt_text_never_give_an_uncertain_caption_as_sure(tmp_path, photo_dir):
+    from indexer.catalogue import alt_text, export
+
+    eng = engine(tmp_path, captioner=Liar())
+    eng.index(photo_dir)
+    rows = eng.rows()
+    columns, meta = export.columns_for(None, [])
+    assert {"tags", "caption_confidence", "caption_uncertain"} <= set(columns)
+    described = {d.id: d for d in eng.describe([r.id for r in rows])}
+    recs = {r["path"].rsplit("/", 1)[-1]: r for r in export.records(rows, {}, columns + ["alt_text"], meta, described)}
+    assert recs["blue.png"]["caption"] == "a yellow picture" and recs["blue.png"]["caption_uncertain"] is True
+    assert recs["blue.png"]["alt_text"] == "blue" and recs["blue.png"]["tags"].startswith("blue")
+    assert recs["red.png"]["caption_uncertain"] is False and recs["red.png"]["alt_text"] == "a red picture"
+    assert recs["red.png"]["caption_confidence"] > 0.5 > recs["blue.png"]["caption_confidence"]
+    # the site's alt text: the uncertain caption is left for review, the confident one is written
+    site = tmp_path / "site"
+    site.mkdir()
+    for r in rows:
+        if r.path.rsplit("/", 1)[-1] in ("red.png", "blue.png"):
+            shutil.copy(r.path, site / r.path.rsplit("/", 1)[-1])
+    (site / "index.html").write_text('<img src="red.png">\n<img src="blue.png">\n')
+    by_id = {r.id: r for r in rows}
+    lookup = alt_text.Lookup([(r.id, r.path, r.content_hash) for r in rows], by_id.get)
+    pages, _ = alt_text.plan(site, lookup, lambda i: {}, threshold=eng.caption_threshold())
+    changed = alt_text.diff(pages, site)
+    assert 'alt="A red picture"' in changed and "yellow" not in changed
+    assert any(src == "blue.png" and why == "its caption is marked for review" for p in pages for src, why in p.skipped)
+
+
+def test_api_results_and_image_info_carry_tags_and_confidence(tmp_path, photo_dir):
+    from fastapi.testclient import TestClient
+
+    from indexer.api.app import create_app
+    from indexer.api.settings import ApiSettings
+
+    eng = engine(tmp_path, captioner=Liar())
+    eng.index(photo_dir)
+    client = TestClient(create_app(eng, ApiSettings(token=None)))
+    found = client.post("/api/search", json={"query": "blue", "k": 16, "mode": "image"}).json()["results"]
+    blue = next(h for h in found if h["path"].endswith("/blue.png"))
+    assert blue["caption_is_confident"] is False and blue["tags"][0]["name"] == "blue"
+    info = client.get(f"/api/images/{blue['id']}").json()
+    assert info["caption"] == "a yellow picture" and info["caption_is_confident"] is False
+    assert info["alt_text"] == "blue" and info["tagged"] is True and info["tags"][0]["name"] == "blue"
+    tags_mode = client.post("/api/search", json={"query": "red", "k": 3, "mode": "tags"}).json()["results"]
+    assert tags_mode and tags_mode[0]["path"].endswith("red.png")

@@ -206,7 +206,7 @@ def test_missing_and_unreadable_files_are_messages(env, photo_dir):
     (photo_dir / "b" / "red-striped.jpg").write_bytes(b"garbage now")
     at = search(env.app(), "red")
     page = texts(at)
-    assert "red.png is missing" in page and "red-striped.jpg cannot be read" in page
+    assert "red.png is missing" in page and "red-striped.jpg changed since it was indexed" in page
     with env.engine() as engine:
         red = next(i for i, p in engine.paths().items() if p.endswith("a/red.png"))
     at.button(key=f"details-{red}").click().run()

@@ -18,6 +18,7 @@ from indexer.cli.everyday import ui_command
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError
+from indexer.indexing.discover import hash_bytes
 from ui.security import (MAX_UPLOAD_BYTES, ImageUnavailable, UploadRejected, check_upload, indexed_file,
                          parse_image_id, save_upload)
 from ui.thumbnails import THUMB_SIZE, thumbnail, thumbnail_path
@@ -76,26 +77,40 @@ def test_uploads_are_bounded_in_bytes_pixels_and_format(tmp_path):
     assert not list((tmp_path / "uploads").glob("*.tmp"))
 
 
+def content(path: Path) -> str:
+    return hash_bytes(path.read_bytes())
+
+
 def test_thumbnails_are_made_once_small_and_keyed_by_content(tmp_path):
     src = make_image(tmp_path / "big.jpg", "green", size=(1200, 800))
-    cache = tmp_path / "cache"
-    t = thumbnail(cache, src, "abc123", THUMB_SIZE)
-    assert t == thumbnail_path(cache, "abc123", THUMB_SIZE) == cache / "thumbnails" / f"abc123-{THUMB_SIZE}.jpg"
+    cache, digest = tmp_path / "cache", content(src)
+    t = thumbnail(cache, src, digest, THUMB_SIZE)
+    assert t == thumbnail_path(cache, digest, THUMB_SIZE) == cache / "thumbnails" / f"{digest}-{THUMB_SIZE}.jpg"
     with Image.open(t) as im:
         assert im.size == (THUMB_SIZE, 240) and im.format == "JPEG"
     mtime = t.stat().st_mtime_ns
     src.unlink()
-    assert thumbnail(cache, src, "abc123", THUMB_SIZE).stat().st_mtime_ns == mtime  # from disk, not remade
+    assert thumbnail(cache, src, digest, THUMB_SIZE).stat().st_mtime_ns == mtime  # from disk, not remade
     with pytest.raises(ImageUnavailable, match="missing"):
         thumbnail(cache, src, "def456", THUMB_SIZE)
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ImageUnavailable, match="cannot be read"):
-        thumbnail(cache, tmp_path / "bad.jpg", "fff000", THUMB_SIZE)
+        thumbnail(cache, tmp_path / "bad.jpg", content(tmp_path / "bad.jpg"), THUMB_SIZE)
     with pytest.raises(ValueError):
         thumbnail_path(cache, "../../x", 320)
-    preview = thumbnail(cache, make_image(tmp_path / "tall.png", "red", size=(300, 900)), "aaa111", 600)
+    tall = make_image(tmp_path / "tall.png", "red", size=(300, 900))
+    preview = thumbnail(cache, tall, content(tall), 600)
     with Image.open(preview) as im:
         assert im.size == (200, 600)  # previews keep the whole picture
+
+
+def test_thumbnails_come_only_from_the_indexed_bytes(tmp_path):
+    src = make_image(tmp_path / "photo.png", "green")
+    digest = content(src)
+    make_image(src, "red")  # rewritten after indexing
+    with pytest.raises(ImageUnavailable, match="changed since it was indexed"):
+        thumbnail(tmp_path / "cache", src, digest, THUMB_SIZE)
+    assert not (tmp_path / "cache" / "thumbnails").exists() or not list((tmp_path / "cache" / "thumbnails").iterdir())
 
 
 def test_ui_command_binds_localhost_and_passes_settings(tmp_path):

@@ -19,6 +19,8 @@ PAGES = {"Search": search_page.page, "Collection": collection_page.page}
 def main() -> None:
     st.set_page_config(page_title="pixquery", page_icon=":material/image_search:", layout="wide")
     st.session_state.setdefault("seen_generation", jobs().generation)
+    if "page" not in st.session_state and st.query_params.get("page") in PAGES:  # a shared link to a page
+        st.session_state.page = st.query_params["page"]
     name = st.sidebar.radio("Page", list(PAGES), key="page", horizontal=True, label_visibility="collapsed")
     try:
         state = loaded()

@@ -133,7 +133,7 @@ def duplicates_ui(engine: Engine) -> None:
                 with col:
                     row = engine.image(image_id)
                     if row is not None:
-                        show_thumbnail(cache_dir, row.path, row.content_hash)
+                        show_thumbnail(cache_dir, row.path, row.content_hash, byte_size=row.byte_size)
                     st.caption(f"`{Path(path).name}`  \n{Path(path).parent}")
     if len(groups) > 50:
         st.caption(f"...and {len(groups) - 50} more groups")

@@ -44,10 +44,12 @@ def show_error(exc: BaseException) -> None:
                  f"`pixquery ui` process.", icon=":material/error:")
 
 
-def show_thumbnail(cache_dir: Path, path: str, content_hash: str, size: int = THUMB_SIZE) -> bool:
-    """Show an indexed image's thumbnail (``path`` and ``content_hash`` from the index); False if unavailable."""
+def show_thumbnail(cache_dir: Path, path: str, content_hash: str, size: int = THUMB_SIZE,
+                   byte_size: int | None = None) -> bool:
+    """Show an indexed image's thumbnail (``path``, ``content_hash`` and ``byte_size`` from the index); False if
+    unavailable (missing, or changed since it was indexed)."""
     try:
-        thumb = thumbnail(cache_dir, Path(path), content_hash, size)
+        thumb = thumbnail(cache_dir, Path(path), content_hash, size, byte_size)
     except ImageUnavailable as exc:
         st.caption(f":material/broken_image: {exc}")
         return False

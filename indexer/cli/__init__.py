@@ -1,13 +1,15 @@
 """``pixquery``: the command line. Parses arguments, calls the Engine, prints results.
 
 Split by audience: everyday commands (``everyday.py``: index, search, similar, duplicates, stats,
-caption, recaption, demo, ui) and the commands that measure and train (``lab.py``: eval, bench, train).
+caption, recaption, demo, ui), the teams' commands (``teams.py``: serve, meta, export) and the commands
+that measure and train (``lab.py``: eval, bench, train).
 Only this package (and the app) turns :class:`PixqueryError` into messages and exit codes. Heavy
 libraries (torch, faiss, transformers) are imported inside the commands, never at start-up.
 
 Exit codes: 0 success; 1 runtime error; 2 bad usage or input (missing folder, empty query,
 unreadable query image); 3 no index here, or the index was built with another encoder;
-4 a model could not be loaded; 130 interrupted.
+4 a model could not be loaded; 5 another process is writing the index (``--wait`` waits for it);
+130 interrupted (Ctrl-C: an indexing run stops after the batch in flight and keeps what it did).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import os
 import sys
 
-from indexer.cli import everyday, lab, tags
+from indexer.cli import everyday, lab, maintenance, tags, teams
 from indexer.cli.args import EXIT_INTERRUPTED
 
 
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixquery", description="Index a photo folder and search it in plain words.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     everyday.register(sub)
+    maintenance.register(sub)
+    teams.register(sub)
     lab.register(sub)
     tags.register(sub)
     return parser

@@ -12,7 +12,7 @@ from pathlib import Path
 from retrieval.query import SIGNALS
 from retrieval.shipped import DEFAULTS, names
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INDEX, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INDEX, EXIT_MODEL, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,12 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
 
 
+def wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="if another pixquery process is writing this index, wait for it to finish "
+                        "(default: stop with a message, exit code 5)")
+
+
 def captioning(p: argparse.ArgumentParser) -> None:
     shipped = ", ".join(f"native:{n}" for n in names("captioner"))
     p.add_argument("--captioner", help=f"captioner: {shipped}, hf:Salesforce/blip-image-captioning-base, "
@@ -36,6 +42,10 @@ def captioning(p: argparse.ArgumentParser) -> None:
                                        f"(default: $PIXQUERY_CAPTIONER or {DEFAULTS['captioner']})")
     p.add_argument("--beam", type=int, default=3, help="beam size for captions (1 = greedy; default 3)")
     p.add_argument("--max-words", type=int, default=20, help="longest caption in words (default 20)")
+    p.add_argument("--tagger", help=f"tags and the zero-shot 'tags' signal: native:<tagger file> or none "
+                                    f"(default: $PIXQUERY_TAGGER or {DEFAULTS['tagger']})")
+    p.add_argument("--confidence", help=f"caption confidence: native:<confidence file> or none "
+                                        f"(default: $PIXQUERY_CONFIDENCE or {DEFAULTS['confidence']})")
 
 
 def weights(p: argparse.ArgumentParser) -> None:
@@ -62,6 +72,10 @@ def filters(p: argparse.ArgumentParser) -> None:
                    help="file type, e.g. jpg (repeat, or a comma list: --type jpg,png)")
     g.add_argument("--min-width", type=int, default=0, metavar="N", help="at least N pixels wide")
     g.add_argument("--min-height", type=int, default=0, metavar="N", help="at least N pixels high")
+    g.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="a condition on an imported catalogue field (pixquery meta import), e.g. category=shoes, "
+                        "price<50, released>=2024-01-01, title~linen (contains), brand=acme|zeta (any of); "
+                        "repeat: all must hold")
 
 
 def filters_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.storage.filters.Filters
@@ -81,7 +95,8 @@ def filters_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.storage.fi
 
     types = tuple(t.strip() for item in args.file_types for t in item.split(",") if t.strip())
     return Filters(folder=args.folder, glob=args.glob, after=day("after", args.after), before=day("before", args.before),
-                   file_types=types, min_width=args.min_width, min_height=args.min_height)
+                   file_types=types, min_width=args.min_width, min_height=args.min_height,
+                   where=tuple(getattr(args, "where", None) or ()))
 
 
 def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.EngineConfig
@@ -97,11 +112,17 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.Engi
         kwargs["device"] = args.device
     if args.cache_dir:
         kwargs["cache_dir"] = Path(args.cache_dir)
-    for name in ("batch_size", "workers"):
+    if getattr(args, "wait", False):
+        kwargs["wait_for_lock"] = True
+    for name in ("batch_size", "workers", "readers"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "captioner", None) is not None:
         kwargs["captioner"] = None if args.captioner.strip().lower() in ("", "none", "off") else args.captioner
+    for name in ("tagger", "confidence"):
+        if getattr(args, name, None) is not None:
+            value = getattr(args, name).strip()
+            kwargs[name] = None if value.lower() in ("", "none", "off") else value
     if getattr(args, "beam", None) is not None:
         from captioning.captioner import DecodeOptions
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from indexer.cli.args import (
-    EXIT_OK, EXIT_USAGE, captioning, common, config_from, filters, filters_from, weights, weights_from,
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, captioning, common, config_from, filters, filters_from, wait, weights,
+    weights_from,
 )
 from retrieval.query import MODES
 
@@ -37,15 +38,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="index a folder of images (incremental)")
     p.add_argument("folder", help="folder to index, recursively")
     p.add_argument("--rebuild", action="store_true", help="drop this index and embed everything again")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding threads or processes (default 2 on a CPU, most cores beside a GPU)")
+    p.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                   help="decode on threads or on worker processes (default auto: processes beside a GPU)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="read and embed on a Ray cluster (pip install 'pixquery[ray]'): HOST:PORT, ray://HOST:PORT, "
+                        "auto, or nothing for $RAY_ADDRESS or the Ray on this machine (started if none); the photos must be at "
+                        "the same paths on every node")
+    p.add_argument("--ray-actors", type=int, metavar="N", help="model actors on the cluster (default: one per GPU, "
+                                                                "else one per CPU)")
+    wait(p)
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_index)
 
     p = sub.add_parser("recaption", help="caption every indexed image again (after a captioner change)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
+    wait(p)
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_recaption)
@@ -53,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="print a caption for each image (no index needed)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
     common(p)
     captioning(p)
     p.set_defaults(handler=cmd_caption)
@@ -67,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fused (default)")
     weights(p)
     p.add_argument("--threshold", type=float, help="leave out results scoring below this")
+    p.add_argument("--explain", action="store_true",
+                   help="say why each result matched: caption words, what each signal added, filters")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     filters(p)
     common(p)
@@ -114,7 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ui)
 
 
-def _print_summary(s, out=sys.stdout) -> None:
+def _print_summary(s, out=None) -> None:
+    out = out or sys.stdout  # looked up now: a default argument would keep the stream of import time
     print(f"indexed {s.root}: {s.files_seen} image files, {s.total_images} in the index", file=out)
     print(f"  new {s.new}, changed {s.changed}, moved {s.moved}, copies {s.copied}, unchanged {s.unchanged}, "
           f"touched {s.touched}, deleted {s.deleted}, skipped {s.skipped}", file=out)
@@ -127,17 +142,32 @@ def _print_summary(s, out=sys.stdout) -> None:
         print(f"  tagged {s.tagged} images (the others had no confident class)", file=out)
     if s.embedded:
         print(f"  embedded {s.embedded} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)", file=out)
+    if getattr(s, "ray_address", None) and s.sent_to_ray + s.from_shards:
+        print(f"  on Ray ({s.ray_address}, {s.actors} actors): {s.sent_to_ray} files read by the workers, "
+              f"{s.from_shards} taken from the shards of a stopped run", file=out)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from indexer.cli.interrupts import stop_on_interrupt
     from indexer.engine import Engine
 
     with Engine(config_from(args)) as engine:
-        summary = engine.index(args.folder, rebuild=args.rebuild)
+        if args.ray is not None:  # (Ctrl-C stops a Ray run at once; its last checkpoint stays)
+            from indexer.indexing.distributed import RayOptions, index_on_ray
+
+            options = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
+            summary = index_on_ray(engine, args.folder, options, rebuild=args.rebuild)
+        else:
+            with stop_on_interrupt() as stop:
+                summary = engine.index(args.folder, rebuild=args.rebuild, stop=stop)
     if args.json:
         print(summary.to_json())
     else:
         _print_summary(summary)
+    if summary.interrupted:
+        print("pixquery: interrupted; what was indexed is kept: run the same command again to carry on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -145,7 +175,7 @@ def _tag_line(tags) -> str:
     return ", ".join(f"{t.name} {t.probability:.2f}" for t in tags)
 
 
-def _print_hits(hits, out=None) -> None:
+def _print_hits(hits, out=None, reasons: dict[int, str] | None = None) -> None:
     """Rank, score and path of each hit; then its caption and tags. A caption rated uncertain comes after
     the tags and is marked so (the tags are what the photo surely shows)."""
     out = out or sys.stdout
@@ -160,6 +190,8 @@ def _print_hits(hits, out=None) -> None:
             print(f"           tags: {_tag_line(h.tags)}", file=out)
         if uncertain:
             print(f"           (uncertain caption, confidence {h.caption_confidence:.2f}) {h.caption}", file=out)
+        if reasons and reasons.get(h.id):
+            print(f"           why: {reasons[h.id]}", file=out)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -173,14 +205,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode, weights=weights,
                              filters=filters, threshold=args.threshold)
         untagged = engine.untagged() if engine.tagger is not None else 0
+        reasons = ({e.id: e.text for e in engine.explain(hits, args.query, args.mode, filters)}
+                   if args.explain else {})
     if untagged and not args.json:
         print(f"pixquery: note: {untagged} images of this index have no tags yet, so ranking does not use them "
               f"for those; add them with: pixquery retag", file=sys.stderr)
     if args.json:
+        results = [h.to_dict() | ({"explanation": reasons[h.id]} if h.id in reasons else {}) for h in hits]
         print(json.dumps({"query": args.query, "image": args.image, "mode": args.mode, "k": args.k,
-                          "weights": weights.to_dict(), "results": [h.to_dict() for h in hits]}))
+                          "weights": weights.to_dict(), "filters": filters.describe(), "results": results}))
     else:
-        _print_hits(hits)
+        _print_hits(hits, reasons=reasons)
     return EXIT_OK
 
 
@@ -221,12 +256,18 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def cmd_recaption(args: argparse.Namespace) -> int:
+    from indexer.cli.interrupts import stop_on_interrupt
     from indexer.engine import Engine
 
-    with Engine(config_from(args)) as engine:
-        counts = engine.recaption()
-    print(f"captioned {counts['captioned']} of {counts['images']} images ({counts['tagged']} given tags); "
+    with Engine(config_from(args)) as engine, stop_on_interrupt() as stop:
+        counts = engine.recaption(stop=stop)
+    done = f" ({counts['already_done']} already done by an interrupted run)" if counts["already_done"] else ""
+    print(f"captioned {counts['captioned']} of {counts['images']} images{done} ({counts['tagged']} given tags); "
           f"{counts['failed']} could not be read")
+    if counts["interrupted"]:
+        print("pixquery: interrupted; the new captions so far are kept: run the same command again to carry on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -238,11 +279,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     config = config_from(args)
     if not config.captioner:
         raise InputError("no captioner configured: pass --captioner NAME")
-    captioner = Engine(config).captioner
+    engine = Engine(config)
+    captioner, batch = engine.captioner, engine.batch_size
     results, failed = [], 0
-    for start in range(0, len(args.images), config.batch_size):
+    for start in range(0, len(args.images), batch):
         chunk, images = [], []
-        for path in args.images[start:start + config.batch_size]:
+        for path in args.images[start:start + batch]:
             try:
                 images.append(load_image(Path(path)).image)
                 chunk.append(path)
@@ -291,12 +333,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
                                                          if conf["unrated"] else ""))
     elif stats["captioned"]:
         print("caption confidence: not rated (rate the captions with: pixquery retag)")
+    for line in vector_lines(stats.get("vector_index") or {}):
+        print(line)
     if stats["last_run"]:
         lr = stats["last_run"]
         print(f"last run {lr['started_at']} on {lr['root']}")
     for item in stats.get("skipped_files", []):
         print(f"  skipped {item['path']}: {item['reason']}")
     return EXIT_OK
+
+
+def vector_lines(vi: dict) -> list[str]:
+    """``pixquery stats``'s lines about the vector search structures (see Engine.stats)."""
+    out = []
+    for kind in ("images", "captions"):
+        d = vi.get(kind)
+        if not d:
+            continue
+        if d["kind"] == "flat":
+            out.append(f"{kind[:-1]} vectors: exact search (flat), {d['stored_rows']} stored rows")
+            continue
+        recall = d.get("recall_at_10")
+        out.append(f"{kind[:-1]} vectors: approximate, {d['factory']} over {d['approximate_vectors']} vectors "
+                   f"({d['file_mb']} MB), nprobe {d['nprobe']}, short list {d['refine']} x k re-ranked exactly; "
+                   + (f"recall@10 {recall} against exact on {d['recall_queries']} queries when trained at "
+                      f"{d['trained_at_n']} vectors" if recall is not None else "recall not measured"))
+    return out
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

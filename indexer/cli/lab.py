@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
+from indexer.cli.scale import bases_from, register_bench as register_ann_bench, vector_source
+from indexer.cli.teams_lab import register_bench, register_eval
 from indexer.cli.args import EXIT_OK, captioning, common, config_from, weights, weights_from
 from retrieval.query import MODES
 from retrieval.shipped import DEFAULTS
@@ -55,6 +58,7 @@ def _eval_parsers(sub: argparse._SubParsersAction) -> None:
     common(e)
     captioning(e)
     e.set_defaults(handler=eval_captions)
+    register_eval(esub)
 
 
 def eval_captions(args: argparse.Namespace) -> int:
@@ -113,20 +117,35 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
         b = bsub.add_parser(what, help=text)
         b.add_argument("folder")
         b.add_argument("--limit", type=int, default=1000)
-        b.add_argument("--batch-size", type=int, default=32)
-        b.add_argument("--workers", type=int, default=2)
+        b.add_argument("--batch-size", type=int, default=None, help="default 256 on a GPU, 32 on a CPU")
+        b.add_argument("--workers", type=int, default=None,
+                       help="decoding threads or processes (default 2 on a CPU, most cores beside a GPU)")
+        if what == "index":
+            b.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                           help="index on a Ray cluster, as pixquery index --ray (default address: a local Ray)")
+            b.add_argument("--ray-actors", type=int, metavar="N", help="model actors (default: one per GPU or CPU)")
+            b.add_argument("--readers", choices=("auto", "threads", "processes"), default="auto",
+                           help="decode on threads or worker processes (default auto: processes beside a GPU)")
+            b.add_argument("--naive", type=int, default=100, metavar="N",
+                           help="also time a naive one-image-at-a-time loop on the first N images (0: no)")
+            b.add_argument("--large", metavar="DIR",
+                           help="benchmark 4000x3000 JPEG copies of the images instead, written into DIR "
+                                "(kept there for the next run): the 12-megapixel test set")
         common(b)
         captioning(b)
         b.set_defaults(handler=handler)
     b = bsub.add_parser("search", help="time cold 'pixquery search' processes against an index")
     b.add_argument("query", nargs="?", default="a dog running on the grass")
     b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--baseline", metavar="CMD",
+                   help="also time this command line (e.g. \"rclip -n 10 'a dog'\"), alternating with pixquery")
     common(b)
     b.set_defaults(handler=bench_search)
     b = bsub.add_parser("latency", help="warm per-query latency of every ranking mode on a synthetic index")
     b.add_argument("--images", type=int, default=100_000, help="synthetic images when --db does not exist yet")
     b.add_argument("--passes", type=int, default=5, help="times each of the 20 benchmark queries runs per mode")
     b.add_argument("--modes", default=",".join(MODES))
+    vector_source(b)
     common(b)
     b.set_defaults(handler=bench_latency)
     b = bsub.add_parser("checkpoints", help="time indexing checkpoints while a synthetic index grows to N images")
@@ -147,12 +166,20 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
     common(b)
     captioning(b)
     b.set_defaults(handler=bench_ui)
+    register_bench(bsub)
+    register_ann_bench(bsub)
 
 
 def bench_index(args: argparse.Namespace) -> int:
-    from indexer.lab.bench import bench_index as run
+    from indexer.lab.bench_index import bench_index as run
 
-    print(json.dumps(run(Path(args.folder), args.limit, config_from(args))))
+    ray = None
+    if args.ray is not None:
+        from indexer.indexing.distributed import RayOptions
+
+        ray = RayOptions(address=args.ray, actors=args.ray_actors, verbose=args.verbose)
+    print(json.dumps(run(Path(args.folder), args.limit, config_from(args), ray=ray, naive=args.naive,
+                         large=Path(args.large) if args.large else None)))
     return EXIT_OK
 
 
@@ -166,7 +193,7 @@ def bench_caption(args: argparse.Namespace) -> int:
 def bench_search(args: argparse.Namespace) -> int:
     from indexer.lab.bench import bench_search as run
 
-    print(json.dumps(run(config_from(args).index_dir, args.query, args.runs)))
+    print(json.dumps(run(config_from(args).index_dir, args.query, args.runs, baseline=args.baseline)))
     return EXIT_OK
 
 
@@ -183,7 +210,9 @@ def bench_latency(args: argparse.Namespace) -> int:
     _own_db(args, "latency")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     config = config_from(args)
-    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes)))
+    bases = bases_from(args, config, "latency")
+    log = None if args.quiet else (lambda line: print(f"building: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(run(config.index_dir, args.images, config, args.passes, modes, bases, log)))
     return EXIT_OK
 
 
@@ -288,7 +317,7 @@ def _train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--group-precision", type=float, default=0.95, help="target precision of group tags on train")
     common(t)
     t.set_defaults(handler=train_tagger)
-    t = tsub.add_parser("confidence", help="fit the caption confidence on Flickr8k train, calibrate it on half of dev",
+    t = tsub.add_parser("confidence", help="fit the caption confidence on Flickr8k train only (dev is only reported on)",
                         description="Caption Flickr8k train and dev with the captioner, measure each caption against "
                                     "its image (joint-encoder agreement, the captioner's likelihood, agreement with "
                                     "the tags), and fit a logistic regression on train that predicts whether the "

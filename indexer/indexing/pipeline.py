@@ -1,7 +1,8 @@
 """One incremental indexing run: reader threads -> model stage -> writer, in bounded batches.
 
 What happens to each file is decided by ``plan.py`` (the decision table of docs/ARCHITECTURE.md);
-this module carries the decisions out: it reads files on threads (``reader.py``), runs the models on
+this module carries the decisions out: it reads files on threads or decoding processes (``reader.py``,
+``procreader.py``), runs the models on
 batches of new content (``models.py``), copies the vectors of content the index already holds, and
 hands everything to the :class:`~indexer.indexing.writer.BatchWriter`, which checkpoints it. Moves
 and copies carry the caption and its vectors along; an empty caption is never stored.
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,9 +26,10 @@ from tqdm import tqdm
 
 from indexer.errors import InputError
 from indexer.indexing import plan
-from indexer.indexing.discover import discover
-from indexer.indexing.models import ImageModels
-from indexer.indexing.reader import ReadResult, read_in_order
+from indexer.indexing.discover import FileEntry, discover
+from indexer.indexing.models import BatchOutput, ImageModels
+from indexer.indexing.procreader import reading
+from indexer.indexing.reader import ReadResult
 from indexer.indexing.writer import BatchWriter
 from indexer.storage.bundle import Payload, VectorBundle
 from indexer.storage.schema import ImageRow, SkippedRow, utcnow
@@ -55,6 +58,10 @@ class IndexSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     total_images: int = 0
+    # seconds per stage: read and decode summed over the reader threads or processes; wait (the model
+    # stage waiting for readers), model, memories, caption, caption_embed and write on the main thread
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False  # stopped early (Ctrl-C): what was done is committed, the next run carries on
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -64,15 +71,27 @@ def stack_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(t is None for t in tensors) else torch.stack(tensors)
 
 
+def embed(models: ImageModels, decoded: list[ReadResult],
+          codes: bool = False) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
+    """The model stage for decoded files -> (outputs, positions of the non-empty captions, their text vectors);
+    ``codes``: scorer memories as the index's 8-bit codes (``ImageModels.run``), else float32."""
+    out = models.run(models.collate([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]),
+                     codes)
+    return out, out.caption_where, out.caption_vectors
+
+
 class Indexer:
     """Runs one incremental indexing pass of a folder into a store and its vectors."""
 
     def __init__(
         self, store: Store, vectors: VectorBundle, models: ImageModels,
         batch_size: int = 32, workers: int = 2, checkpoint_every: int = 1024, progress: bool = True,
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None, stop: threading.Event | None = None,
+        processes: bool = False,
     ) -> None:
         self.store, self.vectors, self.models = store, vectors, models
+        self.stop = stop  # set from outside (Ctrl-C): finish the batch in flight, commit, return
+        self.processes = processes  # decode on worker processes (procreader.reading) instead of threads
         self.on_progress = on_progress  # called as on_progress(files done, files to do) from the running thread
         self.batch_size, self.workers = batch_size, max(1, workers)
         self.checkpoint_every, self.progress = checkpoint_every, progress
@@ -80,17 +99,23 @@ class Indexer:
         self.captioner_fp = models.captioner.info.fingerprint if models.captioner else None
         self.tagger_fp = models.tagger_fingerprint
 
-    def run(self, root: str | Path) -> IndexSummary:
+    def run(self, root: str | Path, runner: Callable[["Indexer", Path], "Run"] | None = None) -> IndexSummary:
+        """Index ``root``; ``runner(indexer, root)`` builds the run (default :class:`Run`, in this process)."""
         root_path = Path(root).expanduser()
         if not root_path.exists():
             raise InputError(f"folder {root_path} does not exist")
         if not root_path.is_dir():
             raise InputError(f"{root_path} is not a folder")
-        return _Run(self, root_path.resolve()).execute()
+        return (runner or Run)(self, root_path.resolve()).execute()
 
 
-class _Run:
-    """The state of one run: what the index held when it started, and what the run has done so far."""
+class Run:
+    """The state of one run: what the index held when it started, and what the run has done so far.
+
+    Two stages can be replaced (``indexing/distributed.py`` runs them on a Ray cluster): :meth:`_read`
+    (files -> read, hashed, decoded results, in order) and :meth:`_embed` (the model stage of a batch).
+    Everything else (the decisions, ids, copies, writes) stays here.
+    """
 
     def __init__(self, indexer: Indexer, root: Path) -> None:
         self.ix, self.root = indexer, root
@@ -103,6 +128,7 @@ class _Run:
         self.stash_tags: dict[str, tuple[ImageRow, list[tuple[int, float]] | None]] = {}  # ... their tags, likewise
         self.done = 0
         self.bar: tqdm | None = None
+        self.stages: Counter[str] = Counter()
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self) -> IndexSummary:
@@ -131,27 +157,50 @@ class _Run:
         self.bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not ix.progress or not todo)
         try:
             self._advance(0)
-            known = frozenset(self.by_hash)
-            window = max(ix.batch_size * 2, ix.workers * 4)
-            with ThreadPoolExecutor(max_workers=ix.workers) as pool:
-                for res in read_in_order(pool, ((f.path, f) for f in todo), ix.models, known, window):
+            models_before = Counter(ix.models.seconds)
+            with closing(self._read(todo, frozenset(self.by_hash))) as reads:  # readers stop on errors too
+                while True:
+                    t0 = time.perf_counter()
+                    res = next(reads, None)
+                    self.stages["wait"] += time.perf_counter() - t0
+                    if res is None:
+                        break
+                    self.stages["read"] += res.read_s
+                    self.stages["decode"] += res.decode_s
                     self._handle(res)
-                self._flush()
-            # files that disappeared (and were not moved) leave the index
-            self.writer.delete([r.id for r in self.gone.values()])
-            on_disk = {f.path for f in files}
-            s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
-            for path in triage.vanished_skips:
-                self.writer.unskip(path)
+                    if ix.stop is not None and ix.stop.is_set():
+                        s.interrupted = True
+                        reads.close()  # files queued for reading are dropped
+                        break
+            self._flush()
+            if not s.interrupted:
+                # files that disappeared (and were not moved) leave the index; after an interruption they
+                # stay until a run sees the whole folder (one may be a move not reached yet)
+                self.writer.delete([r.id for r in self.gone.values()])
+                on_disk = {f.path for f in files}
+                s.deleted = sum(1 for r in self.gone.values() if r.path not in on_disk)
+                for path in triage.vanished_skips:
+                    self.writer.unskip(path)
+            t0 = time.perf_counter()
             self.writer.checkpoint()
+            self.stages["write"] += time.perf_counter() - t0
+            self.stages.update(Counter(ix.models.seconds) - models_before)
         finally:
             self.bar.close()
+        s.stage_seconds = {k: round(v, 3) for k, v in sorted(self.stages.items())}
         s.skipped_reasons = dict(self.reasons)
         s.seconds = round(time.time() - self.t0, 3)
         s.images_per_second = round(s.embedded / s.seconds, 2) if s.seconds else 0.0
         s.total_images = len(ix.vectors)
         ix.store.finish_run(self.run_id, s.to_json())
         return s
+
+    def _read(self, todo: list[FileEntry], known: frozenset[str]) -> Iterator[ReadResult]:
+        """Each file of ``todo``, in order: read and hashed, and decoded when its hash is not ``known``."""
+        ix = self.ix
+        window = max(ix.batch_size * 2, ix.workers * 4)
+        with reading(ix.models, ix.workers, known, window, ix.processes) as read:
+            yield from read((f.path, f) for f in todo)
 
     def _advance(self, n: int) -> None:
         self.done += n
@@ -259,13 +308,13 @@ class _Run:
         if not self.batch:
             return
         ix, batch = self.ix, self.batch
-        out = ix.models.run(torch.stack([r.pixels for r, _, _ in batch]),
-                            stack_or_none([r.cap_pixels for r, _, _ in batch]))
+        out, where, cap_vecs = self._embed(batch)
+        t0 = time.perf_counter()
         ids = np.array([rid for _, rid, _ in batch], dtype=np.int64)
         for _, _, old in batch:
             if old is not None:
                 self._keep_old(old)
-        ix.vectors.add(ids, out.vectors, ids[out.caption_where], out.caption_vectors, out.memories)
+        ix.vectors.add(ids, out.vectors, ids[where], cap_vecs, out.memories)
         for k, ((res, rid, old), caption) in enumerate(zip(batch, out.captions)):
             self.summary.captioned += caption is not None
             self.writer.row(self._row(res, rid, caption, self.ix.captioner_fp, out.confidence[k],
@@ -279,3 +328,9 @@ class _Run:
         self._advance(len(batch))
         self.batch = []
         self.writer.maybe_checkpoint()
+        self.stages["write"] += time.perf_counter() - t0
+
+    def _embed(self, batch: list[tuple[ReadResult, int, ImageRow | None]]
+               ) -> tuple[BatchOutput, np.ndarray, np.ndarray]:
+        """The model stage of a batch -> (its outputs, positions of the non-empty captions, their vectors)."""
+        return embed(self.ix.models, [res for res, _, _ in batch], codes=True)

@@ -4,6 +4,7 @@ Before any file is read, :func:`triage` sorts what the folder holds against what
 
 | the run sees                                            | decision                         |
 |---------------------------------------------------------|----------------------------------|
+| a problem found while listing (broken link, not UTF-8...) | read stage skips it, every run   |
 | known path, same size and mtime                         | ``unchanged``: nothing is read   |
 | unknown path skipped before, same size and mtime        | ``skipped`` again, not retried   |
 | indexed under this root, gone from disk                 | ``deleted`` (unless a move claims it) |
@@ -75,6 +76,9 @@ def triage(root: str, files: Sequence[FileEntry], rows: Sequence[IndexedFile],
     on_disk = {f.path for f in files}
     out = Triage()
     for f in files:
+        if f.problem is not None:  # known without reading (a broken link, ...): decided afresh every run
+            out.to_read.append(f)
+            continue
         row = by_path.get(f.path)
         if row is not None and row.byte_size == f.size and row.mtime == f.mtime:
             out.unchanged.append(f)
@@ -125,5 +129,6 @@ def decide(error: str | None, content_hash: str | None, old: IndexedFile | None,
 
 
 def reason_kind(message: str) -> str:
-    """The short kind of a skip reason, e.g. "not a readable image" (what the run's summary counts)."""
-    return message.split("(", 1)[-1].split(":", 1)[0] if "(" in message else "unreadable"
+    """The short kind of a skip reason, e.g. "not a readable image" (what the run's summary counts): reasons
+    read "<kind> (<details>)", possibly after "<file>: "."""
+    return message.split(" (", 1)[0].rsplit(": ", 1)[-1].strip() or "unreadable"

@@ -9,10 +9,10 @@ most the images since the last checkpoint, which are simply tagged by the next r
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
 from tqdm import tqdm
 
 from indexer.errors import InputError
@@ -30,15 +30,19 @@ class RetagCounts:
     tagged: int = 0  # of them, given at least one tag
     rated: int = 0  # captions given a confidence
     failed: int = 0  # files that could not be read or decoded: they keep what they had
+    interrupted: bool = False  # stopped early (Ctrl-C): run again to carry on (tagged images are kept)
 
     def to_dict(self) -> dict:
-        return {"images": self.images, "tagged": self.tagged, "rated": self.rated, "failed": self.failed}
+        return {"images": self.images, "tagged": self.tagged, "rated": self.rated, "failed": self.failed,
+                "interrupted": self.interrupted}
 
 
 def retag(store: Store, vectors: VectorBundle, models: ImageModels, batch_size: int = 32, workers: int = 2,
-          checkpoint_every: int = 1024, progress: bool = True, everything: bool = False) -> RetagCounts:
+          checkpoint_every: int = 1024, progress: bool = True, everything: bool = False,
+          stop: threading.Event | None = None) -> RetagCounts:
     """Tag (and rate the captions of) the images that lack this tagger's tags or whose caption has no
-    confidence yet; ``everything``: all of them."""
+    confidence yet; ``everything``: all of them. ``stop``: when set, the batch in flight is finished and
+    committed, and the counts say ``interrupted``."""
     if models.tagger is None:
         raise InputError("tags need the native encoder's image tower (this index was built with another encoder)")
     fingerprint = models.tagger_fingerprint
@@ -53,7 +57,7 @@ def retag(store: Store, vectors: VectorBundle, models: ImageModels, batch_size: 
     def flush() -> None:
         if not pending:
             return
-        classes, confidence = models.tag_only(torch.stack([r.pixels for _, r in pending]),
+        classes, confidence = models.tag_only(models.collate([r.pixels for _, r in pending]),
                                               [row.caption for row, _ in pending])
         for (row, _), cls, conf in zip(pending, classes, confidence):
             row.tagger, row.caption_confidence = fingerprint, conf
@@ -68,14 +72,19 @@ def retag(store: Store, vectors: VectorBundle, models: ImageModels, batch_size: 
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             jobs = ((r.path, None) for r in rows)
-            for row, res in zip(rows, read_in_order(pool, jobs, models, None, max(batch_size * 2, workers * 4))):
+            reads = read_in_order(pool, jobs, models, None, max(batch_size * 2, workers * 4))
+            for row, res in zip(rows, reads):
                 if res.error is not None:
                     counts.failed += 1
                     bar.update(1)
-                    continue
-                pending.append((row, res))
-                if len(pending) >= batch_size:
-                    flush()
+                else:
+                    pending.append((row, res))
+                    if len(pending) >= batch_size:
+                        flush()
+                if stop is not None and stop.is_set():
+                    counts.interrupted = True
+                    reads.close()
+                    break
             flush()
         writer.checkpoint()
     finally:

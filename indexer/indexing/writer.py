@@ -43,6 +43,12 @@ class BatchWriter:
         """Replace the stored classes (tags) of image ``row_id`` (an empty list: it has none)."""
         self.batch.classes[int(row_id)] = list(classes)
 
+    def insert(self, rows: list[dict]) -> None:
+        """New image rows in bulk, as {column: value} (ids and paths unused; a synthetic benchmark index)."""
+        self.batch.inserts.extend(rows)
+        self._next_id = max(self._next_id, max((int(r["id"]) for r in rows), default=0) + 1)
+        self._since += len(rows)
+
     def skip(self, skip: SkippedRow) -> None:
         self.batch.skips.append(skip)
 

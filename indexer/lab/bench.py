@@ -1,7 +1,6 @@
 """``pixquery bench``: timings that docs/BENCHMARKS.md quotes, measured the way users run things.
 
-* ``bench index``: index N images of a folder into a fresh temporary index, end to end
-  (discovery, hashing, decoding, embedding, writing), and report images/s and peak memory.
+* ``bench index``: see ``indexer/lab/bench_index.py`` (end to end, per stage, against a naive loop).
 * ``bench caption``: caption N images of a folder (decode + backbone + batched beam search) and
   report images/s; no index involved.
 * ``bench search``: start ``pixquery search`` as a new process R times against an index and
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -43,44 +40,45 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def bench_index(folder: Path, limit: int, config: EngineConfig) -> dict:
-    files = discover(folder.expanduser().resolve()) if folder.is_dir() else []
-    if not files:
-        raise InputError(f"no images to benchmark under {folder}")
-    files = files[:limit]
-    with tempfile.TemporaryDirectory(prefix="pixquery-bench-") as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / "images").mkdir()
-        for i, f in enumerate(files):
-            os.symlink(f.path, tmp_path / "images" / f"{i:07d}{Path(f.path).suffix.lower()}")
-        cfg = replace(config, index_dir=tmp_path / "index")
-        with Engine(cfg) as engine:
-            t0 = time.perf_counter()
-            engine.encoder.encode_images([Image.new("RGB", (8, 8))])  # load the model before timing indexing
-            load_s = time.perf_counter() - t0
-            summary = engine.index(tmp_path / "images")
-            total_s = time.perf_counter() - t0
-    return {"images": summary.embedded, "encoder": engine.encoder.info.name, "model_load_s": round(load_s, 2),
-            "index_s": summary.seconds, "images_per_s": summary.images_per_second,
-            "end_to_end_images_per_s": round(summary.embedded / total_s, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "batch_size": cfg.batch_size, "workers": cfg.workers, "machine": machine()}
+def _time(cmd: list[str], what: str) -> float:
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise InputError(f"cannot run {what} {cmd[0]!r}: {exc.strerror or exc}") from None
+    seconds = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise InputError(f"{what} failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+    return seconds
 
 
-def bench_search(index_dir: Path, query: str, runs: int) -> dict:
+def _summary(times: list[float]) -> dict:
+    return {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
+            "max_s": round(max(times), 3)}
+
+
+def bench_search(index_dir: Path, query: str, runs: int, baseline: str | None = None) -> dict:
+    """Cold ``pixquery search`` processes; with ``baseline`` (a shell-style command line, e.g.
+    ``rclip -n 10 'a dog'``), that command too, alternating with pixquery run by run (a drifting
+    machine then hits both alike), and the ratio of the medians."""
     exe = shutil.which("pixquery")
     cmd = [exe] if exe else [sys.executable, "-m", "indexer.cli"]
     cmd += ["search", query, "-k", "10", "--db", str(index_dir), "-q"]
-    times = []
+    base = shlex.split(baseline) if baseline else None
+    if base == []:
+        raise InputError("--baseline is empty: give the command line to compare with")
+    times, base_times = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        times.append(time.perf_counter() - t0)
-        if out.returncode != 0:
-            raise InputError(f"pixquery search failed: {out.stderr.strip()}")
-    return {"query": query, "runs": runs, "cold_process_s_median": round(statistics.median(times), 3),
-            "cold_process_s_min": round(min(times), 3), "cold_process_s_max": round(max(times), 3),
-            "machine": machine()}
+        times.append(_time(cmd, "pixquery search"))
+        if base:
+            base_times.append(_time(base, "the baseline"))
+    report = {"query": query, "runs": runs, "cold_process_s_median": round(statistics.median(times), 3),
+              "cold_process_s_min": round(min(times), 3), "cold_process_s_max": round(max(times), 3)}
+    if base:
+        report["baseline"] = {"command": baseline, **_summary(base_times)}
+        report["pixquery_over_baseline"] = round(statistics.median(times) / statistics.median(base_times), 2)
+    report["machine"] = machine()
+    return report
 
 
 def bench_caption(folder: Path, limit: int, config: EngineConfig) -> dict:
@@ -96,18 +94,19 @@ def bench_caption(folder: Path, limit: int, config: EngineConfig) -> dict:
     if not files:
         raise InputError(f"no images to benchmark under {folder}")
     t0 = time.perf_counter()
-    captioner = Engine(config).captioner
+    engine = Engine(config)
+    captioner, batch = engine.captioner, engine.batch_size
     captioner.caption_images([Image.new("RGB", (8, 8))], config.decode)  # load every part before timing
     load_s = time.perf_counter() - t0
     prep = lambda f: captioner.preprocess(load_image(f.path).image)  # noqa: E731
     t0 = time.perf_counter()
     lengths = []
-    with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        for start in range(0, len(files), config.batch_size):
-            pixels = torch.stack(list(pool.map(prep, files[start:start + config.batch_size])))
+    with ThreadPoolExecutor(max_workers=engine.workers) as pool:
+        for start in range(0, len(files), batch):
+            pixels = torch.stack(list(pool.map(prep, files[start:start + batch])))
             lengths += [len(c.split()) for c in captioner.caption_pixels(pixels, config.decode)]
     seconds = time.perf_counter() - t0
     return {"images": len(files), "captioner": captioner.info.name, "beam": config.decode.beam_size,
             "model_load_s": round(load_s, 2), "seconds": round(seconds, 2),
             "images_per_s": round(len(files) / seconds, 2), "mean_words": round(float(np.mean(lengths)), 2),
-            "batch_size": config.batch_size, "device": str(captioner.device), "machine": machine()}
+            "batch_size": batch, "device": str(captioner.device), "machine": machine()}

@@ -17,7 +17,7 @@ from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError
 from indexer.lab.bench import machine
-from indexer.lab.bench_latency import synthetic_row, synthetic_rows
+from indexer.lab.bench_latency import add_synthetic, synthetic_rows
 from indexer.storage.schema import utcnow
 
 
@@ -33,9 +33,7 @@ def bench_checkpoints(config: EngineConfig, n: int, every: int = 1024) -> dict:
         timings: list[tuple[int, float]] = []  # (images after the checkpoint, seconds)
         t_all = time.perf_counter()
         for ids, image, caption, memories, texts in synthetic_rows(engine, n, chunk=every):
-            writer.vectors.add(ids, image, ids, caption, memories)
-            for i, text in zip(ids.tolist(), texts):
-                writer.row(synthetic_row(i, text, fingerprint, now))
+            add_synthetic(writer, ids, image, caption, memories, texts, fingerprint, now)
             t0 = time.perf_counter()
             writer.checkpoint()
             timings.append((int(ids[-1]), time.perf_counter() - t0))

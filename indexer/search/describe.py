@@ -14,7 +14,7 @@ class ImageDescription:
     id: int
     path: str
     caption: str | None
-    caption_confidence: float | None  # calibrated probability that the caption is good (None: not rated)
+    caption_confidence: float | None  # probability that the caption is good, fitted on train (None: not rated)
     caption_is_confident: bool | None  # against the index's threshold (None: not rated, e.g. an older index)
     tags: tuple[Tag, ...]  # most likely first; empty: no confident class, or the image was never tagged
     tagged: bool  # whether the image was tagged at all (False: an index from before tags; pixquery retag)

@@ -6,6 +6,8 @@
                 a pool of candidates, storage/pool_keywords.py with the index's term statistics)
     likelihood  log P(query | image) under the caption decoder            (the scorer's stored memories)
     match       the match head's logit for the query and the decoder memory (the same memories)
+    meta        BM25 of the query words in the imported catalogue text (SKU, title, brand...; the
+                store's catalogue keyword index; off unless the ``meta`` weight is set)
     tags        zero-shot score of the query against the image's classifier classes (ConSE over the
                 stored classes, search/tag_signal.py), its weight scaled by the query's gate
 
@@ -30,27 +32,58 @@ caption mentions them (an FTS5 match over the candidates' captions); weighted te
 their own embedding and BM25 with that weight.
 Filters arrive as the allowed ids and are applied inside each search, so k results come back
 whenever k images match.
+
+Relevance feedback arrives as a :class:`Feedback`: the query vector has already been moved towards the
+good images and away from the bad ones (``retrieval.fusion.feedback_vector``); here the bad images, and
+every candidate whose image is a near copy of one (``retrieval.fusion.near_bad``), are left out.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
 from indexer.search.tag_signal import TagQuery, TagSignal
-from retrieval.fusion import Ranked, add_relative, first_stage, stage_total
+from retrieval.fusion import (
+    NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
+)
 from retrieval.query import SECOND_STAGE, FusionWeights, ParsedQuery
-from retrieval.query_parser import excluded_phrases, keyword_phrases, keyword_pieces
+from retrieval.query_parser import excluded_phrases, keyword_phrases, keyword_pieces, phrase_of
 
 if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
     from captioning.captioner import TextScorer
     from retrieval.native.matcher import Matcher
     from retrieval.tagging import Tagger
+
+
+@dataclass
+class Feedback:
+    """Images the user marked bad: left out, with every candidate at least ``near`` similar to one of them
+    and closer to it than to any image marked good (a good image, and its own near copies, always stay)."""
+
+    bad_ids: frozenset[int] = frozenset()
+    bad: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # (B, D) unit image vectors
+    good_ids: frozenset[int] = frozenset()
+    good: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # (G, D)
+    near: float = NEAR_BAD
+
+    def drops(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """(n,) True for the candidates ``ids`` (image vectors (n, D)) that feedback leaves out."""
+        marked = np.array([int(i) in self.bad_ids for i in ids], dtype=bool)
+        kept = np.array([int(i) in self.good_ids for i in ids], dtype=bool)
+        near = near_bad(vectors, self.bad, self.near)
+        if near.any() and len(self.good):
+            to_bad = (np.asarray(vectors) @ np.asarray(self.bad).T).max(axis=1)
+            to_good = (np.asarray(vectors) @ np.asarray(self.good).T).max(axis=1)
+            near &= to_bad > to_good
+        return (marked | near) & ~kept
 
 
 class Ranker:
@@ -67,9 +100,10 @@ class Ranker:
         self.tags = TagSignal(store, tagger) if tagger is not None else None
 
     # --- single signals ------------------------------------------------------------------------
-    def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+    def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None,
+                    params: SearchParams | None = None) -> dict[int, float]:
         index = self.vectors.images if which == "image" else self.vectors.captions
-        scores, ids = index.search(q[None], n, ids=allowed)
+        scores, ids = index.search(q[None], n, ids=allowed, params=params)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
 
     def _keyword_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
@@ -91,6 +125,29 @@ class Ranker:
         with self._texts(among) as texts:
             found = self._pool_bm25(parsed, texts)
         return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
+
+    def _meta_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
+        """The best ``n`` images by BM25 of the query's terms in their catalogue text."""
+        catalogue = self.store.catalogue
+        if parsed is None or catalogue is None:
+            return {}
+        phrases = meta_phrases(parsed)
+        allowed_set = None if allowed is None else set(allowed.tolist())
+        return dict(catalogue.top(phrases, n, allowed_set)) if phrases else {}
+
+    def _meta_bm25(self, parsed: ParsedQuery, ids: list[int]) -> dict[int, float]:
+        """Weighted BM25 of the query's terms in the catalogue text of ``ids``, with the catalogue's term
+        statistics (a term that is a SKU such as ``AB-123`` counts as the phrase of its words)."""
+        catalogue = self.store.catalogue
+        if catalogue is None:
+            return {}
+        weights: dict[str, float] = {}
+        for term, w in parsed.terms:
+            phrase = phrase_of(term)
+            if phrase:
+                weights[phrase] = max(w, weights.get(phrase, w))
+        with PoolKeywords(self.store.catalogue_texts(ids)) as texts:
+            return texts.bm25(list(weights.items()), catalogue.doc_freq, max(1, catalogue.count()))
 
     def _texts(self, ids: list[int]) -> PoolKeywords:
         """The captions (and tags) of ``ids``, ready for keyword scoring and exclusion tests."""
@@ -138,27 +195,34 @@ class Ranker:
 
     # --- modes --------------------------------------------------------------------------------
     def rank(self, mode: str, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
-             allowed: np.ndarray | None = None, pool: int = 100, depth: int = 10) -> Ranked:
-        """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query)."""
+             allowed: np.ndarray | None = None, pool: int = 100, depth: int = 10,
+             feedback: Feedback | None = None, params: SearchParams | None = None) -> Ranked:
+        """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query).
+        ``params``: the vector searches' knobs (nprobe, refine, exact) for large, approximate indexes."""
         if mode == "fused":
-            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth)
+            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth, feedback, params)
         if mode == "tags" and (parsed is None or self.tags is None):
             return Ranked(np.zeros(0, dtype=np.int64), np.zeros(0), {})
         tq = self.tags.query(parsed.positive_text) if mode == "tags" else None
         want = k
         while True:  # fetch more until exclusions leave k, or the index runs out
             n = want + 8 * len(parsed.negative) if parsed else want
+            n += 8 * len(feedback.bad_ids) if feedback is not None else 0
             if mode == "keyword":
                 found = self._keyword_top(parsed, n, allowed)
             elif mode == "tags":
                 found = self.tags.ranked(tq, n, allowed)
             else:
-                found = self._vector_top(mode, q, n, allowed)
+                found = self._vector_top(mode, q, n, allowed, params)
             ids = list(found)
             drop: set[int] = set()
             if parsed is not None and parsed.negative and ids:
                 with self._texts(ids) as texts:
                     drop = self._excluded(parsed, texts)
+            if feedback is not None and ids:
+                have, vecs = self.vectors.images.reconstruct_present(np.asarray(ids, dtype=np.int64))
+                present = np.asarray(ids, dtype=np.int64)[have]
+                drop |= {int(i) for i in present[feedback.drops(present, vecs)]}
             kept = [i for i in ids if i not in drop]
             if len(kept) >= k or len(ids) < n:
                 break
@@ -182,58 +246,84 @@ class Ranker:
 
     def pool(self, q: np.ndarray, parsed: ParsedQuery | None, weights: FusionWeights,
              allowed: np.ndarray | None, pool: int,
+             feedback: Feedback | None = None, params: SearchParams | None = None,
              tq: TagQuery | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Fused mode's candidates (the union of each signal's best ``pool``, exclusions dropped) and
-        their image, caption, keyword and tags signals -> (ids (n,), {signal: (n,)}). ``weights``: as
-        :meth:`effective` made them for ``tq``."""
+        """Fused mode's candidates (the union of each signal's best ``pool``, exclusions and feedback's
+        rejects dropped) and their image, caption, keyword, tags (and meta) signals -> (ids (n,),
+        {signal: (n,)}). ``weights``: as :meth:`effective` made them for ``tq``."""
         w = weights
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
-        found_i = self._vector_top("image", q, pool, allowed) if w.image or w.likelihood else {}
-        found_c = self._vector_top("caption", q, pool, allowed) if w.caption and w.caption >= w.image / 2 else {}
+        found_i = self._vector_top("image", q, pool, allowed, params) if w.image or w.likelihood else {}
+        found_c = (self._vector_top("caption", q, pool, allowed, params)
+                   if w.caption and w.caption >= w.image / 2 else {})
         found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
+        found_m = self._meta_top(parsed, pool, allowed) if w.meta and parsed is not None else {}
         found_t = []
         if tq is not None and w.tags:
-            alone = not (w.image or w.caption or w.keyword or w.likelihood)
+            alone = not (w.image or w.caption or w.keyword or w.likelihood or w.meta)
             found_t = self.tags.candidates(tq, pool, allowed, force=alone)
-        ids = list(dict.fromkeys([*found_i, *found_c, *found_k, *found_t]))
+        ids = list(dict.fromkeys([*found_i, *found_c, *found_k, *found_m, *found_t]))
         if not ids:
             return np.zeros(0, dtype=np.int64), {}
         with self._texts(ids) as texts:
             drop = self._excluded(parsed, texts)
+            if w.meta and parsed is not None and parsed.negative and self.store.catalogue is not None:
+                with PoolKeywords(self.store.catalogue_texts(ids)) as meta_texts:
+                    drop |= self._excluded(parsed, meta_texts)
             cand = np.array([i for i in ids if i not in drop], dtype=np.int64)
             keyword = self._pool_bm25(parsed, texts) if parsed is not None else None
         if not len(cand):
             return cand, {}
-        image = self.vectors.images.reconstruct(cand) @ q  # (n,)
+        vecs = self.vectors.images.reconstruct(cand)  # (n, D)
+        if feedback is not None:
+            keep = ~feedback.drops(cand, vecs)
+            cand, vecs = cand[keep], vecs[keep]
+            if not len(cand):
+                return cand, {}
+        image = vecs @ q  # (n,)
         has_cap, cap_vecs = self.vectors.captions.reconstruct_present(cand)
         caption = np.full(len(cand), np.nan)
         caption[has_cap] = cap_vecs @ q
         signals = {"image": image, "caption": caption}
         if keyword is not None:
             signals["keyword"] = np.array([keyword.get(int(i), 0.0) for i in cand])
+        if w.meta and parsed is not None and self.store.catalogue is not None:
+            meta = self._meta_bm25(parsed, cand.tolist())
+            signals["meta"] = np.array([meta.get(int(i), 0.0) for i in cand])
         if tq is not None:
             signals["tags"] = self.tags.scores(tq, cand)
         return cand, signals
 
     def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
-               allowed: np.ndarray | None, pool: int, depth: int) -> Ranked:
+               allowed: np.ndarray | None, pool: int, depth: int, feedback: Feedback | None = None,
+               params: SearchParams | None = None) -> Ranked:
         tq = self.tag_query(parsed) if weights.tags > 0 else None
         weights = self.effective(weights, tq)
-        cand, signals = self.pool(q, parsed, weights, allowed, pool, tq)
+        cand, signals = self.pool(q, parsed, weights, allowed, pool, feedback, params, tq)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
         fused = first_stage(signals, weights)
+        parts = first_stage_parts(signals, weights)
         want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
         if parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0:
             top = np.argsort(-fused, kind="stable")[:depth]
             second = self.rerank_signals(cand[top], parsed.positive_text, want_ll, want_match)
             total = stage_total(signals, weights)
             for name, values in second.items():  # both from the first stage's order, so neither depends on the other
-                fused = add_relative(fused, top, values, getattr(weights, name), total)
+                added = relative_part(len(cand), top, values, getattr(weights, name), total)
+                fused = fused + added
+                parts[name] = np.broadcast_to(np.asarray(added, dtype=np.float64), (len(cand),))
                 signals[name] = np.full(len(cand), np.nan)
                 signals[name][top] = values
         order = np.argsort(-fused, kind="stable")[:k]
-        return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()})
+        return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()},
+                      {name: p[order] for name, p in parts.items()})
+
+
+def meta_phrases(parsed: ParsedQuery) -> list[str]:
+    """What the catalogue keyword index looks for: each term as one phrase of its words (``AB-123`` ->
+    ``ab 123``, so a SKU matches as a whole), lone stopwords left out."""
+    return list(dict.fromkeys(p for p in (phrase_of(t) for t, _ in parsed.terms) if p))

@@ -3,12 +3,16 @@
 The ranker asks it for the best captions containing any of some phrases (runs of lower-cased words
 from :func:`retrieval.query_parser.keyword_phrases`, never raw user syntax), and for the collection's
 document frequencies of stemmed tokens (what ``indexer/storage/pool_keywords.py`` scores a query's
-candidates with). Each database fills it with its own full-text search; every phrase is quoted in
-that search's syntax here and bound as a parameter, never formatted into SQL.
+candidates with). Each database fills it its own way; every phrase is quoted in that database's
+syntax (or split into tokens) and bound as a parameter, never formatted into SQL.
 
 SQLite: an FTS5 table with external content (the ``images`` table), kept in step by triggers, so
 every code path that writes a caption updates it. Porter stemming lets "running" match "runs".
 Ranking is FTS5's BM25 (k1 = 1.2, b = 0.75).
+
+PostgreSQL: the same tokens (split and stemmed by the same FTS5 tokenizer, in Python) in two tables,
+and FTS5's BM25 computed in SQL, so both databases find and rank the same captions alike
+(``indexer/storage/pg_keywords.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 KEYWORD_TABLE = "captions_fts"
 KEYWORD_TOKENIZER = "porter unicode61"  # FTS5 tokenizer of the keyword index (and of pool_keywords.py)
@@ -33,6 +38,21 @@ class KeywordIndex(ABC):
     @abstractmethod
     def uninstall(self, conn: Connection) -> None:
         """Remove what :meth:`install` created (before the tables are dropped)."""
+
+    def settle(self) -> None:
+        """Called once :meth:`install`'s transaction has committed (housekeeping that needs none)."""
+
+    def update(self, conn: Connection, ids: Iterable[int]) -> None:
+        """Bring the entries of images ``ids`` up to date, in the transaction that just wrote their rows
+        (nothing to do where triggers keep the index in step)."""
+
+    @abstractmethod
+    def check(self) -> list[str]:
+        """What disagrees between the index and the captions, in words (empty: consistent)."""
+
+    @abstractmethod
+    def rebuild(self) -> None:
+        """Fill the index again from the captions."""
 
     @abstractmethod
     def top(self, phrases: Sequence[str], limit: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
@@ -86,6 +106,28 @@ class SqliteKeywords(KeywordIndex):
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {KEYWORD_TABLE}")
 
+    def check(self) -> list[str]:
+        with self.engine.connect() as conn:
+            triggers = {name for name, in conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'captions_fts_%'")}
+            missing = sorted({"captions_fts_ai", "captions_fts_ad", "captions_fts_au"} - triggers)
+            try:  # FTS5 compares its index with the content table (rank 1: external content too)
+                conn.exec_driver_sql(f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}, rank) VALUES ('integrity-check', 1)")
+                broken = None
+            except DBAPIError as exc:
+                broken = str(exc.orig)
+            conn.rollback()
+        problems = [f"the keyword index's trigger {t} is missing" for t in missing]
+        if broken:
+            problems.append(f"the keyword index disagrees with the captions ({broken})")
+        return problems
+
+    def rebuild(self) -> None:
+        with self.engine.begin() as conn:
+            for statement in _SQLITE_DDL:  # a trigger dropped by hand comes back
+                conn.exec_driver_sql(statement)
+            conn.exec_driver_sql(f"INSERT INTO {KEYWORD_TABLE}({KEYWORD_TABLE}) VALUES ('rebuild')")
+
     def top(self, phrases: Sequence[str], limit: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
         if not phrases or limit < 1:
             return []
@@ -117,10 +159,3 @@ class SqliteKeywords(KeywordIndex):
                                            (token,)).first()
                 out[token] = int(row[0]) if row else 0
         return {t: out.get(t, 0) for t in tokens}
-
-
-def keyword_index_for(engine: Engine) -> KeywordIndex | None:
-    """The keyword index this database can hold (None: keyword ranking is unavailable there)."""
-    if engine.dialect.name == "sqlite":
-        return SqliteKeywords(engine)
-    return None

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from indexer.errors import IndexCorruptError
+from indexer.storage.manifest import FORMAT, GENERATION_KEY, kind_entry, write_manifest
 from indexer.storage.segments import SegmentLog, fsync_dir
 from indexer.storage.store import Store, WriteBatch
 
@@ -27,6 +27,9 @@ def legacy_files(index_dir: Path) -> list[Path]:
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids, rows) of an ``IndexIDMap2`` over a flat (float32) or 8-bit scalar-quantizer index, as stored."""
+    from indexer.storage.faiss_lazy import load_faiss
+
+    faiss = load_faiss()  # only an old index needs FAISS to open
     try:
         index = faiss.read_index(str(path))
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
@@ -42,8 +45,6 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def convert(index_dir: Path, folder: Path, store: Store) -> dict:
     """Convert the FAISS files of ``index_dir`` into generation 1 in ``folder``; returns its manifest."""
-    from indexer.storage.bundle import FORMAT, GENERATION_KEY, kind_entry, write_manifest
-
     folder.mkdir(parents=True, exist_ok=True)
     kinds, number = {}, 1
     for kind, name in LEGACY_FILES.items():

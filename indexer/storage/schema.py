@@ -6,16 +6,17 @@ vectors never shuffle when files come and go.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # 2: captions (images.caption, captioner, captioned_at); 3: keyword index over captions;
 # 4: vectors in append-only segments committed with the rows (meta ``vector_generation``; the
 #    vector files of schema 3 are converted in place by indexer/storage/legacy.py);
-# 5: tags (the ``image_classes`` table, ``images.tagger``) and caption confidence (``images.caption_confidence``)
-SCHEMA_VERSION = 5
+# 5: catalogue metadata (catalogue_fields, catalogue_values; indexer/storage/catalogue.py)
+# 6: tags (the ``image_classes`` table, ``images.tagger``) and caption confidence (``images.caption_confidence``)
+SCHEMA_VERSION = 6
 
 
 def utcnow() -> datetime:
@@ -50,7 +51,7 @@ class ImageRow(Base):
     caption: Mapped[str | None] = mapped_column(Text, nullable=True)  # never an empty string
     captioner: Mapped[str | None] = mapped_column(String(255), nullable=True)  # fingerprint of its captioner
     captioned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    # calibrated probability that the caption is good (captioning/confidence.py); None: not rated (an older index)
+    # probability that the caption is good, fitted on train (captioning/confidence.py); None: not rated (an older index)
     caption_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     tagger: Mapped[str | None] = mapped_column(String(255), nullable=True)  # fingerprint of the tagger of its classes
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
@@ -90,14 +91,43 @@ class RunRow(Base):
     summary: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON of IndexSummary
 
 
-# schema version -> SQL that upgrades the previous version to it (portable SQL only; what a keyword
-# index or the vector files need is done by their own owners when an index opens)
+class CatalogueField(Base):
+    """A catalogue field imported with ``pixquery meta import`` (the registry: its name and type)."""
+
+    __tablename__ = "catalogue_fields"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)  # normalised: lower case, [a-z0-9_.]
+    kind: Mapped[str] = mapped_column(String(8))  # "text", "number" or "date"
+    keyword: Mapped[bool] = mapped_column(Boolean, default=False)  # text that joins the ``meta`` keyword signal
+    imported_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CatalogueValue(Base):
+    """One image's value of one catalogue field, in the column of the field's kind (the others NULL)."""
+
+    __tablename__ = "catalogue_values"
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    field: Mapped[str] = mapped_column(ForeignKey("catalogue_fields.name", ondelete="CASCADE"), primary_key=True)
+    text_value: Mapped[str | None] = mapped_column(Text, nullable=True)  # as imported
+    text_key: Mapped[str | None] = mapped_column(Text, nullable=True)  # casefolded: what text filters compare
+    num_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    date_value: Mapped[date | None] = mapped_column(Date, nullable=True)
+    # partial indexes: each value sits in one of them only (a third of the index writes of full ones)
+    __table_args__ = tuple(
+        Index(f"ix_catalogue_{name}", "field", column, sqlite_where=text(f"{column} IS NOT NULL"),
+              postgresql_where=text(f"{column} IS NOT NULL"))
+        for name, column in (("text", "text_key"), ("num", "num_value"), ("date", "date_value")))
+
+
+# schema version -> SQL that upgrades the previous version to it (portable SQL only: it runs on SQLite
+# and PostgreSQL; what a keyword index or the vector files need is done by their own owners when an
+# index opens)
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE images ADD COLUMN caption TEXT",
         "ALTER TABLE images ADD COLUMN captioner VARCHAR(255)",
-        "ALTER TABLE images ADD COLUMN captioned_at DATETIME"),
+        "ALTER TABLE images ADD COLUMN captioned_at TIMESTAMP"),  # TIMESTAMP: a type both databases know
     3: (),  # the keyword index: created and filled by the keyword index (indexer/storage/keywords.py)
     4: (),  # the vector files: converted by indexer/storage/legacy.py
-    5: ("ALTER TABLE images ADD COLUMN caption_confidence FLOAT",  # the image_classes table: created with the others
+    5: (),  # the catalogue tables: new tables, created with the others (Base.metadata.create_all)
+    6: ("ALTER TABLE images ADD COLUMN caption_confidence FLOAT",  # the image_classes table: created with the others
         "ALTER TABLE images ADD COLUMN tagger VARCHAR(255)"),
 }

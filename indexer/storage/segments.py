@@ -3,8 +3,9 @@
 A checkpoint writes one new segment per kind that changed: the ids it deletes and the ids and rows it
 puts (the net change since the last checkpoint), so the bytes written are proportional to the change,
 not to the collection. A record is live when the newest segment that mentions its id puts it.
-Segments are never modified: rows are read in place through memory maps (only the rows asked for
-are read), and a merge (:func:`plan_merge`) rewrites a run of adjacent small segments as one, so a
+Segments are never modified: rows are read in place with positional reads (only the rows asked for
+are read, and nothing is mapped into the process, so reading a few rows of a 19 GB file of scorer
+memories for each query does not grow the resident memory), and a merge (:func:`plan_merge`) rewrites a run of adjacent small segments as one, so a
 collection of N rows lives in O(log N) segments and every row is rewritten O(log N) times in all.
 
 Files of one kind ``k``, segment number ``s`` (in a bundle's folder): ``k-s.ids.npy`` (int64 ids
@@ -18,10 +19,15 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from indexer.errors import IndexCorruptError
+from indexer.storage.npyfiles import Rows as _Rows
+from indexer.storage.npyfiles import load_array as _load_array
+from indexer.storage.npyfiles import save_array as _save_array
+from indexer.storage.npyfiles import save_chunks as _save_chunks
 
 MERGE_FACTOR = 8  # a run of this many adjacent segments of one size level is merged into one
 
@@ -56,37 +62,24 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def _load_array(path: Path, mmap: bool) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise IndexCorruptError(f"cannot read vector segment {path}: {exc}; "
-                                f"run pixquery index FOLDER --rebuild to make the index again") from exc
-
-
 def _level(n: int) -> int:
     return int(math.log(max(n, 1), MERGE_FACTOR))
 
 
 def plan_merge(sizes: list[int]) -> tuple[int, int] | None:
-    """Which run of segments to merge, given their live sizes in write order: (start, stop) of the newest
-    run of at least MERGE_FACTOR adjacent segments on one size level (``int(log_F(size))``), else None."""
+    """Which run of adjacent segments to merge, given their live sizes in write order, or None.
+
+    The run is the newest segments back to (not including) the first older one on a higher size level
+    (``int(log_F(size))``) than any in the run; it is merged once it holds MERGE_FACTOR segments. So
+    between two segments of one level there are fewer than MERGE_FACTOR smaller ones, a collection of
+    N rows lives in O(F log_F N) segments, and each row is rewritten O(log_F N) times in all."""
     if len(sizes) < MERGE_FACTOR:
         return None
-    stop = len(sizes)
-    start = stop - 1
-    while start > 0 and _level(sizes[start - 1]) == _level(sizes[stop - 1]):
+    start, top = len(sizes) - 1, _level(sizes[-1])
+    while start > 0 and _level(sizes[start - 1]) <= top:
         start -= 1
-    return (start, stop) if stop - start >= MERGE_FACTOR else None
+        top = max(top, _level(sizes[start]))
+    return (start, len(sizes)) if len(sizes) - start >= MERGE_FACTOR else None
 
 
 class SegmentLog:
@@ -100,7 +93,7 @@ class SegmentLog:
     def __init__(self, folder: Path, kind: str, width: int, dtype: np.dtype | type = np.float32) -> None:
         self.folder, self.kind, self.width, self.dtype = folder, kind, int(width), np.dtype(dtype)
         self.segments: list[SegmentInfo] = []
-        self._maps: list[np.ndarray] = []  # rows of each segment, memory-mapped
+        self._maps: list[_Rows] = []  # rows of each segment, read by position
         # the live records in segments: sorted ids, and where each one's row is (segment index, row)
         self._keys = np.zeros(0, np.int64)
         self._seg = np.zeros(0, np.int32)
@@ -128,7 +121,7 @@ class SegmentLog:
                 row_parts.append(np.full(len(dels), -1, np.int64))  # deleted
             if info.puts:
                 ids = _load_array(ids_path, mmap=False).astype(np.int64)
-                rows = _load_array(rows_path, mmap=True)
+                rows = _Rows.open(rows_path, self.width, self.dtype)
                 if len(ids) != info.puts or rows.shape != (info.puts, self.width) or rows.dtype != self.dtype:
                     raise IndexCorruptError(
                         f"vector segment {rows_path} holds {rows.shape} {rows.dtype}, expected "
@@ -138,7 +131,7 @@ class SegmentLog:
                 row_parts.append(np.arange(len(ids), dtype=np.int64))
                 self._maps.append(rows)
             else:
-                self._maps.append(np.zeros((0, self.width), self.dtype))
+                self._maps.append(_Rows.empty(self.width, self.dtype))
         if not ids_parts:
             self._keys, self._seg, self._row = np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
             return
@@ -177,6 +170,16 @@ class SegmentLog:
             return self._pending[row_id] is not None
         return bool(self._locate(np.array([row_id], np.int64))[0] >= 0)
 
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) mask of the ``ids`` that have a live record (nothing is read)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        mask = self._locate(ids) >= 0
+        if self._pending:
+            for n, i in enumerate(ids.tolist()):
+                if i in self._pending:
+                    mask[n] = self._pending[i] is not None
+        return mask
+
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask (n,) of the ids that have a record, their rows (mask.sum(), width)), in the order given."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -198,8 +201,8 @@ class SegmentLog:
         for s in np.unique(segs).tolist():
             sel = segs == s
             rows = self._row[pos[sel]]
-            order = np.argsort(rows)  # ascending offsets read a memory map front to back
-            out[where[sel][order]] = self._maps[s][rows[order]]
+            order = np.argsort(rows)  # ascending offsets: runs of adjacent rows are read at once
+            out[where[sel][order]] = self._maps[s].take(rows[order])
         mask[where] = True
         return mask, out[mask]
 
@@ -207,6 +210,41 @@ class SegmentLog:
         """(sorted ids, their rows) of every live record, each segment read front to back once."""
         ids = self.ids()
         return ids, self.get(ids)[1]
+
+    def chunks(self, size: int = 65536, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, rows) of the live records stored in segments ``start:`` (pending changes left out), in
+        chunks of at most ``size`` rows read front to back: for passes over a large collection that
+        must not hold it in memory at once."""
+        for s in range(start, len(self.segments)):
+            pos = np.flatnonzero(self._seg == s)
+            if not len(pos):
+                continue
+            order = np.argsort(self._row[pos], kind="stable")
+            pos = pos[order]
+            for lo in range(0, len(pos), size):
+                part = pos[lo:lo + size]
+                yield self._keys[part], self._maps[s].take(self._row[part])
+
+    def live_in(self, start: int) -> np.ndarray:
+        """Sorted ids of the live records stored in segments ``start:`` (pending changes left out)."""
+        return self._keys[self._seg >= start]
+
+    def mentioned_in(self, start: int) -> np.ndarray:
+        """Sorted ids that segments ``start:`` put or delete (whatever they held before is out of date)."""
+        parts = [np.zeros(0, np.int64)]
+        for info in self.segments[start:]:
+            ids_path, _, del_path = segment_files(self.folder, self.kind, info.number)
+            if info.puts:
+                parts.append(_load_array(ids_path, mmap=False).astype(np.int64))
+            if info.deletes:
+                parts.append(_load_array(del_path, mmap=False).astype(np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids put, ids deleted) since the last checkpoint."""
+        put = np.array(sorted(i for i, r in self._pending.items() if r is not None), np.int64)
+        deleted = np.array(sorted(i for i, r in self._pending.items() if r is None), np.int64)
+        return put, deleted
 
     # --- changing -----------------------------------------------------------------------------
     def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -221,7 +259,7 @@ class SegmentLog:
         ids = np.asarray(ids, np.int64).reshape(-1)
         if not len(ids):
             return
-        stored = ids[self._locate(ids) >= 0].tolist()
+        stored = set(ids[self._locate(ids) >= 0].tolist())
         for i in ids.tolist():
             if i in stored:
                 self._pending[i] = None
@@ -265,7 +303,8 @@ class SegmentLog:
         self._seg = np.insert(seg, at, np.full(len(puts), s, np.int32))
         self._row = np.insert(row, at, np.arange(len(puts), dtype=np.int64))
         self.segments.append(info)
-        self._maps.append(_load_array(rows_path, mmap=True) if len(puts) else np.zeros((0, self.width), self.dtype))
+        self._maps.append(_Rows.open(rows_path, self.width, self.dtype) if len(puts)
+                          else _Rows.empty(self.width, self.dtype))
         self._pending.clear()
         return info
 
@@ -275,24 +314,35 @@ class SegmentLog:
         still hide older records; a merge from the first segment on drops them)."""
         if self._pending:
             raise RuntimeError("write the pending changes before merging segments")
-        live = (self._seg >= start) & (self._seg < stop)
-        ids = self._keys[live]  # sorted
-        _, rows = self.get(ids)
+        # the live rows, segment by segment front to back, streamed to the new file (a merge of memory
+        # segments at a million images moves gigabytes: never all in memory at once)
+        pos = np.flatnonzero((self._seg >= start) & (self._seg < stop))
+        pos = pos[np.lexsort((self._row[pos], self._seg[pos]))]
+        ids = self._keys[pos]
         deleted = [_load_array(segment_files(self.folder, self.kind, info.number)[2], mmap=False)
                    for info in self.segments[start:stop] if info.deletes]
         dels = (np.setdiff1d(np.concatenate(deleted).astype(np.int64), ids) if deleted and start > 0
                 else np.zeros(0, np.int64))
         ids_path, rows_path, del_path = segment_files(self.folder, self.kind, number)
         if len(ids):
-            _save_array(rows_path, rows)
+            step = max(1, (64 << 20) // max(1, self.width * self.dtype.itemsize))
+
+            def chunks() -> Iterator[np.ndarray]:
+                for lo in range(0, len(pos), step):
+                    part = pos[lo:lo + step]
+                    segs = self._seg[part]
+                    for s in np.unique(segs).tolist():  # in order: pos is sorted by segment
+                        yield self._maps[s].take(self._row[part[segs == s]])
+
+            _save_chunks(rows_path, (len(ids), self.width), self.dtype, chunks())
             _save_array(ids_path, ids)
         if len(dels):
             _save_array(del_path, dels)
         info = SegmentInfo(number, len(ids), len(dels))
-        self._row[live] = np.arange(len(ids), dtype=np.int64)
-        self._seg[live] = start
+        self._row[pos] = np.arange(len(ids), dtype=np.int64)
+        self._seg[pos] = start
         self._seg[self._seg >= stop] -= stop - start - 1
-        merged = _load_array(rows_path, mmap=True) if len(ids) else np.zeros((0, self.width), self.dtype)
+        merged = _Rows.open(rows_path, self.width, self.dtype) if len(ids) else _Rows.empty(self.width, self.dtype)
         self._maps[start:stop] = [merged]
         self.segments[start:stop] = [info]
         return info

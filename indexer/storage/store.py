@@ -9,6 +9,7 @@ as one :class:`WriteBatch`, in one transaction.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,20 +17,30 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, insert, inspect, select
+from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine import Engine as SqlEngine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from indexer.errors import IndexCorruptError, InputError
-from indexer.storage.filters import Filters, filter_conditions
-from indexer.storage.keywords import KeywordIndex, keyword_index_for
+from indexer.errors import DatabaseUnavailableError, IndexCorruptError, InputError
+from indexer.storage.catalogue import CatalogueKeywords, catalogue_keywords_for, condition_sql
+from indexer.storage.catalogue_rows import CatalogueRows
+from indexer.storage.tag_rows import TagRows
+from indexer.storage.filters import Filters, filter_conditions, literal_prefix, prefix_range
+from indexer.storage.keywords import KeywordIndex, SqliteKeywords
+from indexer.storage.pg_keywords import PostgresKeywords, lock_writers
 from indexer.storage.schema import (
     MIGRATIONS, SCHEMA_VERSION, Base, ImageClassRow, ImageRow, Meta, RunRow, SkippedRow, utcnow,
 )
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
+
+
+@functools.cache
+def _image_columns() -> tuple[str, ...]:
+    """The attribute names of every column of ``images`` (read once the mapper is configured)."""
+    return tuple(a.key for a in inspect(ImageRow).column_attrs)
 
 
 @dataclass
@@ -41,15 +52,17 @@ class WriteBatch:
     unskip: list[str] = field(default_factory=list)  # paths whose skip record goes (the file indexed, or vanished)
     deletes: list[int] = field(default_factory=list)  # image ids that leave the index
     meta: dict[str, str] = field(default_factory=dict)
+    # new image rows as {column: value}, inserted in bulk (no lookup per row): ids and paths must be unused
+    inserts: list[dict] = field(default_factory=list)
     # image id -> its classes [(class index, probability)], replacing what it had (retrieval/tagging.py)
     classes: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return (len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
-                + len(self.classes))
+                + len(self.inserts) + len(self.classes))
 
     def clear(self) -> None:
-        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.classes):
+        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.inserts, self.classes):
             part.clear()
 
 
@@ -58,22 +71,59 @@ def sqlite_path(url: str) -> Path | None:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise InputError(f"{url!r} is not a database URL: {exc}") from None
+        raise InputError(f"{safe_url(url)!r} is not a database URL: {exc}") from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
 
 
+def with_driver(url: str) -> str:
+    """``url`` with PostgreSQL's driver made explicit: ``postgresql://`` means psycopg 3 (the ``postgres``
+    extra), not SQLAlchemy's default psycopg2."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise InputError(f"{safe_url(url)!r} is not a database URL: {exc}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit to print: its password, if any, as ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<a malformed database URL>"
+
+
+def _no_password(error: object, url: str) -> str:
+    """An error's text with the URL's password, if it shows, masked."""
+    message = str(error).strip()
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return message
+    return message.replace(str(password), "***") if password else message
+
+
+def keyword_index_for(engine: SqlEngine) -> KeywordIndex | None:
+    """The keyword index this database can hold (None: keyword ranking is unavailable there)."""
+    if engine.dialect.name == "sqlite":
+        return SqliteKeywords(engine)
+    if engine.dialect.name == "postgresql":
+        return PostgresKeywords(engine)
+    return None
+
+
 _ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
 
 
-def _already_applied(conn, statement: str) -> bool:  # noqa: ANN001 - a SQLAlchemy connection
-    """Whether ``statement`` adds a column the table already has (a migration interrupted after it, or a
-    database that an older pixquery downgraded by hand): adding it again would fail."""
+def _already_applied(conn: Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column the table already has (an index of the tags branch's draft
+    schema 5 had these columns): adding it again would fail."""
     m = _ADD_COLUMN.match(statement.strip())
-    if m is None:
-        return False
-    return m.group(2) in {c["name"] for c in inspect(conn).get_columns(m.group(1))}
+    return m is not None and m.group(2) in {c["name"] for c in inspect(conn).get_columns(m.group(1))}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
@@ -84,48 +134,77 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connec
     cur.close()
 
 
-class Store:
+class Store(CatalogueRows, TagRows):
     """All SQL access; one :class:`Session` per unit of work, opened here and nowhere else."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = url = with_driver(url)
+        self.safe_url = safe_url(url)
         try:
             self.engine: SqlEngine = create_engine(url)
         except (ArgumentError, ImportError) as exc:  # a malformed URL, or no driver for its database
-            raise InputError(f"cannot use the database {url!r}: {exc}") from None
+            raise InputError(f"cannot use the database {self.safe_url!r}: {_no_password(exc, url)}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._postgres = self.engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.keywords: KeywordIndex | None = keyword_index_for(self.engine)
+        self.catalogue: CatalogueKeywords | None = catalogue_keywords_for(self.engine)
         try:
-            Base.metadata.create_all(self.engine)
-            self._check_schema()
-            if self.keywords is not None:
-                with self.engine.begin() as conn:
+            with self.engine.begin() as conn:  # tables, migrations and the keyword index: all or nothing
+                if self._postgres:
+                    lock_writers(conn)  # two processes opening a new index do not create it twice
+                Base.metadata.create_all(conn)
+                self._check_schema(conn)
+                if self.keywords is not None:
                     self.keywords.install(conn)
+                if self.catalogue is not None:
+                    self.catalogue.install(conn)
+            if self.keywords is not None:
+                self.keywords.settle()
+        except OperationalError as exc:
+            self.engine.dispose()
+            if not self._postgres:
+                raise IndexCorruptError(f"cannot open the index database {self.safe_url}: {exc.orig}") from exc
+            raise DatabaseUnavailableError(
+                f"cannot reach the database {self.safe_url}: {_no_password(exc.orig, url)}") from None
         except SQLAlchemyError as exc:
-            raise IndexCorruptError(f"cannot open the index database {url}: {exc}") from exc
+            self.engine.dispose()
+            reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's SQL dump
+            raise IndexCorruptError(f"cannot open the index database {self.safe_url}: {reason}. If it is damaged, "
+                                    f"rebuild the index with: pixquery index FOLDER --rebuild (your photos are not "
+                                    f"touched)") from exc
 
     @staticmethod
     def exists(url: str) -> bool:
-        """Whether an index database is at ``url`` (for SQLite: its file; elsewhere: its meta table)."""
+        """Whether an index database is at ``url`` (for SQLite: its file; elsewhere: its meta table).
+        A server that cannot be reached is a :class:`DatabaseUnavailableError`, not a missing index."""
         path = sqlite_path(url)
         if path is not None:
             return path.exists()
+        url = with_driver(url)
         try:
             engine = create_engine(url)
-            try:
-                return inspect(engine).has_table(Meta.__tablename__)
-            finally:
-                engine.dispose()
-        except (ArgumentError, ImportError, SQLAlchemyError):
+        except (ArgumentError, ImportError) as exc:
+            raise InputError(f"cannot use the database {safe_url(url)!r}: {_no_password(exc, url)}") from None
+        try:
+            return inspect(engine).has_table(Meta.__tablename__)
+        except OperationalError as exc:
+            raise DatabaseUnavailableError(
+                f"cannot reach the database {safe_url(url)}: {_no_password(exc.orig, url)}") from None
+        except SQLAlchemyError:
             return False
+        finally:
+            engine.dispose()
 
     def drop_all(self) -> None:
         """Drop every table of the index (``--rebuild`` on a database that is not a file)."""
         if self.keywords is not None:
             with self.engine.begin() as conn:
                 self.keywords.uninstall(conn)
+        if self.catalogue is not None:
+            with self.engine.begin() as conn:
+                self.catalogue.uninstall(conn)
         Base.metadata.drop_all(self.engine)
 
     def close(self) -> None:
@@ -138,18 +217,21 @@ class Store:
 
     def write(self, batch: WriteBatch) -> None:
         """Everything in ``batch`` in one transaction: deletions, then skip records, then rows, their
-        classes and meta."""
+        classes and meta (and the keyword index's entries of the rows, where triggers do not keep it in step)."""
         if not len(batch):
             return
         with self._session() as s:
+            if self._postgres:
+                lock_writers(s.connection())
             for start in range(0, len(batch.deletes), CHUNK):
                 chunk = batch.deletes[start:start + CHUNK]
                 s.execute(delete(ImageClassRow).where(ImageClassRow.image_id.in_(chunk)))  # not only by cascade
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             for start in range(0, len(batch.unskip), CHUNK):
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(batch.unskip[start:start + CHUNK])))
-            for row in batch.rows:
-                s.merge(row)
+            if batch.inserts:  # rows known to be new (bulk builders): no lookup at all
+                s.execute(insert(ImageRow), batch.inserts)
+            self._write_rows(s, batch.rows)
             for skip in batch.skips:
                 s.merge(skip)
             if batch.classes:
@@ -163,23 +245,47 @@ class Store:
                     s.execute(insert(ImageClassRow), values)
             for key, value in batch.meta.items():
                 s.merge(Meta(key=key, value=value))
+            if batch.rows and self.keywords is not None:
+                s.flush()
+                self.keywords.update(s.connection(), (row.id for row in batch.rows))
+
+    @staticmethod
+    def _write_rows(s: Session, rows: list[ImageRow]) -> None:
+        """Insert or update ``rows`` by id (the last of one id wins), as ``merge`` would, but in two
+        executemany statements instead of a SELECT and a write per row: the rows a checkpoint updates
+        first (a moved file's row frees its old path), then the new ones."""
+        if not rows:
+            return
+        latest = {int(r.id): r for r in rows}
+        ids = list(latest)
+        existing: set[int] = set()
+        for start in range(0, len(ids), CHUNK):
+            existing.update(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(ids[start:start + CHUNK]))))
+        keys = _image_columns()
+        old = [{k: getattr(r, k) for k in keys} for i, r in latest.items() if i in existing]
+        new = [{k: getattr(r, k) for k in keys} for i, r in latest.items() if i not in existing]
+        if old:
+            s.execute(update(ImageRow), old)
+        if new:
+            s.execute(insert(ImageRow), new)
 
     # --- meta -------------------------------------------------------------------------------
-    def _check_schema(self) -> None:
-        version = self.get_meta("schema_version")
+    def _check_schema(self, conn: Connection) -> None:
+        """Record the schema version of a new index; migrate an older one (in ``conn``'s transaction)."""
+        version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
         if version is None:
-            self.set_meta({"schema_version": str(SCHEMA_VERSION)})
+            conn.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
             return
         if int(version) > SCHEMA_VERSION:
             raise IndexCorruptError(
                 f"the index was written by a newer pixquery (schema {version} > {SCHEMA_VERSION}); upgrade pixquery"
             )
         for target in range(int(version) + 1, SCHEMA_VERSION + 1):
-            with self.engine.begin() as conn:
-                for statement in MIGRATIONS[target]:
-                    if not _already_applied(conn, statement):
-                        conn.exec_driver_sql(statement)
-            self.set_meta({"schema_version": str(target)})
+            for statement in MIGRATIONS[target]:
+                if not _already_applied(conn, statement):
+                    conn.exec_driver_sql(statement)
+        if int(version) < SCHEMA_VERSION:
+            conn.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
     def captions_by_ids(self, ids: Iterable[int]) -> dict[int, str]:
         """{id: caption} of those ``ids`` that have a caption."""
@@ -191,57 +297,6 @@ class Store:
                     ImageRow.caption.is_not(None), ImageRow.id.in_(ids[start:start + CHUNK])))
                 out.update({int(i): c for i, c in rows})
         return out
-
-    def classes_by_ids(self, ids: Iterable[int]) -> dict[int, list[tuple[int, float]]]:
-        """{id: [(class index, probability)], most likely first} of those ``ids`` that have classes."""
-        ids = [int(i) for i in ids]
-        out: dict[int, list[tuple[int, float]]] = {}
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), CHUNK):
-                rows = conn.execute(select(ImageClassRow.image_id, ImageClassRow.class_index, ImageClassRow.probability)
-                                    .where(ImageClassRow.image_id.in_(ids[start:start + CHUNK])))
-                for i, c, p in rows:
-                    out.setdefault(int(i), []).append((int(c), float(p)))
-        for cls in out.values():
-            cls.sort(key=lambda cp: -cp[1])
-        return out
-
-    def ids_with_classes(self, classes: Iterable[int], min_probability: float, limit: int,
-                         allowed: set[int] | None = None) -> list[int]:
-        """Ids of images holding any of ``classes`` at ``min_probability`` or more, the most probable first,
-        at most ``limit`` (``allowed``: only these ids): candidates for tag and zero-shot search."""
-        classes = sorted({int(c) for c in classes})
-        if not classes or limit < 1:
-            return []
-        query = (select(ImageClassRow.image_id, func.max(ImageClassRow.probability).label("p"))
-                 .where(ImageClassRow.class_index.in_(classes), ImageClassRow.probability >= min_probability)
-                 .group_by(ImageClassRow.image_id).order_by(func.max(ImageClassRow.probability).desc()))
-        out: list[int] = []
-        with self.engine.connect() as conn:
-            for i, _ in conn.execute(query if allowed is not None else query.limit(limit)):
-                if allowed is None or int(i) in allowed:
-                    out.append(int(i))
-                    if len(out) >= limit:
-                        break
-        return out
-
-    def tag_counts(self) -> dict[str, int]:
-        """{"tagged": images whose classes were computed, "untagged": images never tagged (an older index)}."""
-        with self._session() as s:
-            tagged = s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.tagger.is_not(None))) or 0
-            total = s.scalar(select(func.count()).select_from(ImageRow)) or 0
-        return {"tagged": tagged, "untagged": total - tagged}
-
-    def confidence_counts(self, threshold: float | None) -> dict[str, int]:
-        """{"rated": captions with a confidence, "confident": of them at or above ``threshold``,
-        "unrated": captions without one (an older index)}."""
-        with self._session() as s:
-            captioned = s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.caption.is_not(None))) or 0
-            rated = s.scalar(select(func.count()).select_from(ImageRow).where(
-                ImageRow.caption.is_not(None), ImageRow.caption_confidence.is_not(None))) or 0
-            sure = 0 if threshold is None else s.scalar(select(func.count()).select_from(ImageRow).where(
-                ImageRow.caption.is_not(None), ImageRow.caption_confidence >= threshold)) or 0
-        return {"rated": rated, "confident": sure, "unrated": captioned - rated}
 
     def get_meta(self, key: str) -> str | None:
         with self._session() as s:
@@ -267,7 +322,7 @@ class Store:
             return set(s.scalars(select(ImageRow.id).where(ImageRow.caption.is_not(None))))
 
     def images_by_ids(self, ids: Iterable[int]) -> dict[int, ImageRow]:
-        ids = list(ids)
+        ids = [int(i) for i in ids if -2**31 <= int(i) < 2**31]  # ids are INTEGER: 32-bit on PostgreSQL
         out: dict[int, ImageRow] = {}
         with self._session() as s:
             for start in range(0, len(ids), CHUNK):
@@ -276,6 +331,8 @@ class Store:
         return out
 
     def image_by_path(self, path: str) -> ImageRow | None:
+        if "\x00" in path:  # no file name holds a NUL byte (and PostgreSQL text cannot)
+            return None
         with self._session() as s:
             return s.scalars(select(ImageRow).where(ImageRow.path == path)).first()
 
@@ -287,7 +344,15 @@ class Store:
         """
         if not filters.active:
             return None
+        for value in filters.file_types:  # (a folder with one is refused by filter_conditions)
+            if "\x00" in value:  # no file name holds a NUL byte (and PostgreSQL text cannot)
+                raise InputError(f"file type {value[:200]!r} contains a NUL byte")
         conds = filter_conditions(filters)
+        if filters.where:
+            kinds = self.catalogue_kinds()
+            conds += [condition_sql(c, kinds) for c in filters.where]
+        if self.engine.dialect.name == "sqlite":  # the path index answers a known prefix without a scan
+            conds += prefix_range(literal_prefix(filters))
         with self._session() as s:
             if filters.glob:
                 pattern = re.compile(fnmatch.translate(filters.glob), re.DOTALL)
@@ -334,6 +399,24 @@ class Store:
             run.finished_at = utcnow()
             run.summary = summary_json
 
+    def unfinished_runs(self) -> int:
+        """Runs that started and never finished (killed, or stopped by an error)."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(RunRow).where(RunRow.finished_at.is_(None))) or 0
+
     def last_run(self) -> RunRow | None:
         with self._session() as s:
             return s.scalars(select(RunRow).order_by(RunRow.id.desc())).first()
+
+    # --- consistency (pixquery doctor) --------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """What the database itself finds damaged (SQLite's ``quick_check``; other databases check
+        themselves); empty when it is sound."""
+        if self.engine.dialect.name != "sqlite":
+            return []
+        try:
+            with self.engine.connect() as conn:
+                rows = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check")]
+        except SQLAlchemyError as exc:
+            return [str(exc)]
+        return [] if rows == ["ok"] else rows

@@ -8,6 +8,7 @@ text  B strings -> MiniLM mean pool (B, 384) -> L2 normalise -> linear head -> (
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,9 +18,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from retrieval.device import compute_dtype, resolve_runtime
 from retrieval.encoder import EncoderInfo, GridEncoder, l2_normalize
 from retrieval.errors import ModelLoadError
-from retrieval.images import to_tensor
+from retrieval.images import normalize_raw, to_tensor
 from retrieval.shipped import is_shipped, resolve_weights
 from retrieval.weights import save_payload
 from retrieval.native.towers import (
@@ -27,6 +29,8 @@ from retrieval.native.towers import (
 )
 
 DEFAULT_HEADS = "effl0-minilm-v1"  # retrieval/shipped.py
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,10 +117,21 @@ def load_heads(path: Path) -> tuple[Heads, str]:
 
 
 class NativeEncoder(GridEncoder):
-    """The offline default encoder (``native:<heads>``). Towers load lazily, on first use."""
+    """The offline default encoder (``native:<heads>``). Towers load lazily, on first use.
 
-    def __init__(self, heads_spec: str = DEFAULT_HEADS, device: torch.device | None = None) -> None:
+    The towers run in :func:`~retrieval.device.compute_dtype` (float32 on a CPU, bfloat16 on a GPU);
+    the heads always in float32. On a CPU the image tower's forward pass runs on onnxruntime where it
+    is installed (``retrieval/native/onnx.py``; ``PIXQUERY_RUNTIME``), exported into ``cache_dir``.
+    :meth:`grid` also takes raw (B, H, W, 3) uint8 pixels (:func:`~retrieval.images.to_raw`, what
+    decoding worker processes hand over) and normalises them on the device.
+    """
+
+    def __init__(self, heads_spec: str = DEFAULT_HEADS, device: torch.device | None = None,
+                 cache_dir: Path | None = None) -> None:
         self.device = device or torch.device("cpu")
+        self.dtype = compute_dtype(self.device)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._forward = None  # the image tower's forward pass: PyTorch's module or onnxruntime's session
         path = resolve_heads_path(heads_spec)
         self.heads, sha = load_heads(path)
         self.heads.to(self.device)
@@ -128,24 +143,56 @@ class NativeEncoder(GridEncoder):
     @property
     def image_tower(self) -> ImageTower:
         if self._image_tower is None:
-            tower = ImageTower().to(self.device)
+            tower = ImageTower().to(self.device, self.dtype)
             self._image_tower = tower.to(memory_format=torch.channels_last).eval()
         return self._image_tower
 
     @property
     def text_tower(self) -> TextTower:
         if self._text_tower is None:
-            self._text_tower = TextTower().to(self.device).eval()
+            self._text_tower = TextTower().to(self.device, self.dtype).eval()
         return self._text_tower
+
+    @property
+    def runtime(self) -> str:
+        """``onnx`` or ``torch``: what runs the image tower's forward pass (decided on first use)."""
+        from retrieval.native.onnx import OnnxTower
+
+        return "onnx" if isinstance(self._tower_forward(), OnnxTower) else "torch"
+
+    def _tower_forward(self):  # noqa: ANN202 - a callable: (B, 3, H, W) -> (B, C, h, w)
+        if self._forward is None:
+            runtime, required = resolve_runtime(self.device)
+            if runtime == "onnx":
+                from retrieval.native.onnx import OnnxTower, default_cache
+
+                try:
+                    self._forward = OnnxTower(self.cache_dir / "onnx" if self.cache_dir else default_cache())
+                except ModelLoadError as exc:
+                    if required:
+                        raise
+                    log.warning("%s; the image tower runs in PyTorch instead", exc)
+            if self._forward is None:
+                self._forward = self.image_tower
+        return self._forward
+
+    #: (size, mean, std) of :meth:`preprocess`: decoding workers resize to it, the device normalises
+    pixel_spec = (IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(image, IMAGE_SIZE, IMAGE_MEAN, IMAGE_STD)
 
     @torch.inference_mode()
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 224, 224) -> (B, 1280, 7, 7) grid features (shared with the captioner)."""
-        x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.image_tower(x)
+        """(B, 3, 224, 224) normalised, or (B, 224, 224, 3) uint8 raw -> (B, 1280, 7, 7) grid features
+        (shared with the captioner), in the towers' dtype."""
+        x = pixels.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize_raw(x, IMAGE_MEAN, IMAGE_STD, self.dtype)
+        forward = self._tower_forward()
+        if not isinstance(forward, nn.Module):
+            return forward(x)  # onnxruntime: float32 NCHW
+        return forward(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
     @torch.inference_mode()
     def encode_grid(self, grid: torch.Tensor) -> np.ndarray:

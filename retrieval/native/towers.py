@@ -181,7 +181,9 @@ class TextTower(nn.Module):
 
     @staticmethod
     def pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token states (B, T, 384) and mask (B, T) -> their mean over the real tokens (B, 384)."""
+        """Token states (B, T, 384) and mask (B, T) -> their mean over the real tokens (B, 384), in float32
+        (a tower running in half precision on a GPU sums in float32)."""
+        hidden = hidden.float()
         m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
