@@ -1,4 +1,5 @@
-"""How sure a generated caption is: a calibrated probability that it describes the photo well.
+"""How sure a generated caption is: a probability that it describes the photo well (fitted on Flickr8k
+train, so optimistic on photos unlike train: read it as a ranking with a fixed cut, not as a frequency).
 
 Four measurements of one caption against its image, all from models that indexing runs anyway:
 
