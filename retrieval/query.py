@@ -31,8 +31,9 @@ class FusionWeights:
     fits the image (these two re-score the best candidates only); tags: zero-shot score of the query
     against the image's classifier classes (its weight is scaled by how much the query names a concept,
     retrieval/tagging.py).
-    Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune``; tags on Flickr8k dev and the
-    tune half of the out-of-domain queries (docs/BENCHMARKS.md).
+    Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune`` (before tags); tags (weight,
+    gate) chosen on Flickr8k train and the tune half of the out-of-domain queries only, by
+    docs/scripts/choose_tag_weights.py (docs/BENCHMARKS.md).
     """
 
     image: float = 1.0
@@ -41,7 +42,7 @@ class FusionWeights:
     likelihood: float = 0.3
     match: float = 0.1
     meta: float = 0.0
-    tags: float = 0.8  # the last field: positional FusionWeights(image, caption, keyword, likelihood, match, meta) still work
+    tags: float = 1.2  # the last field: positional FusionWeights(image, caption, keyword, likelihood, match, meta) still work
 
     def __post_init__(self) -> None:
         values = self.to_dict()

@@ -49,7 +49,7 @@ SHIPPED = (
             "58ad18e5127734b8ee4c5d1bc6c8972c0bac2be969faf984f30e14f4f0f3dab8",
             "match head over the scorer effl0-sat-v1's memories and MiniLM token states"),
     Shipped("imagenet-tags-v1", "tagger", "retrieval/native",
-            "449c429df8679466ecf829202553e3c4a1b3d293a943fbafb1bd7dd483a9b906",
+            "1c0ea425cebe63859143abc2aacbf858600b922d2b97456d042397121a234858",
             "tags from the image tower's ImageNet-1k classifier, calibrated on Flickr8k train; class-name "
             "embeddings for the zero-shot signal"),
     Shipped("caption-confidence-v1", "confidence", "captioning",

@@ -13,7 +13,8 @@ Nothing is trained in the classifier (it ships with the image tower); what is ch
   compares queries with.
 
 The zero-shot signal's gate and sharpening are ranking weights, given as arguments (their defaults were
-chosen on Flickr8k dev and the tune half of the out-of-domain queries, docs/BENCHMARKS.md). The file
+chosen with the ``tags`` weight by docs/scripts/choose_tag_weights.py on 600 Flickr8k train images and the
+tune half of the out-of-domain queries; dev was not read, docs/BENCHMARKS.md). The file
 records the train and dev precision and coverage of the tags.
 """
 
@@ -58,7 +59,7 @@ class TrainTaggerConfig:
     floor: float = 0.01  # a class below this probability is not stored
     max_class_tags: int = 3
     sharpen: float = 0.6  # zero-shot: class weights are probability ** sharpen (0.6 = temperature 2 at 1.2)
-    gate: dict = field(default_factory=lambda: {"low": 0.45, "high": 0.7, "floor": 0.125})
+    gate: dict = field(default_factory=lambda: {"low": 0.5, "high": 0.8, "floor": 0.0})
     device: str = "cpu"
 
 
