@@ -42,6 +42,10 @@ def captioning(p: argparse.ArgumentParser) -> None:
                                        f"(default: $PIXQUERY_CAPTIONER or {DEFAULTS['captioner']})")
     p.add_argument("--beam", type=int, default=3, help="beam size for captions (1 = greedy; default 3)")
     p.add_argument("--max-words", type=int, default=20, help="longest caption in words (default 20)")
+    tagging(p)
+
+
+def tagging(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tagger", help=f"tags and the zero-shot 'tags' signal: native:<tagger file> or none "
                                     f"(default: $PIXQUERY_TAGGER or {DEFAULTS['tagger']})")
     p.add_argument("--confidence", help=f"caption confidence: native:<confidence file> or none "

@@ -6,8 +6,9 @@ Registered from its own module (``register(sub)``, called by ``indexer/cli/__ini
 from __future__ import annotations
 
 import argparse
+import sys
 
-from indexer.cli.args import EXIT_OK, common, config_from
+from indexer.cli.args import EXIT_INTERRUPTED, EXIT_OK, common, config_from, tagging, wait
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,16 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "they are. Reads and decodes each image once more and runs the image tower, "
                                    "but no caption decoding.")
     p.add_argument("--all", dest="everything", action="store_true", help="tag every image again, not only untagged ones")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="images per model batch (default 256 on a GPU, 32 on a CPU)")
+    wait(p)
     common(p)
+    tagging(p)
     p.set_defaults(handler=cmd_retag)
 
 
 def cmd_retag(args: argparse.Namespace) -> int:
+    from indexer.cli.interrupts import stop_on_interrupt
     from indexer.engine import Engine
 
-    with Engine(config_from(args)) as engine:
-        counts = engine.retag(everything=args.everything)
+    with Engine(config_from(args)) as engine, stop_on_interrupt() as stop:
+        counts = engine.retag(everything=args.everything, stop=stop)
     print(f"tagged {counts['images']} images ({counts['tagged']} given at least one tag, {counts['rated']} captions "
           f"rated); {counts['failed']} could not be read")
+    if counts["interrupted"]:
+        print("pixquery: interrupted; the tags so far are kept: run the same command again to carry on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
