@@ -28,6 +28,8 @@ ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
 ENV_CAPTIONER = "PIXQUERY_CAPTIONER"  # "none" switches captions off
 ENV_SCORER = "PIXQUERY_SCORER"  # "none" switches the likelihood signal off
 ENV_MATCHER = "PIXQUERY_MATCHER"  # "none" switches the match signal off
+ENV_TAGGER = "PIXQUERY_TAGGER"  # "none": no tags for new images, and no tags signal
+ENV_CONFIDENCE = "PIXQUERY_CONFIDENCE"  # "none": captions are not rated
 ENV_CHECKPOINT_EVERY = "PIXQUERY_CHECKPOINT_EVERY"  # rows between indexing checkpoints
 
 
@@ -75,6 +77,10 @@ class EngineConfig:
     captioner: str | None = field(default_factory=lambda: _model_from_env(ENV_CAPTIONER, DEFAULTS["captioner"]))  # None: no captions
     scorer: str | None = field(default_factory=lambda: _model_from_env(ENV_SCORER, DEFAULTS["scorer"]))  # None: off
     matcher: str | None = field(default_factory=lambda: _model_from_env(ENV_MATCHER, DEFAULTS["matcher"]))  # None: off
+    # tags from the native image tower's ImageNet classifier (the ``tags`` signal reads them), and the
+    # model that rates each caption (captioning/confidence.py); None: off
+    tagger: str | None = field(default_factory=lambda: _model_from_env(ENV_TAGGER, DEFAULTS["tagger"]))
+    confidence: str | None = field(default_factory=lambda: _model_from_env(ENV_CONFIDENCE, DEFAULTS["confidence"]))
     pool: int = 100  # fused ranking: candidates taken from each of the image, caption and keyword searches
     rerank_depth: int = 10  # fused ranking: the best candidates the scorer and the match head re-rate
     decode: DecodeOptions = field(default_factory=DecodeOptions)

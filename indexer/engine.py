@@ -13,7 +13,6 @@ or rank itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -30,7 +29,6 @@ from indexer.config import EngineConfig
 from indexer.errors import IndexNotFoundError, InputError, PixqueryError
 from indexer.indexing.models import ImageModels
 from indexer.indexing.pipeline import Indexer, IndexSummary
-from indexer.indexing.recaption import recaption
 from indexer.indexing.writer import BatchWriter
 from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
@@ -45,6 +43,7 @@ from indexer.storage.repair import reconcile
 from indexer.storage.repair import repair as repair_index
 from indexer.storage.schema import ImageRow
 from indexer.storage.store import Store, safe_url
+from indexer.tags import EngineTags, Tagger
 from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
 from retrieval.native.matcher import Matcher
 from retrieval.query import FusionWeights
@@ -62,19 +61,22 @@ class OpenIndex:
     vectors: VectorBundle
 
 
-class Engine:
+class Engine(EngineTags):
     """One index (a folder of vector files and a metadata database, see EngineConfig) and the models to use it.
 
     Models are built on first use from the config, unless injected (tests, the app, evaluations).
+    Recaption, retag, tags and caption confidence: indexer/tags.py.
     """
 
     def __init__(self, config: EngineConfig | None = None, encoder: JointEncoder | None = None,
-                 captioner: Captioner | None = None, scorer: TextScorer | None = None) -> None:
+                 captioner: Captioner | None = None, scorer: TextScorer | None = None,
+                 tagger: Tagger | None = None) -> None:
         self.config = config or EngineConfig()
         self._encoder, self._captioner, self._scorer = encoder, captioner, scorer
         self._encoder_injected = encoder is not None
         self._matcher: Matcher | None = None
         self._matcher_checked = False
+        self._init_tags(tagger)
         self._store: Store | None = None
         self._vectors: VectorBundle | None = None
         self._lock: WriteLock | None = None
@@ -138,6 +140,10 @@ class Engine:
             self.config.index_dir.mkdir(parents=True, exist_ok=True)
             self._store = Store(self.config.url)
         return self._store
+
+    def store(self) -> Store:
+        """The index's metadata store (IndexNotFoundError when there is no index)."""
+        return self._store_for(create=False)
 
     def open(self, create: bool = False, repair: bool = False) -> OpenIndex:
         """The index as last committed (``create``: a new, empty one if there is none), after checking
@@ -250,8 +256,9 @@ class Engine:
         return self.config.processes_for(self._device())
 
     def models(self) -> ImageModels:
-        """The model stage of indexing: encoder, captioner and scorer behind one call per batch."""
-        return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer)
+        """The model stage of indexing: encoder, captioner, scorer, tagger and confidence, one call per batch."""
+        return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer, self.tagger,
+                           self.confidence_model)
 
     # --- writing -----------------------------------------------------------------------------
     def writer(self) -> BatchWriter:
@@ -266,6 +273,7 @@ class Engine:
         index.vectors.owner = True
         meta = provenance.record_models(self.encoder.info, self.captioner.info if self.captioner else None,
                                         index.store)
+        meta.update(provenance.record_tagging(self.tagger, self.confidence_model))
         if meta:
             index.store.set_meta(meta)
         reconcile(index.store, index.vectors)
@@ -294,26 +302,6 @@ class Engine:
                               progress=self.config.progress, on_progress=on_progress, stop=stop,
                               processes=self.read_processes)
             return indexer.run(root)
-
-    def recaption(self, stop: threading.Event | None = None) -> dict:
-        """Caption every indexed image again with the configured captioner (image vectors untouched);
-        the scorer's memories are written again too. An interrupted recaption (killed, or ``stop`` set)
-        carries on where it stopped when run again with the same captioner.
-
-        Returns counts: {"images", "captioned", "failed", "already_done", "interrupted"}; unreadable files
-        keep their old caption.
-        """
-        if self.captioner is None:
-            raise InputError("no captioner is configured (--captioner NAME)")
-        self._store_for(create=False)
-        with self.writing():
-            writer = self.writer()
-            counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
-                               workers=self.workers, checkpoint_every=self.config.checkpoint_every,
-                               progress=self.config.progress, stop=stop)
-            if not counts.interrupted:
-                writer.store.set_meta({"captioner": json.dumps(self.captioner.info.to_dict())})
-        return counts.to_dict()
 
     # --- consistency -------------------------------------------------------------------------
     def doctor(self, repair: bool = False) -> tuple[Findings, list[str], list[str]]:
@@ -344,14 +332,17 @@ class Engine:
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:
         """The ranker over this index (the likelihood and match signals only when the stored memories
-        are the scorer's)."""
+        are the scorer's; the tags signal only when the index has tags)."""
         index = self.open()
+        tagger = self._index_tagger(index.store)
         if not provenance.scorer_matches(index.store, self.scorer):
-            return Ranker(index.store, index.vectors)
-        return Ranker(index.store, index.vectors, self.scorer, self.matcher)
+            return Ranker(index.store, index.vectors, tagger=tagger)
+        return Ranker(index.store, index.vectors, self.scorer, self.matcher, tagger)
 
     def searcher(self) -> Searcher:
-        return Searcher(self.ranker(), self.encoder, pool=self.config.pool, depth=self.config.rerank_depth)
+        ranker = self.ranker()
+        return Searcher(ranker, self.encoder, pool=self.config.pool, depth=self.config.rerank_depth,
+                        confidence_threshold=provenance.confidence_threshold(ranker.store))
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,
@@ -390,7 +381,9 @@ class Engine:
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
-        return Searcher(Ranker(*self._opened()), self.encoder).more_like_this(image, k, filters)
+        store, vectors = self._opened()
+        return Searcher(Ranker(store, vectors, tagger=self._index_tagger(store)), self.encoder,
+                        confidence_threshold=provenance.confidence_threshold(store)).more_like_this(image, k, filters)
 
     def duplicates(self, threshold: float = 0.95, k: int = 10) -> list[DuplicateGroup]:
         """Groups of exact copies (same bytes) and near copies (image similarity >= ``threshold``).

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from indexer.config import EngineConfig
 from indexer.errors import InputError
-from indexer.provenance import built_with
+from indexer.provenance import built_with, confidence_threshold
 from indexer.storage.store import Store, safe_url
 
 
@@ -21,6 +21,7 @@ def stats(store: Store, config: EngineConfig) -> dict:
     info = built_with(store)
     size = sum(p.stat().st_size for p in config.index_dir.rglob("*") if p.is_file())
     captioner, scorer = store.get_meta("captioner"), store.get_meta("scorer")
+    tagger, confidence = store.get_meta("tagger"), store.get_meta("confidence")
     return {
         "index_dir": str(config.index_dir),
         "database": safe_url(config.db_url) if config.db_url else "sqlite",  # never a password
@@ -30,6 +31,9 @@ def stats(store: Store, config: EngineConfig) -> dict:
         "encoder": info.to_dict() if info else None,
         "captioner": json.loads(captioner) if captioner else None,
         "scorer": json.loads(scorer) if scorer else None,
+        "tags": {"tagger": json.loads(tagger) if tagger else None, **store.tag_counts()},
+        "caption_confidence": {"model": json.loads(confidence) if confidence else None,
+                               **store.confidence_counts(confidence_threshold(store))},
         "vector_index": vector_stats(store, config),
         "index_bytes": size,
         "last_run": None if last is None else {

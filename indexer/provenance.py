@@ -86,3 +86,20 @@ def matcher_fits(matcher: Matcher, scorer: TextScorer) -> bool:
         log.warning("the match head %s was trained on the memories of another scorer than %s; "
                     "fused ranking runs without it", matcher.name, scorer.info.name)
     return fits
+
+
+def record_tagging(tagger, confidence) -> dict[str, str]:  # noqa: ANN001 - Tagger, ConfidenceModel (or None)
+    """The meta facts of tags and caption confidence written from now on (the tagger; the confidence
+    model and its threshold, which reading uses to mark captions sure or uncertain)."""
+    meta = {}
+    if tagger is not None:
+        meta["tagger"] = json.dumps({**tagger.info.to_dict(), "fingerprint": tagger.info.fingerprint})
+    if confidence is not None:
+        meta["confidence"] = json.dumps({**confidence.info.to_dict(), "threshold": confidence.threshold})
+    return meta
+
+
+def confidence_threshold(store: Store) -> float | None:
+    """From which confidence the index's captions count as sure (None: its captions were never rated)."""
+    raw = store.get_meta("confidence")
+    return float(json.loads(raw)["threshold"]) if raw else None

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from retrieval.errors import InputError
 
-MODES = ("image", "caption", "keyword", "fused")  # text->image ranking modes
+MODES = ("image", "caption", "keyword", "tags", "fused")  # text->image ranking modes
 # the signals of fused ranking, in order: the first stage ranks a candidate pool by a normalised weighted
 # sum of these ...
-FIRST_STAGE = ("image", "caption", "keyword", "meta")
+FIRST_STAGE = ("image", "caption", "keyword", "meta", "tags")
 # ... and the second stage re-scores its best few with these (read from the scorer's stored memories)
 SECOND_STAGE = ("likelihood", "match")
 SIGNALS = FIRST_STAGE + SECOND_STAGE  # every weight of FusionWeights, by name
@@ -28,8 +28,12 @@ class FusionWeights:
     image's imported catalogue text (SKU, title, brand...; 0 by default: on, it also brings the images
     whose catalogue text has the words into the candidates); likelihood: how likely the caption
     decoder finds the query as a caption of the image; match: how well the match head finds the query
-    fits the image (these two re-score the best candidates only).
-    Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune`` (docs/BENCHMARKS.md).
+    fits the image (these two re-score the best candidates only); tags: zero-shot score of the query
+    against the image's classifier classes (its weight is scaled by how much the query names a concept,
+    retrieval/tagging.py).
+    Defaults: tuned on Flickr8k dev with ``pixquery eval retrieval --tune`` (before tags); tags (weight,
+    gate) chosen on Flickr8k train and the tune half of the out-of-domain queries only, by
+    docs/scripts/choose_tag_weights.py (docs/BENCHMARKS.md).
     """
 
     image: float = 1.0
@@ -38,6 +42,7 @@ class FusionWeights:
     likelihood: float = 0.3
     match: float = 0.1
     meta: float = 0.0
+    tags: float = 1.2  # the last field: positional FusionWeights(image, caption, keyword, likelihood, match, meta) still work
 
     def __post_init__(self) -> None:
         values = self.to_dict()

@@ -17,6 +17,8 @@ KINDS = {  # what reads a kind of weight file, and the command that writes one
     "encoder": ("native encoder heads", "pixquery train encoder"),
     "captioner": ("native captioner", "pixquery train captioner"),
     "matcher": ("match head", "pixquery train matcher"),
+    "tagger": ("tagger", "pixquery train tagger"),
+    "confidence": ("caption confidence model", "pixquery train confidence"),
 }
 
 
@@ -46,6 +48,14 @@ SHIPPED = (
     Shipped("effl0-match-v1", "matcher", "retrieval/native",
             "58ad18e5127734b8ee4c5d1bc6c8972c0bac2be969faf984f30e14f4f0f3dab8",
             "match head over the scorer effl0-sat-v1's memories and MiniLM token states"),
+    Shipped("imagenet-tags-v1", "tagger", "retrieval/native",
+            "1c0ea425cebe63859143abc2aacbf858600b922d2b97456d042397121a234858",
+            "tags from the image tower's ImageNet-1k classifier, calibrated on Flickr8k train; class-name "
+            "embeddings for the zero-shot signal"),
+    Shipped("caption-confidence-v1", "confidence", "captioning",
+            "50963feaf37b73dfd278f2eedc32979e04a1d66e7a27f63b64f396a1392e7cc0",
+            "how sure a caption of effl0-sat-v4 is: logistic regression fitted on Flickr8k train only (threshold "
+            "0.5 fixed in advance; optimistic on new photos)"),
 )
 
 # role -> the model a new index uses for it (None in the configuration switches a role off)
@@ -54,6 +64,8 @@ DEFAULTS = {
     "captioner": "native:effl0-sat-v4",
     "scorer": "native:effl0-sat-v1",  # the native captioner that rates query text against images
     "matcher": "native:effl0-match-v1",
+    "tagger": "native:imagenet-tags-v1",  # tags and the zero-shot signal (the image tower's ImageNet classifier)
+    "confidence": "native:caption-confidence-v1",  # how sure each caption is
 }
 
 

@@ -72,7 +72,7 @@ def test_fusion_weights_are_checked():
     with pytest.raises(InputError):
         FusionWeights(image=-1)
     with pytest.raises(InputError):
-        FusionWeights(image=0, caption=0, keyword=0, likelihood=5)
+        FusionWeights(image=0, caption=0, keyword=0, tags=0, likelihood=5)
     with pytest.raises(InputError):
         FusionWeights(image=float("nan"))
 

@@ -15,7 +15,8 @@ from retrieval.shipped import DEFAULTS, SHIPPED, names, resolve_weights, shipped
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = {"encoder": "pixquery-native-heads/1", "captioner": "pixquery-native-captioner/1",
-           "matcher": "pixquery-native-matcher/1"}
+           "matcher": "pixquery-native-matcher/1", "tagger": "pixquery-tagger/1",
+           "confidence": "pixquery-confidence/1"}
 
 
 @pytest.mark.parametrize("entry", SHIPPED, ids=lambda e: e.name)
@@ -28,7 +29,8 @@ def test_every_shipped_file_is_there_with_its_sha256_and_loads_weights_only(entr
 
 
 def test_defaults_name_shipped_weights_of_the_right_kind():
-    kinds = {"encoder": "encoder", "captioner": "captioner", "scorer": "captioner", "matcher": "matcher"}
+    kinds = {"encoder": "encoder", "captioner": "captioner", "scorer": "captioner", "matcher": "matcher",
+             "tagger": "tagger", "confidence": "confidence"}
     for role, name in DEFAULTS.items():
         assert shipped(kinds[role], name.removeprefix("native:")) is not None, role
 

@@ -148,7 +148,7 @@ def test_state_survives_reruns_and_widgets_change_the_search(env, photo_dir):
     at.sidebar.multiselect(key="f_types").set_value([]).run()
     at.sidebar.selectbox(key="f_folder").set_value("All folders").run()
     at.sidebar.radio(key="preset").set_value("Custom").run()
-    for name in ("caption", "keyword", "likelihood", "match"):
+    for name in ("caption", "keyword", "likelihood", "match", "tags"):
         at.sidebar.slider(key=f"w_{name}").set_value(0.0).run()
     assert result_names(at)[0] in ("yellow.png", "yellow-striped.jpg")
     at.sidebar.slider(key="w_image").set_value(0.0).run()  # every weight zero: a warning, default weights

@@ -33,6 +33,8 @@ from ui.catalogue_filters import catalogue_ui, catalogue_widgets, restore
 from ui.common import human_bytes, no_index_message, show_error, show_thumbnail, when
 from ui.resources import Loaded, jobs
 from ui.security import ImageUnavailable, indexed_file, parse_image_id, save_upload
+from ui.tag_cards import caption_ui, confidence_note, tag_chips
+from ui.tag_cards import untagged as tag_untagged
 from ui.thumbnails import PREVIEW_SIZE, THUMB_SIZE, thumbnail, thumbnail_path
 
 EXAMPLES = ("a dog on the grass", "a plate of food", "a city at night", "people playing sports")
@@ -44,12 +46,14 @@ PRESETS: dict[str, tuple[str, FusionWeights | None]] = {
     "Looks like": ("image", None),
     "Caption says": ("caption", None),
     "Exact words": ("keyword", None),
+    "Tags say": ("tags", None),
     "Custom": ("fused", None),
 }
 WEIGHT_LABELS = {"image": "Looks like (image)", "caption": "Caption meaning", "keyword": "Caption words",
                  "likelihood": "Captioner agrees (re-scores the best)",
                  "match": "Match head agrees (re-scores the best)",
-                 "meta": "Catalogue words (imported SKU, title, brand...)"}
+                 "meta": "Catalogue words (imported SKU, title, brand...)",
+                 "tags": "Tags agree (zero-shot: what the classifier sees)"}
 
 
 def _init_state() -> None:
@@ -337,6 +341,7 @@ def _prefetch_thumbnails(cache_dir: Path, rows: list) -> None:
         list(pool.map(make, missing))
 
 
+
 def grid_ui(engine: Engine, hits: list) -> None:
     cache_dir = engine.config.cache_dir
     rows = {h.id: engine.image(h.id) for h in hits}
@@ -350,7 +355,7 @@ def grid_ui(engine: Engine, hits: list) -> None:
                     st.caption(f"#{rank} {Path(hit.path).name} is no longer in the index")
                     continue
                 show_thumbnail(cache_dir, row.path, row.content_hash, byte_size=row.byte_size)
-                st.markdown(f"**{rank}.** `{hit.score:.3f}` {hit.caption or ''}")
+                caption_ui(rank, hit)
                 st.caption(Path(hit.path).name)
                 reason = st.session_state.get("reasons", {}).get(hit.id)
                 if reason:
@@ -389,13 +394,15 @@ def details_ui(engine: Engine, image_id: int, hits: list) -> None:
                 f"- **Path:** `{row.path}`",
                 f"- **Size:** {row.width} x {row.height} px, {human_bytes(row.byte_size)}, {row.file_type.upper()}",
                 f"- **Date:** {taken}",
-                f"- **Caption:** {row.caption or '(none)'}",
+                f"- **Caption:** {row.caption or '(none)'}" + confidence_note(hit),
+                f"- **Tags:** {tag_chips(hit.tags) if hit is not None and hit.tags else '(none)'}",
             ]))
             if hit is not None:
                 st.markdown(f"**Score** `{hit.score:.4f}`")
                 if hit.scores:
                     st.table({"signal": list(hit.scores), "score": [round(v, 4) for v in hit.scores.values()]})
             st.button("More like this", key=f"mlt-details-{image_id}", on_click=_more_like_this, args=(image_id,))
+
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -405,6 +412,7 @@ def folders_and_types(_engine: Engine, generation: int) -> tuple[list[str], list
     folders = Counter(os.path.dirname(p) for p in paths)
     types = sorted({os.path.splitext(p)[1].lower().lstrip(".") for p in paths} - {""})
     return [f for f, _ in folders.most_common(200)], types
+
 
 
 def page(state: Loaded) -> None:
@@ -421,6 +429,10 @@ def page(state: Loaded) -> None:
     if job is not None and job.running:
         st.caption(f":material/sync: Indexing {job.folder} in the background ({job.done}/{job.total}); "
                    f"new photos appear in results when it finishes.")
+    untagged = tag_untagged(engine, state.generation)
+    if untagged:
+        st.caption(f":material/label_off: {untagged} photos have no tags yet, so the tags do not help find them; "
+                   f"add them from a terminal with `pixquery retag`.")
     folders, types = folders_and_types(engine, state.generation)
     fields = catalogue_widgets(engine, state.generation, repr(engine.catalogue.fields()))
     restore_from_url(folders, types, fields)

@@ -158,7 +158,8 @@ def create_app(engine: Engine | EngineConfig, settings: ApiSettings | None = Non
     serving = engine
 
     def default_job_engine() -> Engine:
-        return Engine(serving.config, encoder=serving.encoder, captioner=serving.captioner, scorer=serving.scorer)
+        return Engine(serving.config, encoder=serving.encoder, captioner=serving.captioner, scorer=serving.scorer,
+                      tagger=serving.tagger)
 
     state = ApiState(engine, settings, IndexJobs(job_engine or default_job_engine))
 

@@ -145,7 +145,10 @@ def image_info(request: Request, image_id: ImageId) -> ImageOut:
     row = engine.image(image_id)
     if row is None:
         raise HTTPException(404, f"no image with id {image_id} in the index")
+    described = engine.describe([row.id])[0].to_dict()
     return ImageOut(id=row.id, path=row.path, caption=row.caption, captioner=row.captioner, width=row.width,
+                    **{k: described[k] for k in ("caption_confidence", "caption_is_confident", "tags", "tagged",
+                                                 "alt_text")},
                     height=row.height, file_type=row.file_type, byte_size=row.byte_size,
                     content_hash=row.content_hash, taken_at=row.taken_at.isoformat() if row.taken_at else None,
                     modified_at=row.mtime, indexed_at=row.indexed_at.isoformat() if row.indexed_at else None,

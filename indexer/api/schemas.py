@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-Mode = Literal["image", "caption", "keyword", "fused"]
+Mode = Literal["image", "caption", "keyword", "tags", "fused"]
 
 
 class FiltersIn(BaseModel):
@@ -42,11 +42,22 @@ class SearchIn(BaseModel):
     explain: bool = Field(False, description="add a readable reason to each result")
 
 
+class TagOut(BaseModel):
+    name: str = Field(..., description='what the classifier sees, e.g. "cheeseburger"')
+    probability: float = Field(..., description="calibrated probability")
+    source: str = Field(..., description='"imagenet:<class index>" or "group:<word>"')
+
+
 class Hit(BaseModel):
     id: int
     path: str
     score: float
     caption: str | None
+    caption_confidence: float | None = Field(None, description="probability that the caption is good (fitted on "
+                                                               "Flickr8k train; null: not rated)")
+    caption_is_confident: bool | None = Field(None, description="false: show the tags before the caption, "
+                                                                "marked uncertain; null: not rated")
+    tags: list[TagOut] = Field(default_factory=list, description="empty: no confident class, or not tagged")
     width: int
     height: int
     file_type: str
@@ -70,6 +81,11 @@ class ImageOut(BaseModel):
     path: str
     caption: str | None
     captioner: str | None
+    caption_confidence: float | None = None
+    caption_is_confident: bool | None = None
+    tags: list[TagOut] = Field(default_factory=list)
+    tagged: bool = Field(False, description="false: an index from before tags (pixquery retag adds them)")
+    alt_text: str | None = Field(None, description="the caption when rated confident, else the tags")
     width: int
     height: int
     file_type: str

@@ -112,8 +112,10 @@ def alt_for(row: ImageRow, values: dict, alt_field: str | None) -> str | None:
 
 
 def plan(site: Path, lookup: Lookup, metadata: Callable[[int], dict], alt_field: str | None = None,
-         overwrite: bool = False, fill_empty: bool = False) -> tuple[list[PageChanges], list[tuple[Path, str]]]:
-    """The changes to every HTML page under ``site`` -> (pages with changes or skips, unreadable pages)."""
+         overwrite: bool = False, fill_empty: bool = False, threshold: float | None = None,
+         ) -> tuple[list[PageChanges], list[tuple[Path, str]]]:
+    """The changes to every HTML page under ``site`` -> (pages with changes or skips, unreadable pages).
+    ``threshold``: the index's caption-confidence threshold (a caption rated below it is left for review)."""
     site = Path(site).expanduser().resolve()
     pages, unreadable = [], []
     for page in sorted(p for ext in ("*.html", "*.htm") for p in site.rglob(ext)):
@@ -147,7 +149,7 @@ def plan(site: Path, lookup: Lookup, metadata: Callable[[int], dict], alt_field:
             if alt == "" and "alt" in attrs and not (fill_empty or overwrite):
                 result.skipped.append((src, 'alt="" marks it decorative (--fill-empty fills it)'))
                 continue
-            if caption_uncertain(row):
+            if (caption_uncertain(row, threshold) if threshold is not None else caption_uncertain(row)):
                 result.skipped.append((src, "its caption is marked for review"))
                 continue
             text_alt = alt_for(row, metadata(row.id), alt_field)

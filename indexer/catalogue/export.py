@@ -6,10 +6,11 @@ and a function of the image's row and its catalogue values. Catalogue fields are
 their own names (``meta.NAME`` when a name is taken by a built-in field). Another part of pixquery
 adds its own columns with :func:`register` (tags, caption confidence).
 
-Uncertain captions: :func:`caption_uncertain` is the hook that says a caption should be reviewed
-before it is published (as a product description or alt text). Nothing stores caption confidence yet,
-so it marks none; when it does (issue 20), this function reads it, the ``caption_uncertain`` column
-shows it and ``--alt-text-html`` leaves those images for review instead of writing their alt text.
+Uncertain captions: :func:`caption_uncertain` says a caption should be reviewed before it is published
+(as a product description or alt text): its stored confidence (captioning/confidence.py) is below the
+index's threshold. The ``caption_uncertain`` column shows it, the ``alt_text`` column gives the tags
+instead of such a caption, and ``--alt-text-html`` leaves those images for review instead of writing
+their alt text. A caption never rated (an index from before caption confidence) is not marked.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ from indexer.storage.schema import ImageRow
 FORMATS = ("csv", "jsonl", "json")
 
 
-def caption_uncertain(row: ImageRow) -> bool:
-    """Whether ``row``'s caption should be reviewed before it is published (see module doc: no caption is
-    marked until caption confidence is stored)."""
-    return False
+def caption_uncertain(row: ImageRow, threshold: float | None = None) -> bool:
+    """Whether ``row``'s caption should be reviewed before it is published: it was rated, and below the
+    index's confidence ``threshold`` (None: the index rates no captions, so none is marked)."""
+    return bool(row.caption) and row.caption_confidence is not None and threshold is not None \
+        and row.caption_confidence < threshold
 
 
 @dataclass(frozen=True)
 class ExportField:
     name: str
     help: str
-    get: Callable[[ImageRow, dict], object]  # (row, its catalogue values) -> value (None: empty)
+    # (row, its catalogue values) -> value (None: empty); ``described``: (row, its
+    # indexer.search.describe.ImageDescription or None) instead
+    get: Callable[[ImageRow, object], object]
+    described: bool = False
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -62,7 +67,16 @@ for _field in (
     ExportField("file_name", "the file's name", lambda r, m: os.path.basename(r.path)),
     ExportField("caption", "the generated caption", lambda r, m: r.caption),
     ExportField("captioner", "the captioner that wrote it (name|weights sha256)", lambda r, m: r.captioner),
-    ExportField("caption_uncertain", "the caption should be reviewed before use", lambda r, m: caption_uncertain(r)),
+    ExportField("caption_uncertain", "the caption should be reviewed before use (rated below the threshold)",
+                lambda r, d: d is not None and d.caption_is_confident is False, described=True),
+    ExportField("caption_confidence", "probability that the caption is good, fitted on train (empty: not rated)",
+                lambda r, d: None if d is None or d.caption_confidence is None else round(d.caption_confidence, 4),
+                described=True),
+    ExportField("tags", "what the classifier sees, most likely first (empty: no confident class, or not "
+                "tagged: pixquery retag)", lambda r, d: ", ".join(t.name for t in d.tags) if d and d.tags else None,
+                described=True),
+    ExportField("alt_text", "the caption when it is rated confident, else the tags (never an uncertain caption)",
+                lambda r, d: d.alt_text() if d is not None else None, described=True),
     ExportField("captioned_at", "when the caption was written (UTC)", lambda r, m: _iso(r.captioned_at)),
     ExportField("width", "in pixels", lambda r, m: r.width),
     ExportField("height", "in pixels", lambda r, m: r.height),
@@ -77,7 +91,7 @@ for _field in (
 ):
     register(_field)
 
-DEFAULT_FIELDS = ("path", "caption", "captioner", "caption_uncertain", "width", "height", "file_type", "taken_at",
+DEFAULT_FIELDS = ("path", "caption", "captioner", "caption_uncertain", "caption_confidence", "tags", "width", "height", "file_type", "taken_at",
                   "modified_at")
 
 
@@ -105,11 +119,20 @@ def columns_for(requested: list[str] | None, catalogue: list[str]) -> tuple[list
     return out, {c: f for c, f in meta.items() if c in out}
 
 
+def needs_descriptions(columns: list[str]) -> bool:
+    """Whether any of ``columns`` reads the images' descriptions (tags, caption confidence)."""
+    return any(c in FIELDS and FIELDS[c].described for c in columns)
+
+
 def records(rows: Iterable[ImageRow], values: dict[int, dict], columns: list[str],
-            meta: dict[str, str]) -> Iterable[dict]:
+            meta: dict[str, str], described: dict[int, object] | None = None) -> Iterable[dict]:
+    """One {column: value} per row; ``described``: {id: ImageDescription} (Engine.describe) for the tags
+    and caption-confidence columns."""
+    described = described or {}
     for row in rows:
         mine = values.get(row.id, {})
-        yield {c: (mine.get(meta[c]) if c in meta else FIELDS[c].get(row, mine)) for c in columns}
+        yield {c: (mine.get(meta[c]) if c in meta else
+                   FIELDS[c].get(row, described.get(row.id) if FIELDS[c].described else mine)) for c in columns}
 
 
 def _plain(value: object) -> object:

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from indexer.cli import everyday, lab, maintenance, teams
+from indexer.cli import everyday, lab, maintenance, tags, teams
 from indexer.cli.args import EXIT_INTERRUPTED
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     maintenance.register(sub)
     teams.register(sub)
     lab.register(sub)
+    tags.register(sub)
     return parser
 
 

@@ -42,6 +42,14 @@ def captioning(p: argparse.ArgumentParser) -> None:
                                        f"(default: $PIXQUERY_CAPTIONER or {DEFAULTS['captioner']})")
     p.add_argument("--beam", type=int, default=3, help="beam size for captions (1 = greedy; default 3)")
     p.add_argument("--max-words", type=int, default=20, help="longest caption in words (default 20)")
+    tagging(p)
+
+
+def tagging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tagger", help=f"tags and the zero-shot 'tags' signal: native:<tagger file> or none "
+                                    f"(default: $PIXQUERY_TAGGER or {DEFAULTS['tagger']})")
+    p.add_argument("--confidence", help=f"caption confidence: native:<confidence file> or none "
+                                        f"(default: $PIXQUERY_CONFIDENCE or {DEFAULTS['confidence']})")
 
 
 def weights(p: argparse.ArgumentParser) -> None:
@@ -115,6 +123,10 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - indexer.config.Engi
             kwargs[name] = getattr(args, name)
     if getattr(args, "captioner", None) is not None:
         kwargs["captioner"] = None if args.captioner.strip().lower() in ("", "none", "off") else args.captioner
+    for name in ("tagger", "confidence"):
+        if getattr(args, name, None) is not None:
+            value = getattr(args, name).strip()
+            kwargs[name] = None if value.lower() in ("", "none", "off") else value
     if getattr(args, "beam", None) is not None:
         from captioning.captioner import DecodeOptions
 

@@ -138,6 +138,8 @@ def _print_summary(s, out=None) -> None:
         print(f"  skipped files by reason: {why} (list them with: pixquery stats --skipped)", file=out)
     if s.captioned:
         print(f"  captioned {s.captioned} images", file=out)
+    if s.tagged:
+        print(f"  tagged {s.tagged} images (the others had no confident class)", file=out)
     if s.embedded:
         print(f"  embedded {s.embedded} images in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)", file=out)
     if getattr(s, "ray_address", None) and s.sent_to_ray + s.from_shards:
@@ -169,14 +171,25 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tag_line(tags) -> str:
+    return ", ".join(f"{t.name} {t.probability:.2f}" for t in tags)
+
+
 def _print_hits(hits, out=None, reasons: dict[int, str] | None = None) -> None:
+    """Rank, score and path of each hit; then its caption and tags. A caption rated uncertain comes after
+    the tags and is marked so (the tags are what the photo surely shows)."""
     out = out or sys.stdout
     if not hits:
         print("no results", file=out)
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h.score:.4f}  {h.path}", file=out)
-        if h.caption:
+        uncertain = h.caption and h.caption_is_confident is False
+        if h.caption and not uncertain:
             print(f"           {h.caption}", file=out)
+        if h.tags:
+            print(f"           tags: {_tag_line(h.tags)}", file=out)
+        if uncertain:
+            print(f"           (uncertain caption, confidence {h.caption_confidence:.2f}) {h.caption}", file=out)
         if reasons and reasons.get(h.id):
             print(f"           why: {reasons[h.id]}", file=out)
 
@@ -191,8 +204,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     with Engine(config_from(args)) as engine:
         hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode, weights=weights,
                              filters=filters, threshold=args.threshold)
+        untagged = engine.untagged() if engine.tagger is not None else 0
         reasons = ({e.id: e.text for e in engine.explain(hits, args.query, args.mode, filters)}
                    if args.explain else {})
+    if untagged and not args.json:
+        print(f"pixquery: note: {untagged} images of this index have no tags yet, so ranking does not use them "
+              f"for those; add them with: pixquery retag", file=sys.stderr)
     if args.json:
         results = [h.to_dict() | ({"explanation": reasons[h.id]} if h.id in reasons else {}) for h in hits]
         print(json.dumps({"query": args.query, "image": args.image, "mode": args.mode, "k": args.k,
@@ -245,7 +262,8 @@ def cmd_recaption(args: argparse.Namespace) -> int:
     with Engine(config_from(args)) as engine, stop_on_interrupt() as stop:
         counts = engine.recaption(stop=stop)
     done = f" ({counts['already_done']} already done by an interrupted run)" if counts["already_done"] else ""
-    print(f"captioned {counts['captioned']} of {counts['images']} images{done}; {counts['failed']} could not be read")
+    print(f"captioned {counts['captioned']} of {counts['images']} images{done} ({counts['tagged']} given tags); "
+          f"{counts['failed']} could not be read")
     if counts["interrupted"]:
         print("pixquery: interrupted; the new captions so far are kept: run the same command again to carry on",
               file=sys.stderr)
@@ -303,6 +321,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"captions: {stats['captioned']} images" + (f", by {cap['name']} (weights {cap['weights_sha256'][:12]})" if cap else ""))
     scorer = stats.get("scorer")
     print(f"likelihood scorer: {scorer['name']}" if scorer else "likelihood scorer: none (fused ranking without it)")
+    tags, conf = stats["tags"], stats["caption_confidence"]
+    if tags["tagger"]:
+        print(f"tags: {tags['tagged']} images tagged by {tags['tagger']['name']}"
+              + (f"; {tags['untagged']} not yet (add them with: pixquery retag)" if tags["untagged"] else ""))
+    else:
+        print("tags: none (an index from before tags; add them with: pixquery retag)")
+    if conf["model"]:
+        print(f"caption confidence: {conf['confident']} of {conf['rated']} rated captions confident "
+              f"(from {conf['model']['threshold']:.2f})" + (f"; {conf['unrated']} not rated (pixquery retag)"
+                                                         if conf["unrated"] else ""))
+    elif stats["captioned"]:
+        print("caption confidence: not rated (rate the captions with: pixquery retag)")
     for line in vector_lines(stats.get("vector_index") or {}):
         print(line)
     if stats["last_run"]:

@@ -30,9 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _eval_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="measure quality on a captioned image set")
     esub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
-    e = esub.add_parser("retrieval", help="text->image and image->text recall on a fresh temporary index")
-    e.add_argument("--images", required=True, help="folder holding the images")
-    e.add_argument("--captions", required=True, help="file of 'file_name<TAB>caption' lines")
+    e = esub.add_parser("retrieval", help="text->image and image->text recall on a fresh temporary index",
+                        description="Recall of every ranking mode on a fresh temporary index, for caption queries "
+                                    "(--captions: each caption finds its own image, e.g. Flickr8k dev) or for a "
+                                    "query set (--queries: queries as users type them with all their relevant "
+                                    "images, over every image of --images; 'ood' is the shipped out-of-domain set "
+                                    "over the sample photos).")
+    e.add_argument("--images", help="folder holding the images (default for --queries ood: the sample photos)")
+    q = e.add_mutually_exclusive_group(required=True)
+    q.add_argument("--captions", help="file of 'file_name<TAB>caption' lines")
+    q.add_argument("--queries", help="file of 'query<TAB>relevant file names[<TAB>split]' lines, or 'ood'")
+    e.add_argument("--baseline", action="store_true",
+                   help="also report fused ranking as before tags (mode fused_before_tags), in the same run")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--modes", default=",".join(MODES), help="comma list of ranking modes to report")
@@ -67,19 +76,32 @@ def eval_captions(args: argparse.Namespace) -> int:
 def eval_retrieval(args: argparse.Namespace) -> int:
     from indexer.lab.evaluate import evaluate_retrieval
 
+    from indexer.lab.queries import named_set
+    from retrieval.errors import InputError
+
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    report = evaluate_retrieval(Path(args.images), Path(args.captions), config_from(args), modes=modes,
-                                weights=weights_from(args), tune=args.tune)
+    queries, images = (Path(args.queries) if args.queries else None), args.images
+    shipped = named_set(args.queries) if args.queries else None
+    if shipped is not None:
+        queries, images = shipped[0], images or shipped[1]
+    if images is None:
+        raise InputError("--images FOLDER is needed (except with --queries ood)")
+    report = evaluate_retrieval(Path(images), Path(args.captions) if args.captions else None, config_from(args),
+                                modes=modes, weights=weights_from(args), tune=args.tune, queries_file=queries,
+                                baseline=args.baseline)
     if args.json:
         print(json.dumps(report))
         return EXIT_OK
-    print(f"{report['n_images']} images, {report['n_queries']} caption queries, encoder {report['encoder']}, "
-          f"captioner {report['captioner']}, weights {report['weights']}")
-    for mode, r in report["text_to_image"].items():
-        print(f"text->image [{mode:7s}]  R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}  "
-              f"medr {r['medr']:g}")
+    print(f"{report['n_images']} images, {report['n_queries']} queries, encoder {report['encoder']}, "
+          f"captioner {report['captioner']}, tagger {report['tagger']}, weights {report['weights']}")
+    parts = [("", report["text_to_image"])] + [(f" {sp}", r) for sp, r in report.get("by_split", {}).items()]
+    for where, rows in parts:
+        for mode, r in rows.items():
+            print(f"text->image{where} [{mode}]  R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}  "
+                  f"medr {r['medr']:g}")
     r = report["image_to_text"]
-    print(f"image->text            R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}")
+    if r is not None:
+        print(f"image->text            R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}")
     if "tuning" in report:
         print(f"tuned weights: {report['tuning'].get('best', report['tuning']['best_first_stage'])}")
     return EXIT_OK
@@ -284,6 +306,28 @@ def _train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     common(t)
     t.set_defaults(handler=train_matcher)
+    t = tsub.add_parser("tagger", help="calibrate the ImageNet tagger on Flickr8k train (temperature, tag thresholds)",
+                        description="Calibrate the tags that the image tower's ImageNet classifier gives: the softmax "
+                                    "temperature and the thresholds of class and group tags, judged against the "
+                                    "words of Flickr8k train's captions; also embeds the class names for the "
+                                    "zero-shot ranking signal. Reports precision on train and dev.")
+    t.add_argument("--data", required=True, help="Flickr8k folder (images/, captions.tsv, train.txt, dev.txt)")
+    t.add_argument("--out", default="runs/tagger/tagger.pt", help="where to write the tagger file")
+    t.add_argument("--class-precision", type=float, default=0.75, help="target precision of class tags on train")
+    t.add_argument("--group-precision", type=float, default=0.95, help="target precision of group tags on train")
+    common(t)
+    t.set_defaults(handler=train_tagger)
+    t = tsub.add_parser("confidence", help="fit the caption confidence on Flickr8k train only (dev is only reported on)",
+                        description="Caption Flickr8k train and dev with the captioner, measure each caption against "
+                                    "its image (joint-encoder agreement, the captioner's likelihood, agreement with "
+                                    "the tags), and fit a logistic regression on train that predicts whether the "
+                                    "caption scores well (CIDEr-D) against the human captions.")
+    t.add_argument("--data", required=True, help="Flickr8k folder (images/, captions.tsv, train.txt, dev.txt)")
+    t.add_argument("--out", default="runs/confidence/confidence.pt", help="where to write the model")
+    t.add_argument("--captioner", default=DEFAULTS["captioner"], help="the captioner whose captions are rated")
+    t.add_argument("--good-cider", type=float, default=0.5, help="CIDEr-D from which a caption counts as good")
+    common(t)
+    t.set_defaults(handler=train_confidence)
 
 
 def _training_setup(args: argparse.Namespace) -> tuple[Path, str]:
@@ -326,6 +370,31 @@ def train_matcher(args: argparse.Namespace) -> int:
     meta = run(mcfg, ScorerMemories(scorer.name, scorer.sha256, scorer.decoder.encode))
     print(f"wrote {mcfg.out} ({meta['minutes']} min); log: {mcfg.out.with_suffix('.json')}")
     print(f"dev {meta['dev']}")
+    return EXIT_OK
+
+
+def train_tagger(args: argparse.Namespace) -> int:
+    from retrieval.native.training.tagger import TrainTaggerConfig, train_tagger as run
+
+    features, device = _training_setup(args)
+    meta = run(TrainTaggerConfig(data=Path(args.data), out=Path(args.out), cache_dir=features, device=device,
+                                 class_precision=args.class_precision, group_precision=args.group_precision))
+    print(f"wrote {args.out} (temperature {meta['calibration']['temperature']}, class tags from "
+          f"{meta['calibration']['class_threshold']}, group tags from {meta['calibration']['group_threshold']}); "
+          f"log: {Path(args.out).with_suffix('.json')}")
+    print(json.dumps(meta["precision_by_caption_words"]))
+    return EXIT_OK
+
+
+def train_confidence(args: argparse.Namespace) -> int:
+    from captioning.training.confidence import TrainConfidenceConfig, train_confidence as run
+
+    features, device = _training_setup(args)
+    meta = run(TrainConfidenceConfig(data=Path(args.data), out=Path(args.out), cache_dir=features, device=device,
+                                     captioner=args.captioner, good_cider=args.good_cider,
+                                     progress=not args.quiet))
+    print(f"wrote {args.out} (threshold {meta['threshold']}); log: {Path(args.out).with_suffix('.json')}")
+    print(json.dumps({k: v["full"] for k, v in meta["report"].items()}))
     return EXIT_OK
 
 

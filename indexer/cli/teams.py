@@ -188,7 +188,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         requested = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
         columns, meta = export.columns_for(requested, catalogue)
         values = engine.catalogue.values([r.id for r in rows]) if meta else {}
-        recs = export.records(rows, values, columns, meta)
+        described = ({d.id: d for d in engine.describe([r.id for r in rows])}
+                     if export.needs_descriptions(columns) else None)
+        recs = export.records(rows, values, columns, meta, described)
         if args.out:
             n = export.write_file(recs, columns, args.format, Path(args.out))
             print(f"wrote {n} images to {args.out}", file=sys.stderr)
@@ -211,7 +213,8 @@ def _alt_text(args: argparse.Namespace) -> int:
         if args.alt_field and args.alt_field not in {f["name"] for f in engine.catalogue.fields()}:
             raise InputError(f"no catalogue field {args.alt_field!r} (pixquery meta fields lists them)")
         pages, unreadable = alt_text.plan(site, lookup, lambda i: engine.catalogue.values([i]).get(i, {}), args.alt_field,
-                                          args.overwrite, args.fill_empty)
+                                          args.overwrite, args.fill_empty,
+                                          threshold=engine.caption_threshold())
     changed = [p for p in pages if p.changes]
     n_changes = sum(len(p.changes) for p in changed)
     skips = [(p.path, src, why) for p in pages for src, why in p.skipped]

@@ -54,6 +54,7 @@ class IndexSummary:
     skipped_reasons: dict[str, int] = field(default_factory=dict)
     embedded: int = 0
     captioned: int = 0
+    tagged: int = 0  # images given at least one tag
     seconds: float = 0.0
     images_per_second: float = 0.0
     total_images: int = 0
@@ -76,8 +77,7 @@ def embed(models: ImageModels, decoded: list[ReadResult],
     ``codes``: scorer memories as the index's 8-bit codes (``ImageModels.run``), else float32."""
     out = models.run(models.collate([r.pixels for r in decoded]), stack_or_none([r.cap_pixels for r in decoded]),
                      codes)
-    where, cap_vecs = models.embed_captions(out.captions)
-    return out, where, cap_vecs
+    return out, out.caption_where, out.caption_vectors
 
 
 class Indexer:
@@ -97,6 +97,7 @@ class Indexer:
         self.checkpoint_every, self.progress = checkpoint_every, progress
         self.encoder_fp = models.encoder.info.fingerprint
         self.captioner_fp = models.captioner.info.fingerprint if models.captioner else None
+        self.tagger_fp = models.tagger_fingerprint
 
     def run(self, root: str | Path, runner: Callable[["Indexer", Path], "Run"] | None = None) -> IndexSummary:
         """Index ``root``; ``runner(indexer, root)`` builds the run (default :class:`Run`, in this process)."""
@@ -124,6 +125,7 @@ class Run:
         self.writer = BatchWriter(indexer.store, indexer.vectors, indexer.checkpoint_every)
         self.batch: list[tuple[ReadResult, int, ImageRow | None]] = []
         self.stash: dict[str, Payload] = {}  # what rows held before this run replaced their content, by old hash
+        self.stash_tags: dict[str, tuple[ImageRow, list[tuple[int, float]] | None]] = {}  # ... their tags, likewise
         self.done = 0
         self.bar: tqdm | None = None
         self.stages: Counter[str] = Counter()
@@ -248,7 +250,11 @@ class Run:
             src = decision.source
             res.width, res.height, res.taken_at = src.width, src.height, src.taken_at
             self.ix.vectors.add_payload(row_id, payload)
-            w.row(self._row(res, row_id, payload.caption, payload.captioner))
+            tagged, classes = self._tags_of(res.content_hash)
+            row = self._row(res, row_id, payload.caption, payload.captioner)
+            row.caption_confidence, row.tagger = tagged.caption_confidence, tagged.tagger
+            w.row(row)
+            w.classes(row_id, classes if classes is not None else [])  # a changed file's old tags go
         else:
             if old is not None:
                 s.changed += 1
@@ -272,14 +278,29 @@ class Run:
         """Remember what ``old`` held before its id gets new content (a later copy may need it)."""
         if old.content_hash not in self.stash:
             self.stash[old.content_hash] = self.ix.vectors.payload(old.id, old.caption, old.captioner)
+            self.stash_tags[old.content_hash] = (ImageRow(caption_confidence=old.caption_confidence,
+                                                          tagger=old.tagger),
+                                                 self.ix.store.classes_by_ids([old.id]).get(old.id, [])
+                                                 if old.tagger else None)
 
-    def _row(self, res: ReadResult, row_id: int, caption: str | None, captioner: str | None) -> ImageRow:
+    def _tags_of(self, content_hash: str) -> tuple[ImageRow, list[tuple[int, float]] | None]:
+        """The caption confidence and tagger (on a row) and the classes (None: never tagged) that the
+        indexed image with this content holds, for a copy to carry along."""
+        if content_hash in self.stash_tags:
+            return self.stash_tags[content_hash]
+        src = self.by_hash[content_hash]
+        classes = self.ix.store.classes_by_ids([src.id]).get(src.id, []) if src.tagger else None
+        return src, classes
+
+    def _row(self, res: ReadResult, row_id: int, caption: str | None, captioner: str | None,
+             confidence: float | None = None, tagger: str | None = None) -> ImageRow:
         e = res.entry
         return ImageRow(
             id=row_id, path=e.path, content_hash=res.content_hash, byte_size=e.size, mtime=e.mtime,
             width=res.width, height=res.height, file_type=e.file_type, taken_at=res.taken_at,
             indexed_at=utcnow(), encoder=self.ix.encoder_fp, run_id=self.run_id, caption=caption,
             captioner=captioner if caption else None, captioned_at=utcnow() if caption else None,
+            caption_confidence=confidence if caption else None, tagger=tagger,
         )
 
     # --- a batch of new content ---------------------------------------------------------------
@@ -294,9 +315,15 @@ class Run:
             if old is not None:
                 self._keep_old(old)
         ix.vectors.add(ids, out.vectors, ids[where], cap_vecs, out.memories)
-        for (res, rid, _), caption in zip(batch, out.captions):
+        for k, ((res, rid, old), caption) in enumerate(zip(batch, out.captions)):
             self.summary.captioned += caption is not None
-            self.writer.row(self._row(res, rid, caption, self.ix.captioner_fp))
+            self.writer.row(self._row(res, rid, caption, self.ix.captioner_fp, out.confidence[k],
+                                      self.ix.tagger_fp if out.classes is not None else None))
+            if out.classes is not None:
+                self.summary.tagged += bool(ix.models.tagger.tags(out.classes[k]))
+                self.writer.classes(rid, out.classes[k])
+            elif old is not None:  # new content, no tagger: the old content's tags go
+                self.writer.classes(rid, [])
         self.summary.embedded += len(batch)
         self._advance(len(batch))
         self.batch = []

@@ -1,6 +1,7 @@
 """``recaption``: caption every indexed image again (after a captioner change), image vectors untouched.
 
-Each image is read and decoded once more; its new caption, caption vector and the scorer's memory go
+Each image is read and decoded once more; its new caption, caption vector, the caption's confidence,
+its tags and the scorer's memory go
 through the same :class:`~indexer.indexing.writer.BatchWriter` as indexing, so the work is checkpointed
 the same way (a crash loses at most the images since the last checkpoint, which keep their old captions).
 
@@ -40,10 +41,11 @@ class RecaptionCounts:
     failed: int = 0  # files that could not be read or decoded: they keep their old caption
     already_done: int = 0  # captioned by an interrupted recaption with the same captioner
     interrupted: bool = False  # stopped early (Ctrl-C): run again to carry on
+    tagged: int = 0  # images given at least one tag
 
     def to_dict(self) -> dict:
         return {"images": self.images, "captioned": self.captioned, "failed": self.failed,
-                "already_done": self.already_done, "interrupted": self.interrupted}
+                "already_done": self.already_done, "interrupted": self.interrupted, "tagged": self.tagged}
 
 
 def _in_progress(store: Store, fingerprint: str) -> datetime | None:
@@ -87,16 +89,20 @@ def recaption(store: Store, vectors: VectorBundle, models: ImageModels, batch_si
     def flush() -> None:
         if not pending:
             return
-        caps, memories = models.caption_only(models.collate([r.pixels for _, r in pending]),
-                                             stack_or_none([r.cap_pixels for _, r in pending]))
-        where, vecs = models.embed_captions(caps)
+        out = models.caption_only(models.collate([r.pixels for _, r in pending]),
+                                  stack_or_none([r.cap_pixels for _, r in pending]))
         ids = np.array([row.id for row, _ in pending], dtype=np.int64)
-        vectors.set_captions(ids, ids[where], vecs)
-        vectors.set_memories(ids, memories)
-        for (row, _), cap in zip(pending, caps):
+        vectors.set_captions(ids, ids[out.caption_where], out.caption_vectors)
+        vectors.set_memories(ids, out.memories)
+        for k, ((row, _), cap) in enumerate(zip(pending, out.captions)):
             row.caption, row.captioner = cap, fingerprint if cap else None
             row.captioned_at = utcnow() if cap else None
+            row.caption_confidence = out.confidence[k]
             counts.captioned += cap is not None
+            if out.classes is not None:
+                row.tagger = models.tagger_fingerprint
+                writer.classes(row.id, out.classes[k])
+                counts.tagged += bool(models.tagger.tags(out.classes[k]))
             writer.row(row)
         bar.update(len(pending))
         pending.clear()

@@ -39,6 +39,10 @@ class BatchWriter:
         self._next_id = max(self._next_id, int(row.id) + 1)
         self._since += 1
 
+    def classes(self, row_id: int, classes: list[tuple[int, float]]) -> None:
+        """Replace the stored classes (tags) of image ``row_id`` (an empty list: it has none)."""
+        self.batch.classes[int(row_id)] = list(classes)
+
     def insert(self, rows: list[dict]) -> None:
         """New image rows in bulk, as {column: value} (ids and paths unused; a synthetic benchmark index)."""
         self.batch.inserts.extend(rows)

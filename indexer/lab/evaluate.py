@@ -1,16 +1,25 @@
 """``pixquery eval retrieval``: recall of every ranking mode on a fresh temporary index.
 
+Two kinds of query set: a caption file (``file_name<TAB>caption`` lines; each caption is a query whose
+one relevant image is its own, e.g. Flickr8k dev) or a query file (``indexer/lab/queries.py``: queries
+as users type them, each with every relevant image, over all the images of a folder, e.g. the
+out-of-domain set ``--queries ood``). A query counts as found at K when any relevant image is in the
+first K.
+
 Contract (other tools parse it): with ``--json`` stdout is exactly one JSON object::
 
     {"n_images": N, "n_queries": Q, "encoder": "...", "captioner": "..." | null,
-     "scorer": "..." | null, "matcher": "..." | null, "pool": n, "rerank_depth": n,
+     "scorer": "..." | null, "matcher": "..." | null, "tagger": "..." | null, "pool": n, "rerank_depth": n,
      "weights": {...fused weights used...},
      "text_to_image": {"<mode>": {"R@1": %, "R@5": %, "R@10": %, "medr": rank}, ...},
-     "image_to_text": {"R@1": %, "R@5": %, "R@10": %}}
+     "image_to_text": {"R@1": %, "R@5": %, "R@10": %} | null}
 
-plus ``"tuning"`` with ``--tune``. Every mode runs the same code as ``pixquery search``. Modes that
-rank a short list (keyword: captions sharing a word; fused: its candidate pool) give an image
-outside that list rank N + 1, so their medr is an upper bound.
+plus ``"by_split"`` ({split: {mode: {...}}}) for a query file with splits, and ``"tuning"`` with
+``--tune``. With ``--baseline`` the mode ``fused_before_tags`` is the fused ranking as it was before
+tags (no tags signal, tags not in the keywords), in the same run. Every mode runs the same code as
+``pixquery search``. Modes that rank a short list (keyword: captions sharing a word; tags: images
+holding a class near the query; fused: its candidate pool) give an image outside that list rank N + 1,
+so their medr is an upper bound.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from tqdm import tqdm
 from indexer.config import EngineConfig
 from indexer.engine import Engine
 from indexer.errors import InputError
+from indexer.lab.queries import image_files, read_queries
 from indexer.search.ranker import Ranker
 from retrieval.fusion import add_relative, first_stage, query_texts, query_vector, stage_total
 from retrieval.query import MODES, FusionWeights
@@ -52,31 +62,48 @@ def _link_images(images: Path, names: list[str], into: Path) -> None:
         os.symlink((images / name).resolve(), into / f"{i:07d}{Path(name).suffix.lower()}")
 
 
-def _ranks(ranked_ids: list[np.ndarray], owner_ids: np.ndarray, n_images: int) -> np.ndarray:
-    """1-based rank of each query's own image in its ranked id list (n_images + 1 when absent)."""
+def _ranks(ranked_ids: list[np.ndarray], owner_ids: np.ndarray | list, n_images: int) -> np.ndarray:
+    """1-based rank of the first relevant image in each query's ranked id list (n_images + 1 when absent);
+    ``owner_ids[q]``: the query's one relevant id, or an array of all of them."""
     out = np.full(len(ranked_ids), n_images + 1)
     for q, ids in enumerate(ranked_ids):
-        where = np.flatnonzero(ids == owner_ids[q])
+        where = np.flatnonzero(np.isin(ids, owner_ids[q]))
         if len(where):
             out[q] = where[0] + 1
     return out
 
 
-def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, query_batch: int = 256,
+def evaluate_retrieval(images: Path, captions_file: Path | None, config: EngineConfig, query_batch: int = 256,
                        encoder: JointEncoder | None = None, captioner: Captioner | None = None,
                        scorer: TextScorer | None = None, modes: tuple[str, ...] = MODES,
-                       weights: FusionWeights | None = None, tune: bool = False) -> dict:
-    """Index exactly the captioned images in a temporary folder and report recall (see module doc)."""
+                       weights: FusionWeights | None = None, tune: bool = False, queries_file: Path | None = None,
+                       baseline: bool = False) -> dict:
+    """Index the images in a temporary folder and report recall (see module doc): those named in
+    ``captions_file``, or every image of ``images`` when ``queries_file`` is given."""
     if not images.is_dir():
         raise InputError(f"image folder {images} does not exist")
+    if (captions_file is None) == (queries_file is None):
+        raise InputError("give a caption file or a query file (not both)")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise InputError(f"unknown ranking mode {bad[0]!r}; choose from {', '.join(MODES)}")
     weights = weights or FusionWeights()
-    captions = read_captions(captions_file)
-    names = list(captions)
-    texts = [c for n in names for c in captions[n]]
-    owner = np.array([i for i, n in enumerate(names) for _ in captions[n]])  # (Q,) image index of each caption
+    if queries_file is not None:
+        qset = read_queries(queries_file)
+        names = image_files(images)
+        position = {n: i for i, n in enumerate(names)}
+        missing = sorted({r for rel in qset.relevant for r in rel} - set(position))
+        if missing:
+            raise InputError(f"{len(missing)} images named in {queries_file} are not in {images} (first: {missing[0]})")
+        texts, splits = qset.texts, qset.splits
+        relevant = [np.array(sorted(position[r] for r in rel)) for rel in qset.relevant]
+        owner = None
+    else:
+        captions = read_captions(captions_file)
+        names = list(captions)
+        texts = [c for n in names for c in captions[n]]
+        owner = np.array([i for i, n in enumerate(names) for _ in captions[n]])  # (Q,) image index of each caption
+        relevant, splits = [np.array([o]) for o in owner], [""] * len(texts)
     with tempfile.TemporaryDirectory(prefix="pixquery-eval-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "images").mkdir()
@@ -90,7 +117,7 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
             # map position-named links back to the caption file's order
             by_pos = {int(Path(p).stem): i for i, p in engine.paths().items()}
             id_of = np.array([by_pos[i] for i in range(len(names))], dtype=np.int64)  # image index -> index id
-            owner_ids = id_of[owner]  # (Q,) index id of each query's image
+            relevant_ids = [id_of[r] for r in relevant]  # per query, the index ids of its relevant images
             parsed = [parse_query(t) for t in texts]
             # the same query vectors as search (retrieval.fusion.query_vector), with the text tower run in batches
             needed = list(dict.fromkeys(t for p in parsed for t in query_texts(p)))
@@ -102,30 +129,46 @@ def evaluate_retrieval(images: Path, captions_file: Path, config: EngineConfig, 
             cache = dict(zip(needed, embedded))
             q = np.stack([query_vector(p, lambda ts: np.stack([cache[t] for t in ts])) for p in parsed])  # (Q, D)
             ranker = engine.ranker()
+            positives = list(dict.fromkeys(p.positive_text for p in parsed))
             if ranker.matcher is not None and ("fused" in modes or tune):  # token states in batches, not one by one
-                ranker.matcher.prepare(list(dict.fromkeys(p.positive_text for p in parsed)), query_batch)
+                ranker.matcher.prepare(positives, query_batch)
+            if ranker.tags is not None:
+                ranker.tags.tagger.prepare(positives, query_batch)
+            rankers = {mode: (ranker, mode, weights) for mode in modes}
+            if baseline and "fused" in modes:
+                before = Ranker(ranker.store, ranker.vectors, ranker.scorer, ranker.matcher)  # no tags anywhere
+                rankers["fused_before_tags"] = (before, "fused", replace(weights, tags=0.0))
             n = len(names)
-            t2i = {}
-            for mode in modes:
+            all_ranks = {}
+            for label, (rk, mode, w) in rankers.items():
                 if mode in ("image", "caption"):
                     _, ids = engine.search_vectors(q, n, mode)  # (Q, <=N) ids, best first
                     ranked = list(ids)
+                elif mode == "tags" and rk.tags is None:
+                    continue
                 else:
-                    ranked = [ranker.rank(mode, q[j], parsed[j], cfg.pool, weights, pool=cfg.pool,
-                                          depth=cfg.rerank_depth).ids
-                              for j in tqdm(range(len(texts)), desc=f"{mode} queries", unit="query",
+                    ranked = [rk.rank(mode, q[j], parsed[j], cfg.pool, w, pool=cfg.pool, depth=cfg.rerank_depth).ids
+                              for j in tqdm(range(len(texts)), desc=f"{label} queries", unit="query",
                                             disable=not cfg.progress)]
-                t2i[mode] = recall_report(_ranks(ranked, owner_ids, n))
-            iv = engine.image_vectors(id_of)  # (N, D)
-            i2t = recall_report(best_ranks_multi(iv @ q.T, owner), medr=False)
+                all_ranks[label] = _ranks(ranked, relevant_ids, n)
+            t2i = {label: recall_report(r) for label, r in all_ranks.items()}
+            i2t = None
+            if owner is not None:
+                iv = engine.image_vectors(id_of)  # (N, D)
+                i2t = recall_report(best_ranks_multi(iv @ q.T, owner), medr=False)
             out = {"n_images": n, "n_queries": len(texts), "encoder": engine.encoder.info.name,
                    "captioner": engine.captioner.info.name if engine.captioner else None,
                    "scorer": ranker.scorer.info.name if ranker.scorer else None,
                    "matcher": ranker.matcher.name if ranker.matcher else None,
+                   "tagger": ranker.tags.tagger.info.name if ranker.tags else None,
                    "weights": weights.to_dict(), "pool": cfg.pool, "rerank_depth": cfg.rerank_depth,
                    "text_to_image": t2i, "image_to_text": i2t}
+            named = sorted(set(splits) - {""})
+            if named:
+                out["by_split"] = {sp: {label: recall_report(r[np.array([s == sp for s in splits])])
+                                        for label, r in all_ranks.items()} for sp in named}
             if tune:
-                out["tuning"] = tune_weights(ranker, q, parsed, owner_ids, cfg.pool, cfg.rerank_depth,
+                out["tuning"] = tune_weights(ranker, q, parsed, relevant_ids, cfg.pool, cfg.rerank_depth,
                                              cfg.progress)
             return out
 

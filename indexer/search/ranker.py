@@ -8,6 +8,11 @@
     match       the match head's logit for the query and the decoder memory (the same memories)
     meta        BM25 of the query words in the imported catalogue text (SKU, title, brand...; the
                 store's catalogue keyword index; off unless the ``meta`` weight is set)
+    tags        zero-shot score of the query against the image's classifier classes (ConSE over the
+                stored classes, search/tag_signal.py), its weight scaled by the query's gate
+
+An image's tags also join its caption's words for the keyword signal ("pizza" finds the photo tagged
+pizza), and images whose classes are near the query join fused mode's candidates.
 
 This module reads the signals; the arithmetic that fuses them is ``retrieval/fusion.py``.
 
@@ -35,6 +40,7 @@ every candidate whose image is a near copy of one (``retrieval.fusion.near_bad``
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +50,7 @@ from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
+from indexer.search.tag_signal import TagQuery, TagSignal
 from retrieval.fusion import (
     NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
 )
@@ -53,6 +60,7 @@ from retrieval.query_parser import excluded_phrases, keyword_phrases, keyword_pi
 if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
     from captioning.captioner import TextScorer
     from retrieval.native.matcher import Matcher
+    from retrieval.tagging import Tagger
 
 
 @dataclass
@@ -82,12 +90,14 @@ class Ranker:
     """Ranks one index for one query at a time. ``scorer`` (optional) rates text against images."""
 
     def __init__(self, store: Store, vectors: VectorBundle, scorer: TextScorer | None = None,
-                 matcher: Matcher | None = None) -> None:
+                 matcher: Matcher | None = None, tagger: Tagger | None = None) -> None:
         """``scorer`` and ``matcher`` read the stored memories, so both need them (the caller checks that
-        they are the scorer's, and that the matcher was trained on that scorer's memories)."""
+        they are the scorer's, and that the matcher was trained on that scorer's memories); ``tagger``
+        reads the stored classes (None: the index has no tags, or no tagger is configured)."""
         self.store, self.vectors = store, vectors
         self.scorer = scorer if vectors.memories is not None and len(vectors.memories) else None
         self.matcher = matcher if self.scorer is not None else None
+        self.tags = TagSignal(store, tagger) if tagger is not None else None
 
     # --- single signals ------------------------------------------------------------------------
     def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None,
@@ -105,12 +115,13 @@ class Ranker:
         if not phrases:
             return {}
         allowed_set = None if allowed is None else set(allowed.tolist())
-        if all(w == 1.0 for _, w in parsed.terms):
+        tagged = self.tags.keyword_matches(phrases, n, allowed) if self.tags is not None else []
+        if all(w == 1.0 for _, w in parsed.terms) and not tagged:
             return dict(keywords.top(phrases, n, allowed_set))
         # weighted terms: each term's best n are candidates, so a heavily weighted term's matches are all
         # in the running; they are then scored with every term's weight
         per_term = [p for p in (keyword_phrases([term]) for term, _ in parsed.terms) if p]
-        among = list(dict.fromkeys(i for p in per_term for i, _ in keywords.top(p, n, allowed_set)))
+        among = list(dict.fromkeys([*(i for p in per_term for i, _ in keywords.top(p, n, allowed_set)), *tagged]))
         with self._texts(among) as texts:
             found = self._pool_bm25(parsed, texts)
         return dict(sorted(found.items(), key=lambda kv: -kv[1])[:n])
@@ -139,8 +150,11 @@ class Ranker:
             return texts.bm25(list(weights.items()), catalogue.doc_freq, max(1, catalogue.count()))
 
     def _texts(self, ids: list[int]) -> PoolKeywords:
-        """The captions of ``ids``, ready for keyword scoring and exclusion tests."""
-        return PoolKeywords(self.store.captions_by_ids(ids))
+        """The captions (and tags) of ``ids``, ready for keyword scoring and exclusion tests."""
+        captions = self.store.captions_by_ids(ids)
+        if self.tags is not None:
+            captions = self.tags.texts(captions, ids)
+        return PoolKeywords(captions)
 
     def _pool_bm25(self, parsed: ParsedQuery, texts: PoolKeywords) -> dict[int, float]:
         """Weighted BM25 of the query's terms in the candidates' captions (collection-wide term
@@ -187,12 +201,17 @@ class Ranker:
         ``params``: the vector searches' knobs (nprobe, refine, exact) for large, approximate indexes."""
         if mode == "fused":
             return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth, feedback, params)
+        if mode == "tags" and (parsed is None or self.tags is None):
+            return Ranked(np.zeros(0, dtype=np.int64), np.zeros(0), {})
+        tq = self.tags.query(parsed.positive_text) if mode == "tags" else None
         want = k
         while True:  # fetch more until exclusions leave k, or the index runs out
             n = want + 8 * len(parsed.negative) if parsed else want
             n += 8 * len(feedback.bad_ids) if feedback is not None else 0
             if mode == "keyword":
                 found = self._keyword_top(parsed, n, allowed)
+            elif mode == "tags":
+                found = self.tags.ranked(tq, n, allowed)
             else:
                 found = self._vector_top(mode, q, n, allowed, params)
             ids = list(found)
@@ -212,12 +231,26 @@ class Ranker:
         scores = np.array([found[i] for i in kept])
         return Ranked(np.array(kept, dtype=np.int64), scores, {mode: scores})
 
+    def tag_query(self, parsed: ParsedQuery | None) -> TagQuery | None:
+        """The query as the tags signal sees it (None: no text, or no tags in this index)."""
+        if parsed is None or self.tags is None or not parsed.positive_text.strip():
+            return None
+        return self.tags.query(parsed.positive_text)
+
+    def effective(self, weights: FusionWeights, tq: TagQuery | None) -> FusionWeights:
+        """The weights a query ranks with: the tags weight scaled by its gate (0 without tags). Not checked
+        again: without tags, weights that only had a tags weight have none left (no candidates)."""
+        out = copy.copy(weights)
+        object.__setattr__(out, "tags", weights.tags * tq.gate if tq is not None else 0.0)
+        return out
+
     def pool(self, q: np.ndarray, parsed: ParsedQuery | None, weights: FusionWeights,
              allowed: np.ndarray | None, pool: int,
-             feedback: Feedback | None = None, params: SearchParams | None = None
-             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+             feedback: Feedback | None = None, params: SearchParams | None = None,
+             tq: TagQuery | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Fused mode's candidates (the union of each signal's best ``pool``, exclusions and feedback's
-        rejects dropped) and their image, caption, keyword (and meta) signals -> (ids (n,), {signal: (n,)})."""
+        rejects dropped) and their image, caption, keyword, tags (and meta) signals -> (ids (n,),
+        {signal: (n,)}). ``weights``: as :meth:`effective` made them for ``tq``."""
         w = weights
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
@@ -228,7 +261,11 @@ class Ranker:
         found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
         found_m = self._meta_top(parsed, pool, allowed) if w.meta and parsed is not None else {}
-        ids = list(dict.fromkeys([*found_i, *found_c, *found_k, *found_m]))
+        found_t = []
+        if tq is not None and w.tags:
+            alone = not (w.image or w.caption or w.keyword or w.likelihood or w.meta)
+            found_t = self.tags.candidates(tq, pool, allowed, force=alone)
+        ids = list(dict.fromkeys([*found_i, *found_c, *found_k, *found_m, *found_t]))
         if not ids:
             return np.zeros(0, dtype=np.int64), {}
         with self._texts(ids) as texts:
@@ -256,12 +293,16 @@ class Ranker:
         if w.meta and parsed is not None and self.store.catalogue is not None:
             meta = self._meta_bm25(parsed, cand.tolist())
             signals["meta"] = np.array([meta.get(int(i), 0.0) for i in cand])
+        if tq is not None:
+            signals["tags"] = self.tags.scores(tq, cand)
         return cand, signals
 
     def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
                allowed: np.ndarray | None, pool: int, depth: int, feedback: Feedback | None = None,
                params: SearchParams | None = None) -> Ranked:
-        cand, signals = self.pool(q, parsed, weights, allowed, pool, feedback, params)
+        tq = self.tag_query(parsed) if weights.tags > 0 else None
+        weights = self.effective(weights, tq)
+        cand, signals = self.pool(q, parsed, weights, allowed, pool, feedback, params, tq)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
         fused = first_stage(signals, weights)

@@ -24,6 +24,7 @@ from retrieval.encoder import JointEncoder
 from retrieval.fusion import feedback_vector, query_vector
 from retrieval.query import MODES, FusionWeights, ParsedQuery
 from retrieval.query_parser import parse_query
+from retrieval.tagging import Tag
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,14 @@ class SearchHit:
     scores: dict[str, float] = field(default_factory=dict)  # per signal, e.g. {"image": 0.31}
     # fused mode: what each signal added to ``score`` (z-scored and weighted; see indexer/search/explain.py)
     contributions: dict[str, float] = field(default_factory=dict)
+    tags: tuple[Tag, ...] = ()  # the image's tags, most likely first (none: no confident class, or not tagged)
+    caption_confidence: float | None = None  # probability that the caption is good, fitted on train (None: not rated)
+    caption_is_confident: bool | None = None  # the confidence against the index's threshold (None: not rated)
 
     def to_dict(self) -> dict:
         out = {"id": self.id, "path": self.path, "score": round(self.score, 6), "caption": self.caption,
+               "caption_confidence": None if self.caption_confidence is None else round(self.caption_confidence, 4),
+               "caption_is_confident": self.caption_is_confident, "tags": [t.to_dict() for t in self.tags],
                "width": self.width, "height": self.height, "file_type": self.file_type,
                "scores": {k: round(v, 6) for k, v in self.scores.items()}}
         if self.contributions:
@@ -49,9 +55,12 @@ class SearchHit:
 
     @classmethod
     def of(cls, row: ImageRow, score: float, scores: dict[str, float],
-           contributions: dict[str, float] | None = None) -> "SearchHit":
+           contributions: dict[str, float] | None = None, tags: list[Tag] | None = None,
+           threshold: float | None = None) -> "SearchHit":
+        conf = row.caption_confidence if row.caption else None
+        sure = None if conf is None or threshold is None else bool(conf >= threshold)
         return cls(row.id, row.path, score, row.width, row.height, row.file_type, row.caption, scores,
-                   contributions or {})
+                   contributions or {}, tuple(tags or ()), conf, sure)
 
 
 MAX_FEEDBACK = 1000  # marked images per search
@@ -76,9 +85,21 @@ def check_k(k: object) -> None:
 class Searcher:
     """Queries over one open index (see module doc)."""
 
-    def __init__(self, ranker: Ranker, encoder: JointEncoder, pool: int = 100, depth: int = 10) -> None:
+    def __init__(self, ranker: Ranker, encoder: JointEncoder, pool: int = 100, depth: int = 10,
+                 confidence_threshold: float | None = None) -> None:
+        """``confidence_threshold``: from which caption confidence a caption counts as sure (the index's)."""
         self.ranker, self.encoder, self.pool, self.depth = ranker, encoder, pool, depth
         self.store, self.vectors = ranker.store, ranker.vectors
+        self.threshold = confidence_threshold
+
+    def hits(self, found: list[tuple[int, float, dict[str, float], dict[str, float]]]) -> list[SearchHit]:
+        """Rows, tags and caption confidence of ``(id, score, signals, contributions)`` results, in order
+        (ids no longer in the index are left out)."""
+        ids = [f[0] for f in found]
+        rows = self.store.images_by_ids(ids)
+        tags = self.ranker.tags.tags(ids) if self.ranker.tags is not None else {}
+        return [SearchHit.of(rows[i], s, sig, parts, tags.get(i), self.threshold)
+                for i, s, sig, parts in found if i in rows]
 
     # --- queries ------------------------------------------------------------------------------
     def _image_vector(self, image: str | Path) -> np.ndarray:
@@ -136,25 +157,28 @@ class Searcher:
         if mode not in MODES:
             raise InputError(f"unknown ranking mode {mode!r}; choose one of: {', '.join(MODES)}")
         parsed = parse_query(text) if text is not None else None
-        if parsed is None and mode == "keyword":
-            raise InputError("keyword mode needs words to look for")
+        if parsed is None and mode in ("keyword", "tags"):
+            raise InputError(f"{mode} mode needs words to look for")
+        weights = weights or FusionWeights()
+        only_tags = mode == "fused" and not (weights.image or weights.caption or weights.keyword or weights.meta)
+        if (mode == "tags" or only_tags) and self.ranker.tags is None:
+            raise InputError("this index has no tags to rank by; add them with: pixquery retag")
         marked = bool(len(positive_ids) or len(negative_ids))
         q = self.query(parsed, image) if (parsed is not None or image is not None or not marked) else None
         q, feedback = self.feedback(q, positive_ids, negative_ids) if marked else (q, None)
         allowed = self.store.filter_ids(filters) if filters is not None else None
         if allowed is not None and not len(allowed):
             return []
-        ranked = self.ranker.rank(mode, q, parsed, int(k), weights or FusionWeights(), allowed,
+        ranked = self.ranker.rank(mode, q, parsed, int(k), weights, allowed,
                                   pool=self.pool, depth=self.depth, feedback=feedback, params=params)
-        rows = self.store.images_by_ids(ranked.ids.tolist())
-        hits = []
+        found = []
         for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
-            if i not in rows or (threshold is not None and score < threshold):
+            if threshold is not None and score < threshold:
                 continue
-            scores = {name: float(v[n]) for name, v in ranked.signals.items() if not np.isnan(v[n])}
-            parts = {name: float(v[n]) for name, v in ranked.parts.items()}
-            hits.append(SearchHit.of(rows[i], float(score), scores, parts))
-        return hits
+            found.append((i, float(score), {name: float(v[n]) for name, v in ranked.signals.items()
+                                            if not np.isnan(v[n])},
+                          {name: float(v[n]) for name, v in ranked.parts.items()}))
+        return self.hits(found)
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
@@ -166,8 +190,7 @@ class Searcher:
         allowed = self.store.filter_ids(filters) if filters is not None else None
         scores, ids = self.vectors.images.search(query, int(k) + 1, ids=allowed)  # +1: the image finds itself
         ranked = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i != row.id][:k]
-        rows = self.store.images_by_ids([i for _, i in ranked])
-        return [SearchHit.of(rows[i], s, {"image": s}) for s, i in ranked if i in rows]
+        return self.hits([(i, s, {"image": s}, {}) for s, i in ranked])
 
     def indexed(self, image: int | str | Path) -> ImageRow:
         """The row of an indexed image given by id or by path (as given, or resolved)."""

@@ -15,7 +15,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # 4: vectors in append-only segments committed with the rows (meta ``vector_generation``; the
 #    vector files of schema 3 are converted in place by indexer/storage/legacy.py);
 # 5: catalogue metadata (catalogue_fields, catalogue_values; indexer/storage/catalogue.py)
-SCHEMA_VERSION = 5
+# 6: tags (the ``image_classes`` table, ``images.tagger``) and caption confidence (``images.caption_confidence``)
+SCHEMA_VERSION = 6
 
 
 def utcnow() -> datetime:
@@ -50,7 +51,21 @@ class ImageRow(Base):
     caption: Mapped[str | None] = mapped_column(Text, nullable=True)  # never an empty string
     captioner: Mapped[str | None] = mapped_column(String(255), nullable=True)  # fingerprint of its captioner
     captioned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # probability that the caption is good, fitted on train (captioning/confidence.py); None: not rated (an older index)
+    caption_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tagger: Mapped[str | None] = mapped_column(String(255), nullable=True)  # fingerprint of the tagger of its classes
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+
+
+class ImageClassRow(Base):
+    """An image's most likely classifier classes with their calibrated probabilities (what its tags and
+    the zero-shot signal are made of, see retrieval/tagging.py); replaced whenever the image is tagged."""
+
+    __tablename__ = "image_classes"
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    class_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    probability: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("ix_image_classes_class", "class_index", "probability"),)
 
 
 class SkippedRow(Base):
@@ -113,4 +128,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (),  # the keyword index: created and filled by the keyword index (indexer/storage/keywords.py)
     4: (),  # the vector files: converted by indexer/storage/legacy.py
     5: (),  # the catalogue tables: new tables, created with the others (Base.metadata.create_all)
+    6: ("ALTER TABLE images ADD COLUMN caption_confidence FLOAT",  # the image_classes table: created with the others
+        "ALTER TABLE images ADD COLUMN tagger VARCHAR(255)"),
 }

@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from indexer.errors import DatabaseUnavailableError, IndexCorruptError, InputError
 from indexer.storage.catalogue import CatalogueKeywords, catalogue_keywords_for, condition_sql
 from indexer.storage.catalogue_rows import CatalogueRows
+from indexer.storage.tag_rows import TagRows
 from indexer.storage.filters import Filters, filter_conditions, literal_prefix, prefix_range
 from indexer.storage.keywords import KeywordIndex, SqliteKeywords
 from indexer.storage.pg_keywords import PostgresKeywords, lock_writers
 from indexer.storage.schema import (
-    MIGRATIONS, SCHEMA_VERSION, Base, ImageRow, Meta, RunRow, SkippedRow, utcnow,
+    MIGRATIONS, SCHEMA_VERSION, Base, ImageClassRow, ImageRow, Meta, RunRow, SkippedRow, utcnow,
 )
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
@@ -53,13 +54,15 @@ class WriteBatch:
     meta: dict[str, str] = field(default_factory=dict)
     # new image rows as {column: value}, inserted in bulk (no lookup per row): ids and paths must be unused
     inserts: list[dict] = field(default_factory=list)
+    # image id -> its classes [(class index, probability)], replacing what it had (retrieval/tagging.py)
+    classes: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return (len(self.rows) + len(self.skips) + len(self.unskip) + len(self.deletes) + len(self.meta)
-                + len(self.inserts))
+                + len(self.inserts) + len(self.classes))
 
     def clear(self) -> None:
-        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.inserts):
+        for part in (self.rows, self.skips, self.unskip, self.deletes, self.meta, self.inserts, self.classes):
             part.clear()
 
 
@@ -113,6 +116,16 @@ def keyword_index_for(engine: SqlEngine) -> KeywordIndex | None:
     return None
 
 
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
+def _already_applied(conn: Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column the table already has (an index of the tags branch's draft
+    schema 5 had these columns): adding it again would fail."""
+    m = _ADD_COLUMN.match(statement.strip())
+    return m is not None and m.group(2) in {c["name"] for c in inspect(conn).get_columns(m.group(1))}
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -121,7 +134,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connec
     cur.close()
 
 
-class Store(CatalogueRows):
+class Store(CatalogueRows, TagRows):
     """All SQL access; one :class:`Session` per unit of work, opened here and nowhere else."""
 
     def __init__(self, url: str) -> None:
@@ -203,15 +216,17 @@ class Store(CatalogueRows):
             yield s
 
     def write(self, batch: WriteBatch) -> None:
-        """Everything in ``batch`` in one transaction: deletions, then skip records, then rows and meta
-        (and the keyword index's entries of the rows, where triggers do not keep it in step)."""
+        """Everything in ``batch`` in one transaction: deletions, then skip records, then rows, their
+        classes and meta (and the keyword index's entries of the rows, where triggers do not keep it in step)."""
         if not len(batch):
             return
         with self._session() as s:
             if self._postgres:
                 lock_writers(s.connection())
             for start in range(0, len(batch.deletes), CHUNK):
-                s.execute(delete(ImageRow).where(ImageRow.id.in_(batch.deletes[start:start + CHUNK])))
+                chunk = batch.deletes[start:start + CHUNK]
+                s.execute(delete(ImageClassRow).where(ImageClassRow.image_id.in_(chunk)))  # not only by cascade
+                s.execute(delete(ImageRow).where(ImageRow.id.in_(chunk)))
             for start in range(0, len(batch.unskip), CHUNK):
                 s.execute(delete(SkippedRow).where(SkippedRow.path.in_(batch.unskip[start:start + CHUNK])))
             if batch.inserts:  # rows known to be new (bulk builders): no lookup at all
@@ -219,6 +234,15 @@ class Store(CatalogueRows):
             self._write_rows(s, batch.rows)
             for skip in batch.skips:
                 s.merge(skip)
+            if batch.classes:
+                s.flush()  # the rows first: classes refer to them
+                ids = list(batch.classes)
+                for start in range(0, len(ids), CHUNK):
+                    s.execute(delete(ImageClassRow).where(ImageClassRow.image_id.in_(ids[start:start + CHUNK])))
+                values = [{"image_id": int(i), "class_index": int(c), "probability": float(p)}
+                          for i, cls in batch.classes.items() for c, p in cls]
+                if values:
+                    s.execute(insert(ImageClassRow), values)
             for key, value in batch.meta.items():
                 s.merge(Meta(key=key, value=value))
             if batch.rows and self.keywords is not None:
@@ -258,7 +282,8 @@ class Store(CatalogueRows):
             )
         for target in range(int(version) + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[target]:
-                conn.exec_driver_sql(statement)
+                if not _already_applied(conn, statement):
+                    conn.exec_driver_sql(statement)
         if int(version) < SCHEMA_VERSION:
             conn.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 

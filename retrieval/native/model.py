@@ -206,6 +206,15 @@ class NativeEncoder(GridEncoder):
         return self.encode_text_features(self.text_tower(list(texts)))
 
     @torch.inference_mode()
+    def encode_texts_pooled(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """B strings -> their (B, dim) embeddings and their unit-length MiniLM mean-pooled states (B, 384),
+        from one pass of the text tower (the tagger compares the latter with class names)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), np.zeros((0, TEXT_DIM), dtype=np.float32)
+        pooled = self.text_tower(list(texts))
+        return self.encode_text_features(pooled), l2_normalize(pooled)
+
+    @torch.inference_mode()
     def encode_text_features(self, pooled: torch.Tensor) -> np.ndarray:
         """(B, 384) mean-pooled text-tower states -> (B, dim) embeddings (what encode_texts does after
         the tower, for callers that already ran it)."""

