@@ -298,7 +298,8 @@ def test_a_stopped_run_resumes_from_its_shards(tmp_path, photos, ray_cluster):
 
 @pytest.mark.slow
 def test_ray_with_the_shipped_models_equals_single_process_on_the_sample_photos(tmp_path, ray_cluster):
-    """The default native encoder, captioner and scorer: same captions, vectors and scorer memories."""
+    """The default native encoder, captioner, scorer, tagger and caption confidence: same captions, vectors,
+    scorer memories, tags and confidences."""
     config = EngineConfig(index_dir=tmp_path / "single", progress=False)
     with Engine(config) as single, Engine(EngineConfig(index_dir=tmp_path / "ray", progress=False)) as on_ray:
         s = single.index(SAMPLES)
@@ -311,6 +312,14 @@ def test_ray_with_the_shipped_models_equals_single_process_on_the_sample_photos(
         have_b, codes_b = b.memories.codes_present(ids)
         assert have_a.all() and have_b.all()
         assert np.abs(codes_a.astype(int) - codes_b.astype(int)).max() <= 1  # 8-bit codes of the same floats
+        by_path = {p: i for i, p in on_ray.paths().items()}
+        tags_a, tags_b = single.tags(ids.tolist()), on_ray.tags([by_path[single.paths()[i]] for i in ids])
+        assert sum(bool(t) for t in tags_a.values()) > 10  # the sample photos do get tags
+        for i in ids:
+            j = by_path[single.paths()[i]]
+            assert [t.name for t in tags_a.get(i, [])] == [t.name for t in tags_b.get(j, [])]
+            ca, cb = single.image(int(i)).caption_confidence, on_ray.image(j).caption_confidence
+            assert ca is not None and cb is not None and abs(ca - cb) < 1e-3
 
 
 def test_ray_is_imported_only_by_a_run_that_uses_it():

@@ -348,7 +348,9 @@ class RayRun(Run):
         got = [self.outputs.pop(res.entry.path) for res, _, _ in batch]
         memories = [g.memory for g in got]
         out = BatchOutput(np.stack([g.vector for g in got]), [g.caption for g in got],
-                          None if any(m is None for m in memories) else np.stack(memories))
+                          None if any(m is None for m in memories) else np.stack(memories),
+                          classes=None if any(g.classes is None for g in got) else [g.classes for g in got],
+                          confidence=[g.confidence for g in got])
         where = np.array([i for i, g in enumerate(got) if g.caption_vec is not None], dtype=np.int64)
         dim = got[0].vector.shape[0]
         cap_vecs = np.stack([got[i].caption_vec for i in where]) if len(where) else np.zeros((0, dim), np.float32)

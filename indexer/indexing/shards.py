@@ -11,6 +11,7 @@ ones with content the index does not hold, and returns one block of columns per 
 | ``embedded`` | whether the models ran on it (its content was new to the index) |
 | ``vector``, ``caption``, ``caption_vec`` | (D,) image embedding, caption (``""``: none), its (D,) text embedding |
 | ``memory`` | (S * D_dec,) the caption scorer's memory, only when the models have a scorer |
+| ``classes``, ``confidence`` | the tagger's classes as JSON ``[[class, probability], ...]`` (``""``: no tagger) and the caption's confidence (NaN: none) |
 | ``models`` | the models' key (:func:`models_key`): results of other models are never merged |
 
 The driver writes each block it receives as a shard file (``<index>/ray-shards/*.npz``, written to a
@@ -22,6 +23,7 @@ the models and what the index holds still say the result is valid).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -40,11 +42,14 @@ SHARD_DIR = "ray-shards"
 
 
 def models_key(models: ImageModels) -> str:
-    """What a worker's outputs depend on: encoder, captioner, scorer and decoding options."""
+    """What a worker's outputs depend on: encoder, captioner, scorer, decoding options, tagger and
+    confidence model."""
     parts = [models.encoder.info.fingerprint,
              models.captioner.info.fingerprint if models.captioner is not None else "",
              models.scorer.info.fingerprint if models.scorer is not None else "",
-             repr(models.options) if models.captioner is not None else ""]
+             repr(models.options) if models.captioner is not None else "",
+             models.tagger.info.fingerprint if models.tagger is not None else "",
+             models.confidence.info.fingerprint if models.confidence is not None else ""]
     return "||".join(parts)
 
 
@@ -64,6 +69,8 @@ class FileResult:
     caption: str | None = None
     caption_vec: np.ndarray | None = None  # (D,), only with a caption
     memory: np.ndarray | None = None  # (S * D_dec,), only when embedded with a scorer
+    classes: list[tuple[int, float]] | None = None  # the tagger's classes (None: no tagger)
+    confidence: float | None = None  # the caption's confidence (None: no caption, or not rated)
 
     @property
     def embedded(self) -> bool:
@@ -86,6 +93,8 @@ def to_block(entries: Sequence[FileEntry], results: Sequence[ReadResult], embedd
     caption = [""] * n
     is_embedded = np.zeros(n, dtype=bool)
     memory = np.zeros((n, memory_dim), dtype=np.float32) if memory_dim else None
+    classes = [""] * n
+    confidence = np.full(n, np.nan, dtype=np.float64)
     if embedded:
         rows = np.asarray(embedded, dtype=np.int64)
         vector[rows] = out.vectors
@@ -96,6 +105,11 @@ def to_block(entries: Sequence[FileEntry], results: Sequence[ReadResult], embedd
             caption_vec[rows[where]] = cap_vecs
         if memory is not None and out.memories is not None:
             memory[rows] = out.memories
+        for k, j in enumerate(rows):
+            if out.classes is not None:
+                classes[j] = json.dumps([[int(c), float(p)] for c, p in out.classes[k]])
+            if k < len(out.confidence) and out.confidence[k] is not None:
+                confidence[j] = out.confidence[k]
     block = {
         "path": np.array([e.path for e in entries], dtype=object),
         "size": np.array([e.size for e in entries], dtype=np.int64),
@@ -107,6 +121,7 @@ def to_block(entries: Sequence[FileEntry], results: Sequence[ReadResult], embedd
         "taken_at": np.array([r.taken_at.isoformat() if r.taken_at else "" for r in results], dtype=object),
         "embedded": is_embedded, "vector": vector, "caption": np.array(caption, dtype=object),
         "caption_vec": caption_vec, "models": np.array([key] * n, dtype=object),
+        "classes": np.array(classes, dtype=object), "confidence": confidence,
     }
     if memory is not None:
         block["memory"] = memory
@@ -116,6 +131,8 @@ def to_block(entries: Sequence[FileEntry], results: Sequence[ReadResult], embedd
 def from_block(block: dict[str, np.ndarray]) -> list[FileResult]:
     """The rows of a block (as a worker returned it, or as a shard file holds it)."""
     memory = block.get("memory")
+    classes = block.get("classes")
+    confidence = block.get("confidence")
     out = []
     for i in range(len(block["path"])):
         embedded = bool(block["embedded"][i])
@@ -130,6 +147,10 @@ def from_block(block: dict[str, np.ndarray]) -> list[FileResult]:
             caption=caption if embedded else None,
             caption_vec=np.asarray(block["caption_vec"][i], dtype=np.float32) if embedded and caption else None,
             memory=np.asarray(memory[i], dtype=np.float32) if embedded and memory is not None else None,
+            classes=([(int(c), float(p)) for c, p in json.loads(str(classes[i]))]
+                     if embedded and classes is not None and str(classes[i]) else None),
+            confidence=(float(confidence[i]) if embedded and confidence is not None
+                        and not np.isnan(confidence[i]) else None),
         ))
     return out
 
