@@ -19,7 +19,8 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator
+import threading
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from indexer.indexing.discover import MAX_FILE_BYTES, FileEntry, hash_bytes
 from retrieval.errors import ImageDecodeError
@@ -144,3 +145,36 @@ def read_in_order(pool: ThreadPoolExecutor, jobs: Jobs, models: ImageModels,
     finally:  # closed early (a run stopped): reads not started yet are dropped
         for fut in futures:
             fut.cancel()
+
+
+class _HasPath(Protocol):
+    path: str
+
+
+Row = TypeVar("Row", bound=_HasPath)
+
+
+def reread_in_batches(rows: Sequence[Row], models: ImageModels, workers: int, batch_size: int,
+                      stop: threading.Event | None = None
+                      ) -> Iterator[tuple[list[tuple[Row, ReadResult]], int, bool]]:
+    """Read the files of indexed ``rows`` again (``recaption``, ``retag``), in order, on ``workers``
+    threads, and yield ``(batch, failed, stopped)``: full batches of ``(row, read)``, then what is left
+    (possibly empty); ``failed``: the files that could not be read or decoded since the last yield (they
+    keep what they had); ``stopped`` (last yield only): ``stop`` was set, checked after each file."""
+    pending: list[tuple[Row, ReadResult]] = []
+    failed, stopped = 0, False
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reads = read_in_order(pool, ((r.path, None) for r in rows), models, None, max(batch_size * 2, workers * 4))
+        for row, res in zip(rows, reads):
+            if res.error is not None:
+                failed += 1
+            else:
+                pending.append((row, res))
+                if len(pending) >= batch_size:
+                    yield pending, failed, False
+                    pending, failed = [], 0
+            if stop is not None and stop.is_set():
+                stopped = True
+                reads.close()
+                break
+        yield pending, failed, stopped

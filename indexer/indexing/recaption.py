@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from indexer.indexing.models import ImageModels
 from indexer.indexing.pipeline import stack_or_none
-from indexer.indexing.reader import ReadResult, read_in_order
+from indexer.indexing.reader import ReadResult, reread_in_batches
 from indexer.indexing.writer import BatchWriter
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.schema import ImageRow, utcnow
@@ -82,11 +81,9 @@ def recaption(store: Store, vectors: VectorBundle, models: ImageModels, batch_si
         counts.already_done = len(done)
         done_ids = {r.id for r in done}
         rows = [r for r in rows if r.id not in done_ids]
-    by_id = {r.id: r for r in rows}
     bar = tqdm(total=len(rows), desc="captioning", unit="img", disable=not progress or not rows)
-    pending: list[tuple[ImageRow, ReadResult]] = []
 
-    def flush() -> None:
+    def flush(pending: list[tuple[ImageRow, ReadResult]]) -> None:
         if not pending:
             return
         out = models.caption_only(models.collate([r.pixels for _, r in pending]),
@@ -105,26 +102,14 @@ def recaption(store: Store, vectors: VectorBundle, models: ImageModels, batch_si
                 counts.tagged += bool(models.tagger.tags(out.classes[k]))
             writer.row(row)
         bar.update(len(pending))
-        pending.clear()
         writer.maybe_checkpoint()
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            jobs = ((r.path, None) for r in rows)
-            reads = read_in_order(pool, jobs, models, None, max(batch_size * 2, workers * 4))
-            for row, res in zip(rows, reads):
-                if res.error is not None:
-                    counts.failed += 1
-                    bar.update(1)
-                else:
-                    pending.append((by_id[row.id], res))
-                    if len(pending) >= batch_size:
-                        flush()
-                if stop is not None and stop.is_set():
-                    counts.interrupted = True
-                    reads.close()
-                    break
-            flush()
+        for batch, failed, stopped in reread_in_batches(rows, models, workers, batch_size, stop):
+            counts.failed += failed
+            bar.update(failed)
+            flush(batch)
+            counts.interrupted = stopped
         if not counts.interrupted:
             writer.batch.meta[IN_PROGRESS_KEY] = ""  # finished: the next recaption starts afresh
         writer.checkpoint()

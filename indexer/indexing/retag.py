@@ -10,14 +10,13 @@ most the images since the last checkpoint, which are simply tagged by the next r
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from indexer.errors import InputError
 from indexer.indexing.models import ImageModels
-from indexer.indexing.reader import ReadResult, read_in_order
+from indexer.indexing.reader import ReadResult, reread_in_batches
 from indexer.indexing.writer import BatchWriter
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.schema import ImageRow
@@ -52,9 +51,8 @@ def retag(store: Store, vectors: VectorBundle, models: ImageModels, batch_size: 
     counts = RetagCounts(images=len(rows))
     writer = BatchWriter(store, vectors, checkpoint_every)
     bar = tqdm(total=len(rows), desc="tagging", unit="img", disable=not progress)
-    pending: list[tuple[ImageRow, ReadResult]] = []
 
-    def flush() -> None:
+    def flush(pending: list[tuple[ImageRow, ReadResult]]) -> None:
         if not pending:
             return
         classes, confidence = models.tag_only(models.collate([r.pixels for _, r in pending]),
@@ -66,26 +64,14 @@ def retag(store: Store, vectors: VectorBundle, models: ImageModels, batch_size: 
             counts.tagged += bool(models.tagger.tags(cls))
             counts.rated += conf is not None
         bar.update(len(pending))
-        pending.clear()
         writer.maybe_checkpoint()
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            jobs = ((r.path, None) for r in rows)
-            reads = read_in_order(pool, jobs, models, None, max(batch_size * 2, workers * 4))
-            for row, res in zip(rows, reads):
-                if res.error is not None:
-                    counts.failed += 1
-                    bar.update(1)
-                else:
-                    pending.append((row, res))
-                    if len(pending) >= batch_size:
-                        flush()
-                if stop is not None and stop.is_set():
-                    counts.interrupted = True
-                    reads.close()
-                    break
-            flush()
+        for batch, failed, stopped in reread_in_batches(rows, models, workers, batch_size, stop):
+            counts.failed += failed
+            bar.update(failed)
+            flush(batch)
+            counts.interrupted = stopped
         writer.checkpoint()
     finally:
         bar.close()
