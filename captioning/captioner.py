@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
 
 from retrieval.errors import InputError
+
+if TYPE_CHECKING:  # torch only where a model runs: the query path of a text search may not import it
+    import torch
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Captioner(ABC):
     def caption_images(self, images: Sequence[Image.Image], options: DecodeOptions = DecodeOptions()) -> list[str]:
         if not images:
             return []
+        import torch
+
         return self.caption_pixels(torch.stack([self.preprocess(im) for im in images]), options)
 
 

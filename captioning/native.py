@@ -22,7 +22,7 @@ from captioning.captioner import CaptionerInfo, DecodeOptions, GridCaptioner, Te
 from captioning.decoding import beam_search
 from captioning.ensemble import DecoderEnsemble
 from captioning.model import CaptionDecoder, DecoderConfig
-from captioning.tokenizer import DANGLING_WORDS, WordTokenizer, clean_words
+from captioning.tokenizer import DANGLING_WORDS, WordTokenizer
 from retrieval.device import compute_dtype
 from retrieval.errors import InputError, ModelLoadError
 from retrieval.images import to_tensor
@@ -221,11 +221,8 @@ class NativeCaptioner(GridCaptioner, TextScorer):
             raise ValueError(f"{n} memories but {len(texts)} texts")
         if not n:
             return np.zeros(0, dtype=np.float32)
-        limit = self.model.cfg.max_len
-        rows = [self.tokenizer.encode(" ".join(clean_words(t)[: limit - 2]), limit) for t in texts]
-        width = max(len(r) for r in rows)
-        tokens = torch.tensor([r + [self.tokenizer.pad_id] * (width - len(r)) for r in rows],
-                              device=self.device)  # (N, T + 2): <bos> words <eos> <pad>...
+        rows, empty = self.tokenizer.scoring_rows(texts, self.model.cfg.max_len)
+        tokens = torch.tensor(rows, device=self.device)  # (N, T + 2): <bos> words <eos> <pad>...
         model, dtype = self._scoring_model()
         mem = torch.as_tensor(np.asarray(memory, dtype=np.float32), device=self.device)
         mem = mem.view(n, *self.memory_shape).to(dtype)  # (N, S, D)
@@ -233,8 +230,7 @@ class NativeCaptioner(GridCaptioner, TextScorer):
         logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]  # (N, T + 1)
         real = tokens[:, 1:] != self.tokenizer.pad_id
         out = (logp * real).sum(1)
-        empty = torch.tensor([len(r) <= 2 for r in rows], device=self.device)  # nothing but <bos> <eos>
-        return out.masked_fill(empty, 0.0).cpu().numpy()
+        return out.masked_fill(torch.tensor(empty, device=self.device), 0.0).cpu().numpy()
 
 
 def _fast_bf16(device: torch.device) -> bool:

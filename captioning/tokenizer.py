@@ -83,6 +83,13 @@ class WordTokenizer:
         ids = [self.stoi.get(w, self.unk_id) for w in split_words(text)][: max_len - 2]
         return [self.bos_id, *ids, self.eos_id]
 
+    def scoring_rows(self, texts: list[str], max_len: int) -> tuple[list[list[int]], list[bool]]:
+        """What a scorer rates: each text cleaned like the training captions and encoded as ``<bos> words
+        <eos>``, padded to the longest -> (rows, empty) where ``empty[i]``: text i has no words (scores 0)."""
+        rows = [self.encode(" ".join(clean_words(t)[: max_len - 2]), max_len) for t in texts]
+        width = max((len(r) for r in rows), default=0)
+        return [r + [self.pad_id] * (width - len(r)) for r in rows], [len(r) <= 2 for r in rows]
+
     def ids_of(self, words: Iterable[str]) -> list[int]:
         """The ids of those ``words`` that are in the vocabulary, sorted."""
         return sorted({self.stoi[w] for w in words if w in self.stoi and w not in SPECIALS})

@@ -19,7 +19,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,9 +27,9 @@ from captioning.captioner import Captioner, TextScorer
 from indexer import inspection, provenance
 from indexer.config import EngineConfig
 from indexer.errors import IndexNotFoundError, InputError, PixqueryError
-from indexer.indexing.models import ImageModels
-from indexer.indexing.pipeline import Indexer, IndexSummary
 from indexer.indexing.writer import BatchWriter
+from indexer.engine_models import EngineModels
+from indexer.query_models import QueryModels
 from indexer.search.duplicates import DuplicateGroup
 from indexer.search.ranker import Ranker
 from indexer.search.searcher import Searcher, SearchHit, check_id
@@ -44,9 +44,12 @@ from indexer.storage.repair import repair as repair_index
 from indexer.storage.schema import ImageRow
 from indexer.storage.store import Store, safe_url
 from indexer.tags import EngineTags, Tagger
-from retrieval.encoder import EncoderInfo, GridEncoder, JointEncoder
-from retrieval.native.matcher import Matcher
+from retrieval.encoder import EncoderInfo, JointEncoder
 from retrieval.query import FusionWeights
+
+if TYPE_CHECKING:  # indexing and the PyTorch models load when used: a text search may not import torch
+    from indexer.indexing.pipeline import IndexSummary
+    from retrieval.native.matcher import Matcher
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class OpenIndex:
     vectors: VectorBundle
 
 
-class Engine(EngineTags):
+class Engine(EngineModels, EngineTags):
     """One index (a folder of vector files and a metadata database, see EngineConfig) and the models to use it.
 
     Models are built on first use from the config, unless injected (tests, the app, evaluations).
@@ -74,6 +77,9 @@ class Engine(EngineTags):
         self.config = config or EngineConfig()
         self._encoder, self._captioner, self._scorer = encoder, captioner, scorer
         self._encoder_injected = encoder is not None
+        self._injected = any(m is not None for m in (encoder, captioner, scorer, tagger))
+        self._lite: QueryModels | None = None  # torch-free query models (indexer/query_models.py)
+        self._lite_checked = False
         self._matcher: Matcher | None = None
         self._matcher_checked = False
         self._init_tags(tagger)
@@ -151,10 +157,12 @@ class Engine(EngineTags):
         commits a newer generation. ``repair``: an approximate search file that is missing or damaged is
         left out (rebuilt at the next commit) instead of raising ``AnnFileError`` (what writers do)."""
         store = self._store_for(create)
-        provenance.check_encoder(store, self.config.encoder, lambda: self.encoder.info, self._encoder_injected)
+        lite = self._lite if self._encoder is None and self._scorer is None else None
+        provenance.check_encoder(store, self.config.encoder, lambda: (lite.encoder if lite else self.encoder).info,
+                                 self._encoder_injected)
         if self._vectors is None or self._vectors.stale(store):
             info = provenance.built_with(store)
-            scorer = self.scorer
+            scorer = lite.scorer if lite else self.scorer
             memory_dim = int(np.prod(scorer.memory_shape)) if scorer is not None else None
             self._vectors = VectorBundle.open(self.config.vectors_dir, store, info.dim if info else self.encoder.dim,
                                               memory_dim, policy=self.config.ann_policy, repair=repair)
@@ -183,82 +191,6 @@ class Engine(EngineTags):
         shutil.rmtree(self.config.vectors_dir, ignore_errors=True)
         if self.config.index_dir.is_dir():
             legacy.remove_leftovers(self.config.index_dir)
-
-    # --- models ------------------------------------------------------------------------------
-    def _device(self):  # noqa: ANN202 - torch.device
-        from retrieval.device import resolve_device
-
-        return resolve_device(self.config.device)
-
-    @property
-    def encoder(self) -> JointEncoder:
-        if self._encoder is None:
-            from retrieval.factory import create_encoder
-
-            name = self.config.encoder
-            if name is None:
-                built = self.index_info if self.exists else None
-                name = built.name if built else self.config.default_encoder
-            self._encoder = create_encoder(name, device=self._device(), cache_dir=self.config.cache_dir / "models",
-                                           offline=self.config.offline)
-        return self._encoder
-
-    def build_captioner(self, name: str) -> Captioner:
-        """The captioner called ``name``, on this engine's device and cache (the one place captioners are built)."""
-        from captioning.factory import create_captioner
-
-        return create_captioner(name, device=self._device(), cache_dir=self.config.cache_dir / "models",
-                                offline=self.config.offline)
-
-    @property
-    def captioner(self) -> Captioner | None:
-        """The captioner for new images (None when captions are switched off). A native captioner beside
-        the native encoder never loads its own tower: the model stage hands it the encoder's grid."""
-        if self._captioner is None and self.config.captioner:
-            self._captioner = self.build_captioner(self.config.captioner)
-        return self._captioner
-
-    @property
-    def scorer(self) -> TextScorer | None:
-        """The caption decoder that rates query text against images (None: off, or the encoder has no grid)."""
-        if self._scorer is None and self.config.scorer and isinstance(self.encoder, GridEncoder):
-            scorer = self.build_captioner(self.config.scorer)
-            if not isinstance(scorer, TextScorer):
-                raise InputError(f"{self.config.scorer} cannot rate text against images; the scorer must be "
-                                 f"a native captioner (or none)")
-            self._scorer = scorer
-        return self._scorer
-
-    @property
-    def matcher(self) -> Matcher | None:
-        """The match head beside the scorer (None: off, no scorer, or trained on another scorer's memories)."""
-        if not self._matcher_checked and self.config.matcher and self.scorer is not None:
-            encoder = self.encoder  # a scorer implies the native encoder, whose text tower (and cache) is shared
-            matcher = Matcher(self.config.matcher, device=self._device(),  # may raise ModelLoadError: exit 4
-                              text_tower=getattr(encoder, "text_tower", None))
-            self._matcher_checked = True
-            self._matcher = matcher if provenance.matcher_fits(matcher, self.scorer) else None
-        return self._matcher
-
-    @property
-    def batch_size(self) -> int:
-        """Images per model batch (EngineConfig.batch_size_for: 256 on a GPU, 32 on a CPU unless set)."""
-        return self.config.batch_size_for(self._device())
-
-    @property
-    def workers(self) -> int:
-        """Decoding threads or processes (EngineConfig.workers_for)."""
-        return self.config.workers_for(self._device())
-
-    @property
-    def read_processes(self) -> bool:
-        """Whether indexing decodes on worker processes rather than threads (EngineConfig.processes_for)."""
-        return self.config.processes_for(self._device())
-
-    def models(self) -> ImageModels:
-        """The model stage of indexing: encoder, captioner, scorer, tagger and confidence, one call per batch."""
-        return ImageModels(self.encoder, self.captioner, self.config.decode, self.scorer, self.tagger,
-                           self.confidence_model)
 
     # --- writing -----------------------------------------------------------------------------
     def writer(self) -> BatchWriter:
@@ -296,12 +228,16 @@ class Engine(EngineTags):
         with self.writing():
             if rebuild:
                 self._drop()
+            from indexer.indexing.pipeline import Indexer
+
             writer = self.writer()
             indexer = Indexer(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
                               workers=self.workers, checkpoint_every=self.config.checkpoint_every,
                               progress=self.config.progress, on_progress=on_progress, stop=stop,
                               processes=self.read_processes)
-            return indexer.run(root)
+            summary = indexer.run(root)
+        self.prepare_fast_queries()
+        return summary
 
     # --- consistency -------------------------------------------------------------------------
     def doctor(self, repair: bool = False) -> tuple[Findings, list[str], list[str]]:
@@ -332,17 +268,20 @@ class Engine(EngineTags):
     # --- search ------------------------------------------------------------------------------
     def ranker(self) -> Ranker:
         """The ranker over this index (the likelihood and match signals only when the stored memories
-        are the scorer's; the tags signal only when the index has tags)."""
+        are the scorer's; the tags signal only when the index has tags). Text queries are answered by the
+        torch-free models where they are ready (indexer/query_models.py)."""
+        lite = self._lite_models()
         index = self.open()
-        tagger = self._index_tagger(index.store)
-        if not provenance.scorer_matches(index.store, self.scorer):
+        tagger = (lite.tagger if lite else self.tagger) if index.store.get_meta("tagger") else None
+        scorer = lite.scorer if lite else self.scorer
+        if not provenance.scorer_matches(index.store, scorer):
             return Ranker(index.store, index.vectors, tagger=tagger)
-        return Ranker(index.store, index.vectors, self.scorer, self.matcher, tagger)
+        return Ranker(index.store, index.vectors, scorer, lite.matcher if lite else self.matcher, tagger)
 
     def searcher(self) -> Searcher:
-        ranker = self.ranker()
-        return Searcher(ranker, self.encoder, pool=self.config.pool, depth=self.config.rerank_depth,
-                        confidence_threshold=provenance.confidence_threshold(ranker.store))
+        ranker, lite = self.ranker(), self._lite_models()
+        return Searcher(ranker, lite.encoder if lite else self.encoder, pool=self.config.pool,
+                        depth=self.config.rerank_depth, confidence_threshold=provenance.confidence_threshold(ranker.store))
 
     def search(self, text: str | None = None, image: str | Path | None = None, k: int = 10, mode: str = "fused",
                weights: FusionWeights | None = None, filters: Filters | None = None,

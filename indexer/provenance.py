@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -19,7 +19,9 @@ from indexer.errors import EncoderMismatchError
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.store import Store, WriteBatch
 from retrieval.encoder import EncoderInfo
-from retrieval.native.matcher import Matcher
+
+if TYPE_CHECKING:
+    from retrieval.native.matcher import Matcher
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Sequence
 
 from indexer import provenance
 from indexer.errors import InputError
-from indexer.indexing.recaption import recaption
-from indexer.indexing.retag import retag
 from indexer.search.describe import ImageDescription
 from retrieval.encoder import GridEncoder
 from retrieval.tagging import Tag, Tagger
@@ -78,6 +76,8 @@ class EngineTags:
         self.store()
         with self.writing():
             writer = self.writer()
+            from indexer.indexing.recaption import recaption  # the PyTorch models: not on a search's path
+
             counts = recaption(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
                                workers=self.workers, checkpoint_every=self.config.checkpoint_every,
                                progress=self.config.progress, stop=stop)
@@ -96,6 +96,8 @@ class EngineTags:
             raise InputError("no tagger: tags need the native encoder and a tagger (--tagger, PIXQUERY_TAGGER)")
         with self.writing():
             writer = self.writer()
+            from indexer.indexing.retag import retag
+
             return retag(writer.store, writer.vectors, self.models(), batch_size=self.batch_size,
                          workers=self.workers, checkpoint_every=self.config.checkpoint_every,
                          progress=self.config.progress, everything=everything, stop=stop).to_dict()
@@ -115,7 +117,13 @@ class EngineTags:
         return provenance.confidence_threshold(self.store())
 
     def untagged(self) -> int:
-        """How many indexed images have no tags yet (an index from before tags: ``pixquery retag`` adds them)."""
+        """How many indexed images have no tags yet (an index from before tags: ``pixquery retag`` adds them);
+        0 where this configuration does not tag (no tagger, or an index not built by the native encoder,
+        whose tower the tagger classifies). Builds no model."""
+        built = self.index_info
+        native = bool(self.config.tagger) and built is not None and built.name.startswith("native:")
+        if self._tagger is None and not native:
+            return 0
         return self.store().tag_counts()["untagged"]
 
     def tags(self, ids: Sequence[int]) -> dict[int, list[Tag]]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
+
+if TYPE_CHECKING:  # torch only where a model runs: the query path of a text search may not import it
+    import torch
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class JointEncoder(ABC):
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
         return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
 
 
@@ -82,5 +86,7 @@ class GridEncoder(JointEncoder):
 
 def l2_normalize(x: torch.Tensor) -> np.ndarray:
     """(B, D) tensor -> float32 numpy with unit rows (zero rows stay zero)."""
+    import torch
+
     x = x.float()
     return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32, copy=False)

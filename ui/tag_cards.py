@@ -39,6 +39,6 @@ def confidence_note(hit) -> str:  # noqa: ANN001 - SearchHit or None
 def untagged(_engine: Engine, generation: int) -> int:
     """Images without tags (an index from before tags), when tags are on."""
     try:
-        return _engine.untagged() if _engine.tagger is not None else 0
+        return _engine.untagged()
     except Exception:  # noqa: BLE001 - only a hint; the search itself reports real problems
         return 0

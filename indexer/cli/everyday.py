@@ -204,7 +204,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     with Engine(config_from(args)) as engine:
         hits = engine.search(args.query, image=args.image, k=args.k, mode=args.mode, weights=weights,
                              filters=filters, threshold=args.threshold)
-        untagged = engine.untagged() if engine.tagger is not None else 0
+        untagged = engine.untagged()
         reasons = ({e.id: e.text for e in engine.explain(hits, args.query, args.mode, filters)}
                    if args.explain else {})
     if untagged and not args.json:

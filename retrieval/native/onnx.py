@@ -12,10 +12,8 @@ captions).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -23,57 +21,41 @@ import numpy as np
 import torch
 
 from retrieval.errors import ModelLoadError
+from retrieval.native.ort import available, default_cache, file_sha256, session
+
+__all__ = ["FORMAT", "OnnxTower", "available", "default_cache", "export_tower", "session"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tower-onnx-1"  # part of the cached file's name: change it when the export changes
-_sessions: dict[str, object] = {}  # path -> session, shared by the encoders of one process
 _exported: dict[str, Path] = {}  # file name -> where this process exported or found it (any cache folder)
-_lock = threading.Lock()
-
-
-def default_cache() -> Path:
-    """Where exported towers go when no cache folder is given: ``$PIXQUERY_CACHE_DIR/models/onnx``, else
-    ``$XDG_CACHE_HOME/pixquery/models/onnx``, else ``~/.cache/pixquery/models/onnx``."""
-    base = os.environ.get("PIXQUERY_CACHE_DIR")
-    if not base:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "pixquery")
-    return Path(base).expanduser() / "models" / "onnx"
-
-
-def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def session(path: Path, threads: int):  # noqa: ANN201 - onnxruntime.InferenceSession
-    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads that sleep when idle
-    (spinning threads would take the cores from the PyTorch work that follows: beam search)."""
-    import onnxruntime as ort
-
-    key = f"{path}|{threads}"
-    with _lock:
-        if key not in _sessions:
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = max(1, threads)
-            so.inter_op_num_threads = 1
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.log_severity_level = 3
-            _sessions[key] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return _sessions[key]
 
 
 def _file_key(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
+
+
+def export_module(module: torch.nn.Module, args: tuple, path: Path, inputs: dict[str, dict[int, str]],
+                  outputs: dict[str, dict[int, str]], what: str) -> None:
+    """Export ``module`` (eval mode) called on example ``args`` to ONNX at ``path``: ``inputs`` and ``outputs``
+    name the graph's tensors with their dynamic axes. Written to a temporary file and renamed, so readers
+    in other processes never see half a file. Any failure: :class:`ModelLoadError` naming ``what``."""
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError as exc:
+        raise ModelLoadError(f"exporting {what} to ONNX needs the 'onnx' package: "
+                             "pip install onnx (or pixquery's 'onnx' extra)") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(module, args, str(tmp), input_names=list(inputs), output_names=list(outputs),
+                              dynamic_axes={**inputs, **outputs}, opset_version=17, dynamo=False)
+        tmp.replace(path)
+    except Exception as exc:  # noqa: BLE001 - any export failure means: run in PyTorch
+        tmp.unlink(missing_ok=True)
+        raise ModelLoadError(f"could not export {what} to ONNX: {exc}") from exc
 
 
 def export_tower(cache: Path) -> Path:
@@ -87,25 +69,9 @@ def export_tower(cache: Path) -> Path:
     earlier = _exported.get(path.name)  # the same export, in another cache folder, this process made or used
     if earlier is not None and earlier.is_file():
         return earlier
-    try:
-        import onnx  # noqa: F401 - torch's exporter needs it
-    except ImportError as exc:
-        raise ModelLoadError("exporting the image tower to ONNX needs the 'onnx' package: "
-                             "pip install onnx (or pixquery's 'onnx' extra)") from exc
-    cache.mkdir(parents=True, exist_ok=True)
-    tower = ImageTower().eval()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(tower, (torch.zeros(2, 3, 224, 224),), str(tmp), input_names=["pixels"],
-                              output_names=["grid"], dynamic_axes={"pixels": {0: "batch"}, "grid": {0: "batch"}},
-                              opset_version=17, dynamo=False)
-        tmp.replace(path)  # readers in other processes never see half a file
-        _exported[path.name] = path
-    except Exception as exc:  # noqa: BLE001 - any export failure means: run in PyTorch
-        tmp.unlink(missing_ok=True)
-        raise ModelLoadError(f"could not export the image tower to ONNX: {exc}") from exc
+    export_module(ImageTower().eval(), (torch.zeros(2, 3, 224, 224),), path, {"pixels": {0: "batch"}},
+                  {"grid": {0: "batch"}}, "the image tower")
+    _exported[path.name] = path
     return path
 
 

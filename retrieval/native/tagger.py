@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 
 from retrieval.errors import ModelLoadError
-from retrieval.native.imagenet import ClassList, default_classes
+from retrieval.native.class_tags import ClassTagger, TagCalibration, checked_classes
+from retrieval.native.imagenet import ClassList
 from retrieval.native.towers import imagenet_classifier
 from retrieval.shipped import is_shipped, resolve_weights
-from retrieval.tagging import Classes, Tag, Tagger, TaggerInfo, concept_scores, concept_vectors, gate
+from retrieval.tagging import Classes, Tagger, TaggerInfo
 from retrieval.weights import save_payload
 
 DEFAULT_TAGGER = "imagenet-tags-v1"  # retrieval/shipped.py
 FORMAT = "pixquery-tagger/1"
-QUERY_CACHE = 256  # query vectors kept (an evaluation prepares all of its queries at once)
 
 
 def save_tagger(path: Path, calibration: dict, class_embeddings: np.ndarray, classes: ClassList, meta: dict) -> None:
@@ -36,7 +36,7 @@ def save_tagger(path: Path, calibration: dict, class_embeddings: np.ndarray, cla
                   "meta": meta}, path)
 
 
-class ImageNetTagger(Tagger):
+class ImageNetTagger(ClassTagger):
     """Tags from the ImageNet-1k classes (and groups of them); ConSE zero-shot scores of queries.
 
     ``text_tower``: the MiniLM tower that embeds queries (the native encoder's; None: this tagger can tag
@@ -51,36 +51,19 @@ class ImageNetTagger(Tagger):
             payload = torch.load(path, map_location="cpu", weights_only=True)
             if payload.get("format") != FORMAT:
                 raise ValueError(f"format is {payload.get('format')!r}, expected {FORMAT!r}")
-            self.temperature = float(payload["temperature"])
-            self.top_k, self.floor = int(payload["top_k"]), float(payload["floor"])
-            self.class_threshold = float(payload["class_threshold"])
-            self.group_threshold = float(payload["group_threshold"])
-            self.max_class_tags = int(payload["max_class_tags"])
-            self.sharpen = float(payload["sharpen"])
-            self.gate_low, self.gate_high, self.gate_floor = (float(payload["gate"][k]) for k in ("low", "high", "floor"))
+            calibration = TagCalibration.from_payload(payload)
             embeddings = payload["class_embeddings"].float().numpy()
             classes_sha = payload["classes_sha256"]
             self.meta = payload.get("meta", {})
         except Exception as exc:  # noqa: BLE001 - any failure here means an unusable tagger file
             raise ModelLoadError(f"{path} is not a pixquery tagger file: {exc}") from exc
-        self.classes = classes or default_classes()  # raises ModelLoadError when the class list is unusable
-        if classes_sha != self.classes.sha256:
-            raise ModelLoadError(f"the tagger {path} was calibrated for another ImageNet class list than the one "
-                                 f"installed (timm's); retrain it with: pixquery train tagger")
-        if embeddings.shape[0] != len(self.classes):
-            raise ModelLoadError(f"the tagger {path} holds {embeddings.shape[0]} class embeddings, "
-                                 f"expected {len(self.classes)}")
-        self.embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)  # (1000, d)
-        self.info = TaggerInfo(name=f"native:{is_shipped(path) or path.resolve()}",
-                               weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        classes = checked_classes(path, classes_sha, embeddings.shape[0], classes)
+        info = TaggerInfo(name=f"native:{is_shipped(path) or path.resolve()}",
+                          weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        super().__init__(calibration, embeddings, classes, info)
+        self.classes_sha256 = classes_sha
         self.text_tower = text_tower
         self._classifier: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._prepared: dict[str, np.ndarray] = {}
-        self._names: dict[str, tuple[int, ...]] | None = None
-        self._group_of = {}
-        for group, members in self.classes.groups.items():
-            for c in members:
-                self._group_of.setdefault(c, []).append(group)
 
     # --- tagging images ----------------------------------------------------------------------------
     @property
@@ -104,34 +87,10 @@ class ImageNetTagger(Tagger):
         p, idx = p.cpu().numpy(), idx.cpu().numpy()
         return [[(int(c), float(q)) for c, q in zip(ci, pi) if q >= self.floor] for ci, pi in zip(idx, p)]
 
-    def tags(self, classes: Classes) -> list[Tag]:
-        out: list[Tag] = []
-        groups: dict[str, float] = {}
-        for c, p in classes:
-            for group in self._group_of.get(c, ()):
-                groups[group] = groups.get(group, 0.0) + p
-        for group, p in groups.items():
-            if p >= self.group_threshold:
-                out.append(Tag(group, min(p, 1.0), f"group:{group}"))
-        strong = [(c, p) for c, p in classes if p >= self.class_threshold][: self.max_class_tags]
-        for c, p in strong:
-            name = self.classes.names[c]
-            if all(t.name != name for t in out):
-                out.append(Tag(name, p, f"imagenet:{c}"))
-        return sorted(out, key=lambda t: -t.probability)
-
-    # --- zero-shot scores of queries ---------------------------------------------------------------
-    def prepare(self, texts: Sequence[str], batch: int = 256) -> None:
-        """Embed many queries at once (an evaluation's), for later single-query calls."""
-        self._prepared = {}
-        texts = list(dict.fromkeys(texts))
-        for start in range(0, len(texts), batch):
-            chunk = texts[start:start + batch]
-            self._prepared.update(zip(chunk, self._embed(chunk, cache=False)))
-
+    # --- query embeddings: the native text tower ----------------------------------------------------
     def _embed(self, texts: list[str], cache: bool = True) -> np.ndarray:
         if self.text_tower is None:
-            raise ModelLoadError("this tagger has no text tower to embed queries with (the native encoder's)")
+            return super()._embed(texts, cache)  # raises: no tower
         tower: Callable = self.text_tower
         with torch.inference_mode():
             if cache:
@@ -139,37 +98,6 @@ class ImageNetTagger(Tagger):
             else:
                 pooled = tower.pool(*tower.token_states(texts, cache=False))
             return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
-
-    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        if texts and all(t in self._prepared for t in texts):
-            return np.stack([self._prepared[t] for t in texts])
-        return self._embed(texts)
-
-    def concepts(self, classes: Sequence[Classes]) -> np.ndarray:
-        return concept_vectors(classes, self.embeddings, self.sharpen)
-
-    def concept_scores(self, query: np.ndarray, classes: Sequence[Classes]) -> np.ndarray:
-        return concept_scores(query, classes, self.embeddings, self.sharpen)
-
-    def gate(self, query: np.ndarray) -> float:
-        best = float((self.embeddings @ query.astype(np.float32)).max())
-        return gate(best, self.gate_low, self.gate_high, self.gate_floor)
-
-    def names(self) -> dict[str, tuple[int, ...]]:
-        if self._names is None:
-            names: dict[str, tuple[int, ...]] = {}
-            for i, name in enumerate(self.classes.names):
-                names[name] = names.get(name, ()) + (i,)
-            for group, members in self.classes.groups.items():
-                names[group] = tuple(dict.fromkeys(names.get(group, ()) + members))
-            self._names = names
-        return self._names
-
-    def near_classes(self, query: np.ndarray, n: int) -> list[tuple[int, float]]:
-        sims = self.embeddings @ query.astype(np.float32)  # (1000,)
-        top = np.argsort(-sims)[:n]
-        return [(int(c), float(sims[c])) for c in top]
 
 
 def create_tagger(name: str, text_tower: object | None = None, device: torch.device | None = None) -> Tagger:
