@@ -116,3 +116,11 @@ class TextScorer(ABC):
     @abstractmethod
     def log_likelihood(self, memory: np.ndarray, texts: str | Sequence[str]) -> np.ndarray:
         """log P(text | image) for N images given their (N, S * D) memories -> (N,)."""
+
+    @staticmethod
+    def texts_for(memory: np.ndarray, texts: str | Sequence[str]) -> list[str]:
+        """One text per memory: ``texts`` repeated when it is one string (ValueError when the counts differ)."""
+        texts = [texts] * len(memory) if isinstance(texts, str) else list(texts)
+        if len(texts) != len(memory):
+            raise ValueError(f"{len(memory)} memories but {len(texts)} texts")
+        return texts

@@ -39,10 +39,7 @@ class LiteScorer(TextScorer):
         raise ModelLoadError("the torch-free scorer only rates texts; memories are made by the PyTorch captioner")
 
     def log_likelihood(self, memory: np.ndarray, texts: str | Sequence[str]) -> np.ndarray:
-        n = len(memory)
-        texts = [texts] * n if isinstance(texts, str) else list(texts)
-        if len(texts) != n:
-            raise ValueError(f"{n} memories but {len(texts)} texts")
+        n, texts = len(memory), self.texts_for(memory, texts)
         if not n:
             return np.zeros(0, dtype=np.float32)
         rows, empty = self.tokenizer.scoring_rows(texts, self.max_len)

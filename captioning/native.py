@@ -215,10 +215,7 @@ class NativeCaptioner(GridCaptioner, TextScorer):
         captions (lower case, words only); words outside the vocabulary count as ``<unk>``; an empty
         text scores 0. Runs in bfloat16 where the CPU (or GPU) has fast bfloat16 matrix units.
         """
-        n = len(memory)
-        texts = [texts] * n if isinstance(texts, str) else list(texts)
-        if len(texts) != n:
-            raise ValueError(f"{n} memories but {len(texts)} texts")
+        n, texts = len(memory), self.texts_for(memory, texts)
         if not n:
             return np.zeros(0, dtype=np.float32)
         rows, empty = self.tokenizer.scoring_rows(texts, self.model.cfg.max_len)

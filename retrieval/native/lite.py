@@ -9,8 +9,6 @@ the image side can do (embedding an example image) is handed to the full encoder
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,9 +18,8 @@ from retrieval.encoder import EncoderInfo, JointEncoder
 from retrieval.errors import ModelLoadError
 from retrieval.native.class_tags import ClassTagger, TagCalibration, checked_classes
 from retrieval.native.ort import session
+from retrieval.native.token_cache import TokenCache
 from retrieval.tagging import Classes, TaggerInfo
-
-TOKEN_CACHE_SIZE = 64  # recent single texts whose token states are kept (the query's, for the match head)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -43,29 +40,19 @@ class LiteText:
             raise ModelLoadError(f"cannot load the exported text tower in {folder}: {exc}") from exc
         self.tokenizer.enable_truncation(max_length=int(spec["max_length"]))
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = TokenCache()
 
     def token_states(self, texts: list[str], cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """-> token states (B, T, 384) float32 and attention mask (B, T) int64 (as the PyTorch tower's)."""
-        if cache and len(texts) == 1:
-            with self._lock:
-                hit = self._cache.get(texts[0])
-                if hit is not None:
-                    self._cache.move_to_end(texts[0])
-                    return hit
+        hit = self._cache.get(texts) if cache else None
+        if hit is not None:
+            return hit
         batch = self.tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in batch], dtype=np.int64)
         mask = np.array([e.attention_mask for e in batch], dtype=np.int64)
         hidden = self.session.run(["hidden"], {"ids": ids, "mask": mask})[0]
-        if cache and len(texts) <= 8:
-            with self._lock:
-                for i, text in enumerate(texts):
-                    n = int(mask[i].sum())
-                    self._cache[text] = (hidden[i:i + 1, :n], mask[i:i + 1, :n])
-                    self._cache.move_to_end(text)
-                while len(self._cache) > TOKEN_CACHE_SIZE:
-                    self._cache.popitem(last=False)
+        if cache:
+            self._cache.put(texts, hidden, mask)
         return hidden, mask
 
     @staticmethod

@@ -9,8 +9,6 @@ See docs/MODELS.md for where the files live and the measured sanity checks.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +16,11 @@ import torch
 from torch import nn
 
 from retrieval.errors import ModelLoadError
+from retrieval.native.token_cache import TOKEN_CACHE_SIZE, TokenCache
+
+__all__ = ["GRID_DIM", "IMAGE_MEAN", "IMAGE_SIZE", "IMAGE_STD", "TEXT_DIM", "TEXT_MAX_LENGTH", "TOKEN_CACHE_SIZE",
+           "ImageTower", "TextTower", "efficientnet_weights_path", "fold_batchnorm", "imagenet_classifier",
+           "minilm_path"]
 
 IMAGE_SIZE = 224
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -25,7 +28,6 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 GRID_DIM = 1280  # channels of the 7x7 feature grid
 TEXT_DIM = 384
 TEXT_MAX_LENGTH = 64  # tokens; queries and captions are short (sentence-transformers allows 256)
-TOKEN_CACHE_SIZE = 64  # recent short texts whose token states are kept (a query's, for the match head)
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -144,8 +146,7 @@ class TextTower(nn.Module):
             raise ModelLoadError(f"could not load MiniLM from {path}: {exc}") from exc
         self.tokenizer.enable_truncation(max_length=TEXT_MAX_LENGTH)
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self._cache = TokenCache()
 
     def tokenize(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> token ids (B, T) and attention mask (B, T), with [CLS]/[SEP] as BERT expects."""
@@ -160,23 +161,14 @@ class TextTower(nn.Module):
         With ``cache``, a call of at most 8 texts keeps each one's states, and a single text seen
         recently is not run again: a search embeds its query, then the match head reads the same states.
         """
-        if cache and len(texts) == 1:
-            with self._cache_lock:
-                hit = self._cache.get(texts[0])
-                if hit is not None:
-                    self._cache.move_to_end(texts[0])
-                    return hit
+        hit = self._cache.get(texts) if cache else None
+        if hit is not None:
+            return hit
         device = self.bert.embeddings.word_embeddings.weight.device
         ids, mask = self.tokenize(texts, device)
         hidden = self.bert(ids, mask)  # (B, T, 384)
-        if cache and len(texts) <= 8:
-            with self._cache_lock:
-                for i, text in enumerate(texts):
-                    n = int(mask[i].sum())
-                    self._cache[text] = (hidden[i:i + 1, :n], mask[i:i + 1, :n])
-                    self._cache.move_to_end(text)
-                while len(self._cache) > TOKEN_CACHE_SIZE:
-                    self._cache.popitem(last=False)
+        if cache:
+            self._cache.put(texts, hidden, mask)
         return hidden, mask
 
     @staticmethod
