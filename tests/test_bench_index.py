@@ -55,3 +55,27 @@ def test_bench_search_times_a_baseline_beside_pixquery(tmp_path, photo_dir, monk
         bench._time(["/no/such/program-xyz"], "the baseline")
     with pytest.raises(InputError, match="the baseline failed"):
         bench._time([sys.executable, "-c", "import sys; sys.exit(3)"], "the baseline")
+
+
+def test_make_large_beyond_the_sources_makes_distinct_variants(tmp_path):
+    import hashlib
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, colour in (("one", (200, 30, 30)), ("two", (30, 30, 200))):
+        im = Image.new("RGB", (32, 24), (240, 240, 240))
+        im.paste(colour, (0, 0, 12, 8))  # a block in the top-left corner: no photo is symmetric
+        im.save(src / f"{name}.png")
+    files = discover(src)
+    out = make_large(files, tmp_path / "large", size=(40, 30), quality=80, workers=1, count=9)
+    assert [p.name for p in out] == ["one_40x30.jpg", "two_40x30.jpg", "one_40x30_v1.jpg", "two_40x30_v1.jpg",
+                                     "one_40x30_v2.jpg", "two_40x30_v2.jpg", "one_40x30_v3.jpg",
+                                     "two_40x30_v3.jpg", "one_40x30_v4.jpg"]
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in out}) == 9  # no two the same bytes
+    corners = []
+    for p in out[:8:2]:  # "one": itself, mirrored, flipped, both -> the red block's corner moves
+        with Image.open(p) as im:
+            corners.append([c for c, xy in (("tl", (2, 2)), ("tr", (37, 2)), ("bl", (2, 27)), ("br", (37, 27)))
+                            if im.getpixel(xy)[0] > 150 and im.getpixel(xy)[2] < 100])
+    assert corners == [["tl"], ["tr"], ["bl"], ["br"]]
+    assert make_large(files, tmp_path / "large", size=(40, 30), workers=1) == out[:2]  # the first pass's names

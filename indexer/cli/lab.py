@@ -130,7 +130,8 @@ def _bench_parsers(sub: argparse._SubParsersAction) -> None:
                            help="also time a naive one-image-at-a-time loop on the first N images (0: no)")
             b.add_argument("--large", metavar="DIR",
                            help="benchmark 4000x3000 JPEG copies of the images instead, written into DIR "
-                                "(kept there for the next run): the 12-megapixel test set")
+                                "(kept there for the next run): the 12-megapixel test set; a --limit beyond "
+                                "the folder's images adds mirrored and flipped variants, not copies")
         common(b)
         captioning(b)
         b.set_defaults(handler=handler)

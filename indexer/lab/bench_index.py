@@ -13,7 +13,9 @@ scorer memories, writing), and report:
   draft mode), embed, caption greedily (beam 1, the captioner's own backbone pass), one image at a time.
 
 :func:`make_large` writes the 12-megapixel test set (4000x3000 JPEGs upscaled from any folder), so the
-large-photo figure can be reproduced from Flickr8k or any other photos.
+large-photo figure can be reproduced from Flickr8k or any other photos; asked for more photos than the
+folder holds, it makes distinct variants of them (mirrored, flipped, ...) rather than copies, which the
+indexer would recognise by their hash and not embed.
 """
 
 from __future__ import annotations
@@ -50,10 +52,25 @@ def _peak_mb(who: int) -> float:
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB (macOS bytes: not handled)
 
 
-def _upscale(job: tuple[str, str, tuple[int, int], int]) -> str:
-    src, dst, size, quality = job
+def _variant(im: Image.Image, v: int) -> Image.Image:
+    """Variant ``v`` of a photo: 0 itself, then mirrored, flipped, both (turned 180 degrees); from 4 on
+    the same four, each with ``v // 4`` pixels trimmed off every edge, so that no two variants match."""
+    if v >= 4:
+        t = v // 4
+        if min(im.size) <= 2 * t:
+            raise InputError(f"variant {v} of a {im.size[0]}x{im.size[1]} photo: too small to trim {t} pixels")
+        im = im.crop((t, t, im.width - t, im.height - t))
+    if v % 4 in (1, 3):
+        im = ImageOps.mirror(im)
+    if v % 4 in (2, 3):
+        im = ImageOps.flip(im)
+    return im
+
+
+def _upscale(job: tuple[str, str, tuple[int, int], int, int]) -> str:
+    src, dst, size, quality, v = job
     with Image.open(src) as im:
-        big = ImageOps.exif_transpose(im).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        big = _variant(ImageOps.exif_transpose(im).convert("RGB"), v).resize(size, Image.Resampling.BICUBIC)
     tmp = dst + ".tmp"
     big.save(tmp, format="JPEG", quality=quality)
     os.replace(tmp, dst)
@@ -61,17 +78,27 @@ def _upscale(job: tuple[str, str, tuple[int, int], int]) -> str:
 
 
 def make_large(files: list[FileEntry], out: Path, size: tuple[int, int] = LARGE_SIZE, quality: int = 90,
-               workers: int | None = None) -> list[Path]:
-    """Write each of ``files`` upscaled to ``size`` as a JPEG into ``out`` (kept when already there), on
-    worker processes; returns the paths in order. Upscaled, so the content and the captions stay those of
-    the source photos while the decoder does a 12-megapixel photo's work."""
+               workers: int | None = None, count: int | None = None) -> list[Path]:
+    """Write ``count`` photos (default: one per file) made from ``files`` upscaled to ``size`` as JPEGs into
+    ``out`` (kept when already there), on worker processes; returns the paths in order. Upscaled, so the
+    content and the captions stay those of the source photos while the decoder does a 12-megapixel photo's
+    work. The first pass over ``files`` writes ``<stem>_<W>x<H>.jpg``; a count beyond ``len(files)`` goes
+    round again, pass ``v + 1`` writing variant ``v`` (see :func:`_variant`: mirrored, flipped, ...) as
+    ``<stem>_<W>x<H>_v<v>.jpg``, so the photos differ in content and bytes (a symmetric source aside)."""
+    count = len(files) if count is None else count
+    if count and not files:
+        raise InputError("no photos to make large copies of")
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{Path(f.path).stem}_{size[0]}x{size[1]}.jpg" for f in files]
-    jobs = [(f.path, str(p), size, quality) for f, p in zip(files, paths) if not p.exists()]
+    plan = []
+    for i in range(count):
+        v, f = divmod(i, len(files))
+        stem = f"{Path(files[f].path).stem}_{size[0]}x{size[1]}" + (f"_v{v}" if v else "")
+        plan.append((files[f].path, out / f"{stem}.jpg", v))
+    jobs = [(src, str(p), size, quality, v) for src, p, v in plan if not p.exists()]
     if jobs:
         with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
             list(pool.map(_upscale, jobs, chunksize=4))
-    return paths
+    return [p for _, p, _ in plan]
 
 
 def naive_loop(engine: Engine, files: list[FileEntry]) -> dict:
@@ -101,13 +128,13 @@ def bench_index(folder: Path, limit: int, config: EngineConfig, naive: int = 100
     files = discover(folder.expanduser().resolve()) if folder.is_dir() else []
     if not files:
         raise InputError(f"no images to benchmark under {folder}")
-    files = files[:limit]
     made_s = None
-    if large is not None:
+    if large is not None:  # ``limit`` large photos, variants of the sources when there are fewer of them
         t0 = time.perf_counter()
-        paths = make_large(files, large.expanduser().resolve())
+        paths = make_large(files[:limit], large.expanduser().resolve(), count=limit)
         made_s = round(time.perf_counter() - t0, 1)
         files = [FileEntry(str(p), p.stat().st_size, p.stat().st_mtime) for p in paths]
+    files = files[:limit]
     with tempfile.TemporaryDirectory(prefix="pixquery-bench-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "images").mkdir()
