@@ -85,3 +85,18 @@ def test_a_truncated_segment_is_a_clear_error(tmp_path):
     with pytest.raises(IndexCorruptError, match="images-00000001.rows.npy"):
         again = SegmentLog.load(tmp_path, "images", 8, np.float32, [info])
         again.get(np.array([100]))
+
+
+def test_a_loaded_reader_keeps_reading_after_a_writer_deletes_old_segments(tmp_path):
+    """A search that loaded generation N reads its rows even after the writer has committed twice more
+    and collected N's files (the race the concurrent-search test once hit: files opened on first read)."""
+    rows = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    writer = SegmentLog(tmp_path, "images", 8)
+    writer.put(np.arange(1, 51), rows)
+    writer.write_pending(1)
+    reader = SegmentLog.load(tmp_path, "images", 8, np.float32, writer.segments)  # nothing read yet
+    for path in tmp_path.glob("images-00000001.*"):
+        path.unlink()  # what garbage collection does once two newer generations are committed
+    mask, got = reader.get(np.array([3, 40, 7]))
+    assert mask.all()
+    np.testing.assert_array_equal(got, rows[[2, 39, 6]])

@@ -66,6 +66,9 @@ class Rows:
         rows = cls(path, header.shape if header.ndim == 2 else (len(header), -1), header.dtype,
                    int(getattr(header, "offset", 0)))
         del header
+        # held open from now on: a writer that deletes an old generation's files (garbage collection)
+        # never takes them from a reader that loaded that generation
+        rows._fileno()
         return rows
 
     @classmethod
