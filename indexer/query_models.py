@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "query-onnx-1"  # part of every folder's name: change it when an export changes
-PARTS = ("text", "scorer", "matcher", "tagger")
 _found: dict[str, Path] = {}  # folder name -> where this process exported or found it (any cache folder)
 
 
@@ -85,8 +84,9 @@ def _stamp(path: Path | None) -> list[int] | None:
 
 def allowed(config: EngineConfig, exporting: bool = False) -> bool:
     """Whether this configuration may answer text queries with the torch-free models (``exporting``: and
-    the ``onnx`` package is there to export them with)."""
-    return (os.environ.get("PIXQUERY_RUNTIME", "auto").strip().lower() != "torch"
+    the ``onnx`` package is there to export them with). A ``PIXQUERY_RUNTIME`` that is not one of
+    ``auto``, ``torch``, ``onnx``: InputError, as for the image tower."""
+    return (ort.runtime_setting() != "torch"
             and str(config.device).strip().lower() in ("auto", "cpu") and ort.available()
             and (not exporting or find_spec("onnx") is not None))
 

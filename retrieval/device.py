@@ -13,10 +13,9 @@ import os
 import torch
 
 from retrieval.errors import InputError
+from retrieval.native.ort import ENV_RUNTIME, runtime_setting
 
 ENV_PRECISION = "PIXQUERY_PRECISION"  # auto (default), fp32, bf16 or fp16
-ENV_RUNTIME = "PIXQUERY_RUNTIME"  # auto (default): onnxruntime for the towers on a CPU when installed; torch; onnx
-RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_BATCH = 256  # images per model batch on a GPU (a CPU takes 32: larger batches only add latency there)
 CPU_BATCH = 32
@@ -68,9 +67,7 @@ def resolve_runtime(device: torch.device) -> tuple[str, bool]:
     """-> (``torch`` or ``onnx``, whether the choice is required rather than preferred) for the native
     towers on ``device``, from ``PIXQUERY_RUNTIME``: onnxruntime runs them on CPUs only; ``auto`` uses it
     when it is installed, ``onnx`` insists (an error where it cannot run), ``torch`` never uses it."""
-    name = os.environ.get(ENV_RUNTIME, "auto").strip().lower() or "auto"
-    if name not in RUNTIMES:
-        raise InputError(f"{ENV_RUNTIME}={name!r}: use {', '.join(RUNTIMES)}")
+    name = runtime_setting()
     if name == "torch":
         return "torch", False
     if device.type != "cpu":

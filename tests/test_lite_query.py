@@ -17,6 +17,7 @@ import pytest
 from indexer import query_models
 from indexer.config import EngineConfig
 from indexer.engine import Engine
+from retrieval.errors import InputError
 from retrieval.native import ort
 
 pytest.importorskip("onnxruntime")
@@ -95,6 +96,9 @@ def test_load_refuses_what_it_cannot_answer_for(exported, monkeypatch):
     full = lambda: encoder  # noqa: E731
     monkeypatch.setenv("PIXQUERY_RUNTIME", "torch")
     assert query_models.load(cfg, encoder.info, full) is None  # PyTorch asked for
+    monkeypatch.setenv("PIXQUERY_RUNTIME", "tensorrt")
+    with pytest.raises(InputError, match="PIXQUERY_RUNTIME"):  # as for the image tower: a clear error
+        query_models.load(cfg, encoder.info, full)
     monkeypatch.setenv("PIXQUERY_RUNTIME", "auto")
     assert query_models.load(EngineConfig(index_dir=cache, cache_dir=cache, device="cuda"), encoder.info, full) is None
     assert query_models.load(cfg, None, full) is None  # a new index

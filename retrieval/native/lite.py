@@ -18,7 +18,7 @@ from retrieval.encoder import EncoderInfo, JointEncoder
 from retrieval.errors import ModelLoadError
 from retrieval.native.class_tags import ClassTagger, TagCalibration, checked_classes
 from retrieval.native.ort import session
-from retrieval.native.token_cache import TokenCache
+from retrieval.native.token_cache import TokenCache, prepared_states
 from retrieval.tagging import Classes, TaggerInfo
 
 
@@ -124,13 +124,7 @@ class LiteMatcher:
 
     def prepare(self, texts: Sequence[str], batch: int = 256) -> None:
         """Token states of many texts at once (an evaluation's queries), for later :meth:`score` calls."""
-        self._prepared = {}
-        for start in range(0, len(texts), batch):
-            chunk = list(texts[start:start + batch])
-            states, mask = self.text.token_states(chunk, cache=False)
-            for i, text in enumerate(chunk):
-                n = min(int(mask[i].sum()), self.max_tokens)
-                self._prepared[text] = (states[i:i + 1, :n].copy(), mask[i:i + 1, :n].copy())
+        self._prepared = prepared_states(self.text.token_states, texts, batch, self.max_tokens, np.copy)
 
     def score(self, memory: np.ndarray, text: str) -> np.ndarray:
         """Match logits of ``text`` against N images' flat memories (N, S * D) -> (N,)."""

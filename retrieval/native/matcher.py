@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from retrieval.errors import ModelLoadError
+from retrieval.native.token_cache import prepared_states
 from retrieval.native.towers import TEXT_DIM
 from retrieval.shipped import is_shipped, resolve_weights
 from retrieval.weights import save_payload
@@ -158,13 +159,7 @@ class Matcher:
     def prepare(self, texts: Sequence[str], batch: int = 256) -> None:
         """Compute the token states of many texts at once (an evaluation's queries), in batches, for
         later :meth:`score` calls; replaces what an earlier call prepared."""
-        self._prepared = {}
-        for start in range(0, len(texts), batch):
-            chunk = list(texts[start:start + batch])
-            states, mask = self.text_tower.token_states(chunk, cache=False)
-            for i, text in enumerate(chunk):
-                n = min(int(mask[i].sum()), MAX_TOKENS)
-                self._prepared[text] = (states[i:i + 1, :n].clone(), mask[i:i + 1, :n].clone())
+        self._prepared = prepared_states(self.text_tower.token_states, texts, batch, MAX_TOKENS, torch.clone)
 
     def _token_states(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         found = self._prepared.get(text)

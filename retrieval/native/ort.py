@@ -12,9 +12,22 @@ import os
 import threading
 from pathlib import Path
 
+from retrieval.errors import InputError
+
+ENV_RUNTIME = "PIXQUERY_RUNTIME"  # auto (default): onnxruntime for the towers on a CPU when installed; torch; onnx
+RUNTIMES = ("auto", "torch", "onnx")
+
 _sessions: dict[str, object] = {}  # path|threads -> session, shared by every model of one process
 _hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 _lock = threading.Lock()
+
+
+def runtime_setting() -> str:
+    """``PIXQUERY_RUNTIME`` as one of :data:`RUNTIMES` (unset or empty: ``auto``); another value: InputError."""
+    name = os.environ.get(ENV_RUNTIME, "auto").strip().lower() or "auto"
+    if name not in RUNTIMES:
+        raise InputError(f"{ENV_RUNTIME}={name!r}: use {', '.join(RUNTIMES)}")
+    return name
 
 
 def available() -> bool:

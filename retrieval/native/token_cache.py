@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, Sequence
 
 TOKEN_CACHE_SIZE = 64  # recent short texts whose token states are kept
 CACHED_BATCH = 8  # a call of at most this many texts keeps each one's states (queries, not a batch of captions)
@@ -48,3 +48,18 @@ class TokenCache:
                 self._items.move_to_end(text)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
+
+
+def prepared_states(token_states: Callable, texts: Sequence[str], batch: int, max_tokens: int,
+                    copy: Callable[[Any], Any]) -> dict[str, tuple[Any, Any]]:
+    """The token states of many texts (an evaluation's queries) from ``token_states(chunk, cache=False)``
+    in batches of ``batch``: text -> (states (1, n, H), mask (1, n)) of its first ``max_tokens`` real
+    tokens, each a ``copy``, so that the batch's arrays are freed."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for start in range(0, len(texts), batch):
+        chunk = list(texts[start:start + batch])
+        states, mask = token_states(chunk, cache=False)
+        for i, text in enumerate(chunk):
+            n = min(int(mask[i].sum()), max_tokens)
+            out[text] = (copy(states[i:i + 1, :n]), copy(mask[i:i + 1, :n]))
+    return out
