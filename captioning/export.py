@@ -2,7 +2,8 @@
 
     scorer.onnx        (memory (N, S, D), tokens (N, T + 2)) -> log P(tokens | memory) (N,): the decoder
                        run with teacher forcing, log-softmax, the tokens' log-probabilities summed over the
-                       real (non-pad) positions, as :meth:`NativeCaptioner.log_likelihood` does
+                       real (non-pad) positions, as :meth:`NativeCaptioner.log_likelihood` does (float32)
+    scorer-int8.onnx   the same with 8-bit weights (what a search uses: about twice as fast on a CPU)
     scorer_vocab.json  the word tokenizer
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from captioning.model import CaptionDecoder
 from retrieval.errors import ModelLoadError
-from retrieval.native.onnx import export_module
+from retrieval.native.onnx import export_module, quantize_int8
 
 
 class _LogLikelihood(nn.Module):
@@ -32,7 +33,7 @@ class _LogLikelihood(nn.Module):
 
 
 def export_scorer(scorer, folder: Path) -> dict:  # noqa: ANN001 - NativeCaptioner
-    """The scorer's decoder (float32) and vocabulary -> the manifest's ``scorer`` part."""
+    """The scorer's decoder (float32, and 8-bit) and vocabulary -> the manifest's ``scorer`` part."""
     if not isinstance(scorer.model, CaptionDecoder):
         raise ModelLoadError(f"the scorer {scorer.info.name} is an ensemble; only a single decoder is exported")
     decoder = copy.deepcopy(scorer.model).float().cpu().eval()  # a float32 CPU copy: the live model stays as it is
@@ -41,5 +42,7 @@ def export_scorer(scorer, folder: Path) -> dict:  # noqa: ANN001 - NativeCaption
     example = (torch.randn(2, s, d), torch.tensor([[tok.bos_id, 5, 6, tok.eos_id]] * 2))
     export_module(_LogLikelihood(decoder, tok.pad_id).eval(), example, folder / "scorer.onnx",
                   {"memory": {0: "n"}, "tokens": {0: "n", 1: "t"}}, {"log_likelihood": {0: "n"}}, "the scorer")
+    quantize_int8(folder / "scorer.onnx", folder / "scorer-int8.onnx", "the scorer")
     (folder / "scorer_vocab.json").write_text(json.dumps(tok.to_dict()))
-    return {"info": scorer.info.to_dict(), "memory_shape": [s, d], "max_len": scorer.model.cfg.max_len}
+    return {"info": scorer.info.to_dict(), "memory_shape": [s, d], "max_len": scorer.model.cfg.max_len,
+            "files": {"float32": "scorer.onnx", "int8": "scorer-int8.onnx"}}

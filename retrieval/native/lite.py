@@ -17,7 +17,7 @@ import numpy as np
 from retrieval.encoder import EncoderInfo, JointEncoder
 from retrieval.errors import ModelLoadError
 from retrieval.native.class_tags import ClassTagger, TagCalibration, checked_classes
-from retrieval.native.ort import session
+from retrieval.native.ort import model_file, session
 from retrieval.native.token_cache import TokenCache, prepared_states
 from retrieval.tagging import Classes, TaggerInfo
 
@@ -107,10 +107,10 @@ class LiteTextEncoder(JointEncoder):
 class LiteMatcher:
     """The match head on onnxruntime (``retrieval/native/matcher.py``'s :class:`Matcher`, same contract)."""
 
-    def __init__(self, text: LiteText, folder: Path, spec: dict, threads: int) -> None:
+    def __init__(self, text: LiteText, folder: Path, spec: dict, threads: int, precision: str = "int8") -> None:
         self.text = text
         try:
-            self.session = session(folder / "matcher.onnx", threads)
+            self.session = session(model_file(folder, spec, "matcher.onnx", precision), threads)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"cannot load the exported match head in {folder}: {exc}") from exc
         self.name, self.sha256, self.scorer_sha256 = spec["name"], spec["sha256"], spec["scorer_sha256"]

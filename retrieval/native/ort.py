@@ -48,6 +48,13 @@ def default_cache() -> Path:
     return Path(base).expanduser() / "models" / "onnx"
 
 
+def model_file(folder: Path, spec: dict, name: str, precision: str = "int8") -> Path:
+    """The exported graph of one part in ``folder``: the ``precision`` its manifest ``spec`` lists (``int8``:
+    8-bit weights, what a search uses; ``float32``: the reference), else the float32 ``name``."""
+    files = spec.get("files") or {}
+    return folder / files.get(precision, files.get("float32", name))
+
+
 def cpu_threads() -> int:
     """Intra-op threads for a query-time session: the cores this process may use, at most 4 (a query's
     graphs are small; more threads only add hand-over cost)."""

