@@ -72,3 +72,36 @@ def test_matching_follows_fts5_and_binds_the_expression():
         assert texts.matching(["x'); DROP TABLE pool; --"]) == set()
         assert texts.matching(['x" OR "dog']) == set()  # a quote inside a phrase stays inside it
         assert texts.matching(["dog"]) == {1, 2, 5}  # the table is still there
+
+
+def test_document_frequencies_are_remembered_until_the_captions_change(tmp_path):
+    """The store's keyword index remembers document frequencies between queries (FTS5 counts them by
+    walking each token's whole list) and forgets them when captions change, here or in another process."""
+    import subprocess
+    import sys
+    from datetime import datetime
+
+    from indexer.lab.bench_latency import synthetic_columns
+    from indexer.storage.store import Store, WriteBatch
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store = Store(url)
+    now = datetime(2026, 1, 1)
+    rows = [synthetic_columns(i, c, "enc", now) for i, c in CAPTIONS.items() if c]
+    store.write(WriteBatch(inserts=rows))
+    kw = store.keywords
+    assert kw.doc_freq(["dog", "park", "zebra"]) == {"dog": 3, "park": 3, "zebra": 0}
+    calls = []
+    counted = kw._count_docs
+    kw._count_docs = lambda conn, tokens: calls.append(list(tokens)) or counted(conn, tokens)
+    assert kw.doc_freq(["park", "dog", "grass"]) == {"park": 3, "dog": 3, "grass": 2}
+    assert calls == [["grass"]]  # the others were remembered
+    store.write(WriteBatch(inserts=[synthetic_columns(20, "a zebra and a dog", "enc", now)]))
+    assert kw.doc_freq(["dog", "zebra"]) == {"dog": 4, "zebra": 1}  # counted again after the write
+    assert calls[-1] == ["dog", "zebra"]
+    other = ("from datetime import datetime; from indexer.storage.store import Store, WriteBatch; "
+             "from indexer.lab.bench_latency import synthetic_columns; s = Store(%r); "
+             "s.write(WriteBatch(deletes=[1, 20])); s.close()" % url)
+    subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
+    assert kw.doc_freq(["dog", "zebra"]) == {"dog": 2, "zebra": 0}  # another process deleted two
+    store.close()
