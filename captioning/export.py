@@ -18,7 +18,7 @@ from torch import nn
 
 from captioning.model import CaptionDecoder
 from retrieval.errors import ModelLoadError
-from retrieval.native.onnx import export_module, quantize_int8
+from retrieval.native.onnx import export_module, graphs
 
 
 class _LogLikelihood(nn.Module):
@@ -42,7 +42,6 @@ def export_scorer(scorer, folder: Path) -> dict:  # noqa: ANN001 - NativeCaption
     example = (torch.randn(2, s, d), torch.tensor([[tok.bos_id, 5, 6, tok.eos_id]] * 2))
     export_module(_LogLikelihood(decoder, tok.pad_id).eval(), example, folder / "scorer.onnx",
                   {"memory": {0: "n"}, "tokens": {0: "n", 1: "t"}}, {"log_likelihood": {0: "n"}}, "the scorer")
-    quantize_int8(folder / "scorer.onnx", folder / "scorer-int8.onnx", "the scorer")
     (folder / "scorer_vocab.json").write_text(json.dumps(tok.to_dict()))
     return {"info": scorer.info.to_dict(), "memory_shape": [s, d], "max_len": scorer.model.cfg.max_len,
-            "files": {"float32": "scorer.onnx", "int8": "scorer-int8.onnx"}}
+            "files": graphs(folder, "scorer.onnx", "the scorer")}

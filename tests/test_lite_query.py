@@ -115,6 +115,22 @@ def _float32(cache: Path, lite: query_models.QueryModels):  # noqa: ANN202
             LiteMatcher(lite.matcher.text, folders["matcher"], specs["matcher"], 2, "float32"))
 
 
+def test_without_an_8bit_copy_searches_use_the_float32_graph(tmp_path, monkeypatch, caplog):
+    from retrieval.errors import ModelLoadError
+    from retrieval.native import onnx
+
+    (tmp_path / "scorer.onnx").write_bytes(b"not an onnx graph")
+    assert onnx.graphs(tmp_path, "scorer.onnx", "the scorer") == {"float32": "scorer.onnx"}  # cannot be read
+    assert "could not quantise the scorer" in caplog.text and not list(tmp_path.glob("*.tmp"))
+    assert ort.model_file(tmp_path, {"files": {"float32": "scorer.onnx"}}, "scorer.onnx") == tmp_path / "scorer.onnx"
+    assert ort.model_file(tmp_path, {}, "scorer.onnx", "int8") == tmp_path / "scorer.onnx"  # a manifest without files
+    both = {"files": {"float32": "scorer.onnx", "int8": "scorer-int8.onnx"}}
+    assert ort.model_file(tmp_path, both, "scorer.onnx") == tmp_path / "scorer-int8.onnx"
+    assert ort.model_file(tmp_path, both, "scorer.onnx", "float32") == tmp_path / "scorer.onnx"
+    monkeypatch.setattr(onnx, "quantize_int8", lambda *a: (_ for _ in ()).throw(ModelLoadError("no")))
+    assert onnx.graphs(tmp_path, "scorer.onnx", "the scorer") == {"float32": "scorer.onnx"}
+
+
 def test_load_refuses_what_it_cannot_answer_for(exported, monkeypatch):
     cache, encoder, *_ = exported
     cfg = EngineConfig(index_dir=cache / "unused", cache_dir=cache)

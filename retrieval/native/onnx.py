@@ -23,7 +23,7 @@ import torch
 from retrieval.errors import ModelLoadError
 from retrieval.native.ort import available, default_cache, file_sha256, session
 
-__all__ = ["FORMAT", "OnnxTower", "available", "default_cache", "export_tower", "quantize_int8", "session"]
+__all__ = ["FORMAT", "OnnxTower", "available", "default_cache", "export_tower", "graphs", "quantize_int8", "session"]
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,35 @@ def quantize_int8(src: Path, dst: Path, what: str) -> None:
     For a query's second stage on a CPU: about half the float32 scorer's time on 2 cores, its
     log-likelihoods within about 1 % (docs/BENCHMARKS.md); any failure: :class:`ModelLoadError`."""
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    root = logging.getLogger()
+    was = root.disabled
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        root.disabled = True  # its hint about pre-processing goes to the root logger
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger().disabled, was = True, logging.getLogger().disabled  # its pre-processing hint
-            try:
-                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=["MatMul", "Gemm"])
-            finally:
-                logging.getLogger().disabled = was
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"])
         tmp.replace(dst)
-    except Exception as exc:  # noqa: BLE001 - no 8-bit copy: the float32 file answers
+    except Exception as exc:  # noqa: BLE001 - any failure means: no 8-bit copy
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(f"could not quantise {what} to 8 bits: {exc}") from exc
+    finally:
+        root.disabled = was
+
+
+def graphs(folder: Path, name: str, what: str) -> dict[str, str]:
+    """The manifest's ``files`` of a part exported as ``folder / name``: its float32 graph and, where it can be
+    made, an 8-bit copy (:func:`quantize_int8`); without one, searches use the float32 graph (a warning says why)."""
+    files = {"float32": name}
+    int8 = name.removesuffix(".onnx") + "-int8.onnx"
+    try:
+        quantize_int8(folder / name, folder / int8, what)
+        files["int8"] = int8
+    except ModelLoadError as exc:
+        log.warning("%s; text searches use its float32 graph", exc)
+    return files
 
 
 def export_tower(cache: Path) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.native.onnx import export_module, quantize_int8
+from retrieval.native.onnx import export_module, graphs
 from retrieval.native.towers import TEXT_MAX_LENGTH, minilm_path
 
 
@@ -55,10 +55,9 @@ def export_matcher(matcher, folder: Path) -> dict:  # noqa: ANN001 - Matcher
     export_module(head, example, folder / "matcher.onnx",
                   {"tokens": {0: "n", 1: "t"}, "mask": {0: "n", 1: "t"}, "memory": {0: "n"}},
                   {"logit": {0: "n"}}, "the match head")
-    quantize_int8(folder / "matcher.onnx", folder / "matcher-int8.onnx", "the match head")
     return {"name": matcher.name, "sha256": matcher.sha256, "scorer_sha256": matcher.scorer_sha256,
             "memory_len": cfg.memory_len, "memory_dim": cfg.memory_dim, "max_tokens": MAX_TOKENS,
-            "files": {"float32": "matcher.onnx", "int8": "matcher-int8.onnx"}}
+            "files": graphs(folder, "matcher.onnx", "the match head")}
 
 
 def export_tagger(tagger, folder: Path) -> dict:  # noqa: ANN001 - ImageNetTagger
