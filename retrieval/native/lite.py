@@ -18,7 +18,7 @@ from retrieval.encoder import EncoderInfo, JointEncoder
 from retrieval.errors import ModelLoadError
 from retrieval.native.class_tags import ClassTagger, TagCalibration, checked_classes
 from retrieval.native.ort import model_file, session
-from retrieval.native.token_cache import TokenCache, prepared_states
+from retrieval.native.token_cache import TokenCache, memory_rows, prepared_states
 from retrieval.tagging import Classes, TaggerInfo
 
 
@@ -128,11 +128,9 @@ class LiteMatcher:
 
     def score(self, memory: np.ndarray, text: str) -> np.ndarray:
         """Match logits of ``text`` against N images' flat memories (N, S * D) -> (N,)."""
-        n = len(memory)
+        n = memory_rows(memory, self.memory_dim)
         if not n:
             return np.zeros(0, dtype=np.float32)
-        if memory.shape[1] != self.memory_dim:
-            raise ValueError(f"memories of width {memory.shape[1]}, the match head reads {self.memory_dim}")
         found = self._prepared.get(text)
         tokens, mask = found if found is not None else self.text.token_states([text])
         tokens, mask = tokens[:, :self.max_tokens], mask[:, :self.max_tokens].astype(bool)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from retrieval.errors import ModelLoadError
-from retrieval.native.token_cache import prepared_states
+from retrieval.native.token_cache import memory_rows, prepared_states
 from retrieval.native.towers import TEXT_DIM
 from retrieval.shipped import is_shipped, resolve_weights
 from retrieval.weights import save_payload
@@ -168,11 +168,9 @@ class Matcher:
     @torch.inference_mode()
     def score(self, memory: np.ndarray, text: str) -> np.ndarray:
         """Match logits of ``text`` against N images' flat memories (N, S * D) -> (N,); higher fits better."""
-        n = len(memory)
+        n = memory_rows(memory, self.memory_dim)
         if not n:
             return np.zeros(0, dtype=np.float32)
-        if memory.shape[1] != self.memory_dim:
-            raise ValueError(f"memories of width {memory.shape[1]}, the match head reads {self.memory_dim}")
         tokens, mask = self._token_states(text)
         tokens, mask = tokens[:, :MAX_TOKENS], mask[:, :MAX_TOKENS].bool()
         cfg = self.head.cfg

@@ -63,3 +63,12 @@ def prepared_states(token_states: Callable, texts: Sequence[str], batch: int, ma
             n = min(int(mask[i].sum()), max_tokens)
             out[text] = (copy(states[i:i + 1, :n]), copy(mask[i:i + 1, :n]))
     return out
+
+
+def memory_rows(memory: Any, width: int) -> int:
+    """How many flat memories (N, ``width``) a match head is given to rate (0: nothing to do); ValueError
+    for memories of another width (another scorer's)."""
+    n = len(memory)
+    if n and memory.shape[1] != width:
+        raise ValueError(f"memories of width {memory.shape[1]}, the match head reads {width}")
+    return n
