@@ -36,9 +36,39 @@ def _doc_freq(tokens) -> dict[str, int]:
 N_DOCS = sum(1 for c in CAPTIONS.values() if c)
 
 
+def _fts5_tokens(text: str) -> list[str]:
+    """FTS5's own tokens of the whole text (an in-memory table with the index's tokenizer)."""
+    con = sqlite3.connect(":memory:")
+    con.execute(f"CREATE VIRTUAL TABLE t USING fts5(c, tokenize='{KEYWORD_TOKENIZER}')")
+    con.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+    con.execute("INSERT INTO t(rowid, c) VALUES (1, ?)", (text,))
+    return [term for term, in con.execute("SELECT term FROM v ORDER BY offset")]
+
+
 def test_tokens_are_the_index_tokens():
     with PoolKeywords({}) as texts:
         assert texts.tokens("Dogs RUNNING, through the Grass!") == ["dog", "run", "through", "the", "grass"]
+
+
+def test_every_ascii_character_but_letters_and_digits_separates_tokens():
+    """What IndexTokens relies on to cut a text into pieces before FTS5 tokenizes each one."""
+    for code in range(1, 128):
+        c = chr(code)
+        want = ["ab" + c + "cd"] if c.isalnum() else ["ab", "cd"]
+        assert _fts5_tokens(f"ab{c}cd") == [w.lower() for w in want], repr(c)
+
+
+@pytest.mark.parametrize("text", [
+    "A dog's ball -- on the grass_field; 3 dogs/cats (running) at 10:30!",
+    "Café crème, naïve façade and STRASSE straße", "Ελληνικά ζώα τρέχουν", "东京 的 狗 running",
+    "e\u0301te\u0301 combining marks", "emoji 🐶 dog 🐶🐶 park", "tab\tnew\nline\r\x00nul", "", "!!! ???",
+    "under_score hy-phen dot.ted at@sign 100% $5 a+b=c ~tilde `tick` |pipe|",
+])
+def test_tokens_of_any_text_equal_fts5s_own(text):
+    from indexer.storage.pool_keywords import TOKENS
+
+    assert TOKENS(text) == _fts5_tokens(text)
+    assert TOKENS(text) == _fts5_tokens(text)  # again, from the remembered pieces
 
 
 @pytest.mark.parametrize("words", [["dog"], ["grass"], ["dog", "grass"], ["park", "bench", "snow"]])
@@ -104,4 +134,28 @@ def test_document_frequencies_are_remembered_until_the_captions_change(tmp_path)
              "s.write(WriteBatch(deletes=[1, 20])); s.close()" % url)
     subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
     assert kw.doc_freq(["dog", "zebra"]) == {"dog": 2, "zebra": 0}  # another process deleted two
+    # after DF_ONE_BY_ONE tokens counted one at a time, the whole vocabulary is read once
+    from indexer.storage import keywords
+
+    every = sorted({t for c in CAPTIONS.values() for t in PoolKeywords({}).tokens(c)})
+    want = {t: sum(t in PoolKeywords({}).tokens(c) for i, c in CAPTIONS.items() if c and i != 1) for t in every}
+    keywords_before = keywords.DF_ONE_BY_ONE
+    keywords.DF_ONE_BY_ONE = 3
+    try:
+        calls.clear()
+        assert kw.doc_freq(["grass", "park"]) == {t: want[t] for t in ("grass", "park")}  # two more: 4 > 3
+        assert calls == []  # read at once
+        assert kw.doc_freq([*every, "zebra"]) == {**want, "zebra": 0} and calls == []
+        store.write(WriteBatch(deletes=[2]))
+        assert kw.doc_freq(["grass"]) == {"grass": want["grass"] - 1} and calls == [["grass"]]  # one by one again
+        keywords_remembered = keywords.DF_REMEMBERED
+        keywords.DF_REMEMBERED = 2  # a vocabulary too large to hold: counted one by one, never read whole again
+        try:
+            assert kw.doc_freq(["dog", "park", "snow"]) == {"dog": 1, "park": 3, "snow": 1}
+            assert kw._df_state == keywords.DF_TOO_MANY and calls[-1] == ["dog", "park", "snow"]
+            assert kw.doc_freq(["bench", "ball"]) == {"bench": 2, "ball": 0} and calls[-1] == ["bench", "ball"]
+        finally:
+            keywords.DF_REMEMBERED = keywords_remembered
+    finally:
+        keywords.DF_ONE_BY_ONE = keywords_before
     store.close()

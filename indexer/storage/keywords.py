@@ -89,6 +89,9 @@ _SQLITE_DDL = (
 
 
 DF_REMEMBERED = 100_000  # tokens whose document frequency one store keeps between queries
+DF_ONE_BY_ONE = 64  # tokens counted one at a time (since the index changed) before the whole vocabulary is read
+DF_WHOLE = -1  # the remembered frequencies are the whole vocabulary's
+DF_TOO_MANY = -2  # the vocabulary has more than DF_REMEMBERED tokens: counted one by one only
 
 
 class SqliteKeywords(KeywordIndex):
@@ -98,6 +101,7 @@ class SqliteKeywords(KeywordIndex):
         self.engine = engine
         self._df: dict[str, int] = {}  # token -> captions containing it, while the index stays as it was
         self._df_version: tuple[bytes, ...] | None = None
+        self._df_state = 0  # tokens counted one by one since the index changed, or DF_WHOLE
         self._df_lock = threading.Lock()
 
     def install(self, conn: Connection) -> None:
@@ -162,29 +166,54 @@ class SqliteKeywords(KeywordIndex):
 
     def doc_freq(self, tokens: Iterable[str]) -> dict[str, int]:
         """Remembered between queries while the index is unchanged: FTS5 counts a token's documents by
-        walking its whole list (45 ms for five common words over a million captions)."""
+        walking its whole list (45 ms for five common words over a million captions). Once
+        :data:`DF_ONE_BY_ONE` tokens have been counted one at a time, every token's count is read at once
+        (FTS5's whole vocabulary: 0.27 s for a million captions), so a long-lived process (the app, the
+        API) stops counting, while a one-off search never pays for the whole vocabulary."""
         tokens = list(dict.fromkeys(tokens))
         if not tokens:
             return {}
         with self.engine.connect() as conn:
             version = self._version(conn)
             with self._df_lock:
-                if version != self._df_version or len(self._df) > DF_REMEMBERED:
-                    self._df, self._df_version = {}, version
-                known = dict(self._df)
+                if version != self._df_version:
+                    self._df, self._df_version, self._df_state = {}, version, 0
+                known = {t: self._df[t] for t in tokens if t in self._df}
+                state = self._df_state
             missing = [t for t in tokens if t not in known]
-            if missing:
-                found = self._count_docs(conn, missing)
+            if missing and state != DF_WHOLE:
+                tried = state >= 0 and state + len(missing) > DF_ONE_BY_ONE
+                found = self._all_docs(conn) if tried else None
+                whole = found is not None
+                found = found if whole else self._count_docs(conn, missing)
                 with self._df_lock:
                     if self._df_version == version:
-                        self._df.update(found)
-                known.update(found)
-        return {t: known[t] for t in tokens}
+                        if whole:
+                            self._df, self._df_state = found, DF_WHOLE
+                        else:
+                            if len(self._df) < DF_REMEMBERED:
+                                self._df.update(found)
+                            # too large a vocabulary to hold: one by one from now on
+                            self._df_state = DF_TOO_MANY if tried else self._df_state + len(missing)
+                known.update((t, found.get(t, 0)) for t in missing)
+        return {t: known.get(t, 0) for t in tokens}  # the whole vocabulary leaves out only absent tokens
 
     @staticmethod
-    def _count_docs(conn: Connection, tokens: list[str]) -> dict[str, int]:
+    def _vocab(conn: Connection) -> None:
         conn.exec_driver_sql(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{KEYWORD_TABLE}_vocab "
                              f"USING fts5vocab(main, {KEYWORD_TABLE}, row)")
+
+    @classmethod
+    def _all_docs(cls, conn: Connection) -> dict[str, int] | None:
+        """{token: captions containing it} for the whole vocabulary (None: more than DF_REMEMBERED tokens)."""
+        cls._vocab(conn)
+        rows = conn.exec_driver_sql(f"SELECT term, doc FROM temp.{KEYWORD_TABLE}_vocab LIMIT ?",
+                                    (DF_REMEMBERED + 1,)).fetchall()
+        return {term: int(doc) for term, doc in rows} if len(rows) <= DF_REMEMBERED else None
+
+    @classmethod
+    def _count_docs(cls, conn: Connection, tokens: list[str]) -> dict[str, int]:
+        cls._vocab(conn)
         out: dict[str, int] = {}
         for token in tokens:  # fts5vocab answers `term = ?` from its b-tree; `IN (...)` would scan it
             row = conn.exec_driver_sql(f"SELECT doc FROM temp.{KEYWORD_TABLE}_vocab WHERE term = ?",

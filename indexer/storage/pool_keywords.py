@@ -7,53 +7,105 @@ collection: SQLite's FTS5 walks every caption that shares a word with the query 
 test (17 ms for a three-word query over 100,000 synthetic captions, docs/BENCHMARKS.md), however
 few the candidates are.
 
-Here the candidates' captions go into a private in-memory FTS5 table with the index's tokenizer
-(so words are split and stemmed exactly as the index does it), whose ``instance`` vocabulary gives
-every stemmed token's positions. BM25 is then computed in Python with FTS5's formula and constants,
-the document frequencies of the collection
-(``KeywordIndex.doc_freq``, the index's own term statistics) and the candidates' mean caption
-length standing in for the collection's. A quoted phrase counts where its tokens stand in a row;
-its document frequency is taken as that of its rarest token (an upper bound). Exclusions are
-plain FTS5 matches on the private table, so they follow the index's tokenizer exactly. All of it, for
-100 candidates, takes about 2.5 ms (docs/BENCHMARKS.md).
+Here the candidates' captions are split into tokens exactly as the index's tokenizer splits them
+(:class:`IndexTokens`), and BM25 is computed in Python with FTS5's formula and constants, the
+document frequencies of the collection (``KeywordIndex.doc_freq``, the index's own term statistics)
+and the candidates' mean caption length standing in for the collection's. A quoted phrase counts
+where its tokens stand in a row; its document frequency is taken as that of its rarest token (an
+upper bound). An excluded phrase matches where FTS5's phrase query would: its tokens in a row.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
+import threading
 from collections import defaultdict
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-from indexer.storage.keywords import KEYWORD_TOKENIZER, fts_any
+from indexer.storage.keywords import KEYWORD_TOKENIZER
 
 K1, B = 1.2, 0.75  # FTS5's bm25() defaults
+# every ASCII character but letters and digits separates tokens in FTS5's unicode61 (its token characters
+# are the Unicode categories L*, N* and Co); tests/test_pool_keywords.py checks this against SQLite
+_ASCII_SEPARATORS = re.compile(r"[\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+")
+KNOWN_PIECES_MAX = 200_000  # pieces remembered with their tokens (then forgotten all at once)
+
+
+class IndexTokens:
+    """Text -> the tokens the keyword index makes of it (lower-cased, stemmed, in order), exactly: the text
+    is cut at ASCII separators, and each piece is tokenized once by an FTS5 table with the index's
+    tokenizer (non-ASCII characters included), then remembered. Captions repeat their words, so after
+    the first queries almost every piece is known and no SQL runs. Safe to share between threads (each
+    has its own in-memory connection)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[str, ...]] = {}
+        self._local = threading.local()
+
+    def _connection(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(":memory:")
+            con.execute(f"CREATE VIRTUAL TABLE probe USING fts5(text, tokenize='{KEYWORD_TOKENIZER}')")
+            con.execute("CREATE VIRTUAL TABLE probe_tokens USING fts5vocab(probe, 'instance')")
+            self._local.con = con
+        return con
+
+    def _learn(self, pieces: Sequence[str]) -> None:
+        """Tokenize ``pieces`` (new ones) with FTS5 in one statement, and remember them."""
+        con = self._connection()
+        found: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        con.executemany("INSERT INTO probe(rowid, text) VALUES (?, ?)", enumerate(pieces, 1))
+        try:
+            for doc, term, offset in con.execute("SELECT doc, term, offset FROM probe_tokens"):
+                found[int(doc)].append((int(offset), term))
+        finally:
+            con.execute("DELETE FROM probe")
+        if len(self._known) + len(pieces) > KNOWN_PIECES_MAX:
+            self._known = {}
+        for n, piece in enumerate(pieces, 1):
+            self._known[piece] = tuple(term for _, term in sorted(found.get(n, ())))
+
+    def pieces(self, text: str) -> list[str]:
+        return [p for p in _ASCII_SEPARATORS.split(text) if p]
+
+    def many(self, texts: Iterable[str]) -> list[list[str]]:
+        """The tokens of each text (new pieces of all of them tokenized at once)."""
+        split = [self.pieces(t) for t in texts]
+        known = self._known
+        new = list(dict.fromkeys(p for pieces in split for p in pieces if p not in known))
+        if new:
+            self._learn(new)
+            known = self._known
+        return [[token for p in pieces for token in known[p]] for pieces in split]
+
+    def __call__(self, text: str) -> list[str]:
+        return self.many([text])[0]
+
+
+TOKENS = IndexTokens()  # one per process: the index's tokenizer never changes
 
 
 class PoolKeywords:
-    """The captions of some candidates, for keyword scoring and exclusion tests. One instance per
-    query: it owns its in-memory connection, so concurrent queries (the app's threads) share nothing.
-    Texts and FTS5 expressions are bound as parameters, never formatted into SQL."""
+    """The captions of some candidates, for keyword scoring and exclusion tests; one instance per query."""
 
     def __init__(self, captions: Mapping[int, str]) -> None:
-        self._con = sqlite3.connect(":memory:")
-        for name in ("pool", "probe"):
-            self._con.execute(f"CREATE VIRTUAL TABLE {name} USING fts5(text, tokenize='{KEYWORD_TOKENIZER}')")
-            self._con.execute(f"CREATE VIRTUAL TABLE {name}_tokens USING fts5vocab({name}, 'instance')")
-        self._con.executemany("INSERT INTO pool(rowid, text) VALUES (?, ?)",
-                              ((int(i), c) for i, c in captions.items() if c))
-        self.positions: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-        for doc, term, offset in self._con.execute("SELECT doc, term, offset FROM pool_tokens"):
-            self.positions[int(doc)][term].append(int(offset))
+        items = [(int(i), c) for i, c in captions.items() if c]
+        self.positions: dict[int, dict[str, list[int]]] = {}
+        for (doc, _), tokens in zip(items, TOKENS.many(c for _, c in items)):
+            if tokens:
+                where: dict[str, list[int]] = defaultdict(list)
+                for offset, term in enumerate(tokens):
+                    where[term].append(offset)
+                self.positions[doc] = where
         self.lengths = {doc: sum(map(len, terms.values())) for doc, terms in self.positions.items()}
 
-    def tokens(self, text: str) -> list[str]:
+    @staticmethod
+    def tokens(text: str) -> list[str]:
         """``text`` as the index tokenizes it (lower-cased, stemmed words, in order)."""
-        self._con.execute("INSERT INTO probe(rowid, text) VALUES (1, ?)", (text,))
-        try:
-            return [t for t, in self._con.execute("SELECT term FROM probe_tokens ORDER BY offset")]
-        finally:
-            self._con.execute("DELETE FROM probe")
+        return TOKENS(text)
 
     def _count(self, doc: int, phrase: Sequence[str]) -> int:
         """How often the token sequence ``phrase`` occurs in caption ``doc``."""
@@ -74,7 +126,7 @@ class PoolKeywords:
         if not self.lengths:
             return {}
         avg_len = sum(self.lengths.values()) / len(self.lengths)
-        tokenized = [(self.tokens(text), weight) for text, weight in phrases]
+        tokenized = [(tokens, weight) for tokens, (_, weight) in zip(TOKENS.many(t for t, _ in phrases), phrases)]
         freq = doc_freq(sorted({t for phrase, _ in tokenized for t in phrase}))
         scores: dict[int, float] = {}
         for phrase, weight in tokenized:
@@ -91,13 +143,12 @@ class PoolKeywords:
 
     def matching(self, phrases: Sequence[str]) -> set[int]:
         """Ids of the candidates whose caption contains any of ``phrases`` (runs of words, matched as the
-        index's tokenizer splits and stems them)."""
-        if not phrases:
-            return set()
-        return {int(i) for (i,) in self._con.execute("SELECT rowid FROM pool WHERE pool MATCH ?", (fts_any(phrases),))}
+        index's tokenizer splits and stems them: FTS5's phrase query)."""
+        wanted = [t for t in TOKENS.many(phrases) if t]
+        return {doc for doc in self.positions if any(self._count(doc, phrase) for phrase in wanted)}
 
     def close(self) -> None:
-        self._con.close()
+        """Nothing to release (kept so that callers can use ``with``)."""
 
     def __enter__(self) -> PoolKeywords:
         return self
