@@ -221,3 +221,38 @@ def test_train_matcher_cli_writes_a_head_for_the_shipped_scorer(tmp_path, capsys
     assert "only 6 images" in capsys.readouterr().err and not (tmp_path / "m2.pt").exists()
     assert main(["train", "matcher", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m3.pt")]) == 2
     assert "Flickr8k" in capsys.readouterr().err
+
+
+def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage(tmp_path, scorer_and_matcher,
+                                                                                 monkeypatch):
+    """Fused ranking starts the scorer and the match head on a side thread for the image search's best
+    candidates; the values it then uses must be those of rating the first stage's best directly, whether
+    the early guess covered them all, some or none, and with or without a second core."""
+    from indexer.search import ranker as ranker_module
+    from indexer.search.side import beside
+    from retrieval.factory import DEFAULT_ENCODER, create_encoder
+
+    scorer, matcher = scorer_and_matcher
+    cfg = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None, scorer=f"native:{scorer}",
+                       matcher=f"native:{matcher}")
+    with Engine(cfg, encoder=create_encoder(DEFAULT_ENCODER)) as engine:
+        engine.index(_photos(tmp_path))
+        ranker = engine.ranker()
+        ids = np.sort(ranker.vectors.memories.ids())[::-1].copy()  # 4 images, in an order of their own
+        direct = ranker.rerank_signals(ids, "a dog runs")
+        assert set(direct) == {"likelihood", "match"}
+        for guessed in (ids, ids[:2], ids[[3, 0]], np.array([], dtype=np.int64), np.array([ids[1], 10**6])):
+            guess = (guessed, [beside(ranker.rerank_signals, guessed, "a dog runs", True, False),
+                               beside(ranker.rerank_signals, guessed, "a dog runs", False, True)])
+            got = ranker._second_stage(ids, "a dog runs", True, True, guess)
+            for name in direct:
+                np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5, err_msg=f"{guessed}")
+        weights = FusionWeights(1, 0.5, 0.5, 0.5, 0.5)
+        early = engine.search("a dog runs on grass", k=4, mode="fused", weights=weights)
+        monkeypatch.setattr(ranker_module, "parallel", lambda: False)  # one core: rated in order, no guess
+        late = engine.search("a dog runs on grass", k=4, mode="fused", weights=weights)
+    assert [h.id for h in early] == [h.id for h in late]
+    for a, b in zip(early, late):
+        assert set(a.scores) == set(b.scores) >= {"likelihood", "match"}
+        for name in a.scores:
+            assert a.scores[name] == pytest.approx(b.scores[name], rel=1e-5, abs=1e-5)

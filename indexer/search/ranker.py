@@ -41,6 +41,7 @@ every candidate whose image is a near copy of one (``retrieval.fusion.near_bad``
 from __future__ import annotations
 
 import copy
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,11 +51,12 @@ from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
+from indexer.search.side import beside, parallel
 from indexer.search.tag_signal import TagQuery, TagSignal
 from retrieval.fusion import (
     NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
 )
-from retrieval.query import SECOND_STAGE, FusionWeights, ParsedQuery
+from retrieval.query import FIRST_STAGE, SECOND_STAGE, FusionWeights, ParsedQuery
 from retrieval.query_parser import excluded_phrases, keyword_phrases, keyword_pieces, phrase_of
 
 if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
@@ -251,21 +253,35 @@ class Ranker:
         """Fused mode's candidates (the union of each signal's best ``pool``, exclusions and feedback's
         rejects dropped) and their image, caption, keyword, tags (and meta) signals -> (ids (n,),
         {signal: (n,)}). ``weights``: as :meth:`effective` made them for ``tq``."""
-        w = weights
+        found = self._searches(q, parsed, weights, allowed, pool, params, tq)
+        return self._signals(found, q, parsed, weights, feedback, tq)
+
+    def _searches(self, q: np.ndarray, parsed: ParsedQuery | None, w: FusionWeights, allowed: np.ndarray | None,
+                  pool: int, params: SearchParams | None, tq: TagQuery | None) -> list[dict[int, float]]:
+        """Each signal's best ``pool`` ({id: score}, best first; the image search's first), the caption
+        vector search on a side thread while the image search runs."""
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
+        captions = (beside(self._vector_top, "caption", q, pool, allowed, params)
+                    if w.caption and w.caption >= w.image / 2 else None)
         found_i = self._vector_top("image", q, pool, allowed, params) if w.image or w.likelihood else {}
-        found_c = (self._vector_top("caption", q, pool, allowed, params)
-                   if w.caption and w.caption >= w.image / 2 else {})
         found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
         found_m = self._meta_top(parsed, pool, allowed) if w.meta and parsed is not None else {}
-        found_t = []
+        found_t = {}
         if tq is not None and w.tags:
             alone = not (w.image or w.caption or w.keyword or w.likelihood or w.meta)
-            found_t = self.tags.candidates(tq, pool, allowed, force=alone)
-        ids = list(dict.fromkeys([*found_i, *found_c, *found_k, *found_m, *found_t]))
+            found_t = dict.fromkeys(self.tags.candidates(tq, pool, allowed, force=alone), 0.0)
+        found_c = captions.result() if captions is not None else {}
+        return [found_i, found_c, found_k, found_m, found_t]
+
+    def _signals(self, found: list[dict[int, float]], q: np.ndarray, parsed: ParsedQuery | None,
+                 w: FusionWeights, feedback: Feedback | None, tq: TagQuery | None, weighted_only: bool = False
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The candidates of :meth:`_searches` and their signals (see :meth:`pool`); ``weighted_only``: not the
+        caption and tags signals when their weight is 0 (they could not change the order)."""
+        ids = list(dict.fromkeys(i for top in found for i in top))
         if not ids:
             return np.zeros(0, dtype=np.int64), {}
         with self._texts(ids) as texts:
@@ -283,34 +299,54 @@ class Ranker:
             cand, vecs = cand[keep], vecs[keep]
             if not len(cand):
                 return cand, {}
-        image = vecs @ q  # (n,)
-        has_cap, cap_vecs = self.vectors.captions.reconstruct_present(cand)
-        caption = np.full(len(cand), np.nan)
-        caption[has_cap] = cap_vecs @ q
-        signals = {"image": image, "caption": caption}
+        signals = {"image": vecs @ q}  # (n,)
+        if w.caption or not weighted_only:
+            signals["caption"] = self._caption_cosines(cand, q)
         if keyword is not None:
             signals["keyword"] = np.array([keyword.get(int(i), 0.0) for i in cand])
         if w.meta and parsed is not None and self.store.catalogue is not None:
             meta = self._meta_bm25(parsed, cand.tolist())
             signals["meta"] = np.array([meta.get(int(i), 0.0) for i in cand])
-        if tq is not None:
+        if tq is not None and (w.tags or not weighted_only):
             signals["tags"] = self.tags.scores(tq, cand)
         return cand, signals
+
+    def _caption_cosines(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """(n,) cosines of the query and the captions of ``ids`` (NaN: no caption vector)."""
+        has_cap, cap_vecs = self.vectors.captions.reconstruct_present(ids)
+        caption = np.full(len(ids), np.nan)
+        caption[has_cap] = cap_vecs @ q
+        return caption
+
+    def _shown_only(self, ids: np.ndarray, q: np.ndarray, tq: TagQuery | None,
+                    signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``signals`` of the results ``ids`` with the signals left out of ranking for want of weight (the
+        caption cosine, the tags of a query that names no concept) filled in, so every result still
+        shows them."""
+        if "caption" not in signals:
+            signals["caption"] = self._caption_cosines(ids, q)
+        if tq is not None and "tags" not in signals:
+            signals["tags"] = self.tags.scores(tq, ids)
+        order = [*FIRST_STAGE, *SECOND_STAGE]  # the order every mode shows them in
+        return dict(sorted(signals.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
     def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
                allowed: np.ndarray | None, pool: int, depth: int, feedback: Feedback | None = None,
                params: SearchParams | None = None) -> Ranked:
         tq = self.tag_query(parsed) if weights.tags > 0 else None
         weights = self.effective(weights, tq)
-        cand, signals = self.pool(q, parsed, weights, allowed, pool, feedback, params, tq)
+        want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
+        second_stage = parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0
+        found = self._searches(q, parsed, weights, allowed, pool, params, tq)
+        guess = self._guess(found[0], parsed.positive_text, depth, want_ll, want_match) if second_stage else None
+        cand, signals = self._signals(found, q, parsed, weights, feedback, tq, weighted_only=True)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
         fused = first_stage(signals, weights)
         parts = first_stage_parts(signals, weights)
-        want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
-        if parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0:
+        if second_stage:
             top = np.argsort(-fused, kind="stable")[:depth]
-            second = self.rerank_signals(cand[top], parsed.positive_text, want_ll, want_match)
+            second = self._second_stage(cand[top], parsed.positive_text, want_ll, want_match, guess)
             total = stage_total(signals, weights)
             for name, values in second.items():  # both from the first stage's order, so neither depends on the other
                 added = relative_part(len(cand), top, values, getattr(weights, name), total)
@@ -319,8 +355,37 @@ class Ranker:
                 signals[name] = np.full(len(cand), np.nan)
                 signals[name][top] = values
         order = np.argsort(-fused, kind="stable")[:k]
-        return Ranked(cand[order], fused[order], {name: s[order] for name, s in signals.items()},
-                      {name: p[order] for name, p in parts.items()})
+        shown = self._shown_only(cand[order], q, tq, {name: s[order] for name, s in signals.items()})
+        return Ranked(cand[order], fused[order], shown, {name: p[order] for name, p in parts.items()})
+
+    def _guess(self, found_image: dict[int, float], text: str, depth: int, likelihood: bool,
+               match: bool) -> tuple[np.ndarray, list[Future]] | None:
+        """The second stage started early, on side threads (the scorer and the match head each on its
+        own), for the image search's best ``depth``: the first stage's best are mostly among them, and the
+        main thread computes the pool's signals meanwhile. None on a single core, where it would only add
+        work."""
+        if not parallel() or not found_image:
+            return None
+        ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
+        jobs = [beside(self.rerank_signals, ids, text, likelihood, False)] if likelihood else []
+        jobs += [beside(self.rerank_signals, ids, text, False, match)] if match else []
+        return ids, jobs
+
+    def _second_stage(self, ids: np.ndarray, text: str, likelihood: bool, match: bool,
+                      guess: tuple[np.ndarray, list[Future]] | None) -> dict[str, np.ndarray]:
+        """:meth:`rerank_signals` of ``ids``: the early ``guess``'s values where it rated the image, the rest
+        rated now."""
+        if guess is None:
+            return self.rerank_signals(ids, text, likelihood, match)
+        guessed, early = guess[0].tolist(), {}
+        for job in guess[1]:
+            early.update(job.result())
+        known = set(guessed)
+        rest = np.array([i for i in ids.tolist() if i not in known], dtype=np.int64)
+        late = self.rerank_signals(rest, text, likelihood, match)
+        where = {i: (early, n) for n, i in enumerate(guessed)} | {i: (late, n) for n, i in enumerate(rest.tolist())}
+        return {name: np.array([where[i][0][name][where[i][1]] for i in ids.tolist()], dtype=np.float64)
+                for name in late}
 
 
 def meta_phrases(parsed: ParsedQuery) -> list[str]:

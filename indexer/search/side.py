@@ -1,0 +1,54 @@
+"""Side threads: parts of one query that need nothing from each other run at once, on a second core.
+
+Fused ranking (indexer/search/ranker.py) runs two things beside its main thread: the caption vector
+search, while the image vector search runs, and the second stage (scorer and match head) on the
+candidates the image search put first, while the main thread reads the pool's captions, keyword,
+vector and tag signals. Both are native code that releases the GIL (FAISS, onnxruntime, PyTorch), so
+the threads really run at the same time.
+
+A process limited to one core runs nothing beside: :func:`parallel` is False, and callers then do the
+work in order in their own thread (speculating there would only add work).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+MAX_SIDE_THREADS = 4
+
+_executor: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parallel() -> bool:
+    """Whether work handed to :func:`beside` runs at the same time as the caller."""
+    return cores() > 1
+
+
+def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """``fn(*args, **kwargs)`` on a side thread -> its Future. Without a second core it runs here, now,
+    and the Future is already done (its result, or the exception it raised)."""
+    if not parallel():
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the result, as a thread would
+            done.set_exception(exc)
+        return done
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=min(MAX_SIDE_THREADS, cores()),
+                                           thread_name_prefix="pixquery-side")
+        return _executor.submit(fn, *args, **kwargs)
