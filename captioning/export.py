@@ -33,15 +33,18 @@ class _LogLikelihood(nn.Module):
 
 
 def export_scorer(scorer, folder: Path) -> dict:  # noqa: ANN001 - NativeCaptioner
-    """The scorer's decoder (float32, and 8-bit) and vocabulary -> the manifest's ``scorer`` part."""
+    """The decoder that rates texts (the scorer's rater where it has one, else the scorer's decoder; float32,
+    and 8-bit) and the vocabulary -> the manifest's ``scorer`` part."""
     if not isinstance(scorer.model, CaptionDecoder):
         raise ModelLoadError(f"the scorer {scorer.info.name} is an ensemble; only a single decoder is exported")
-    decoder = copy.deepcopy(scorer.model).float().cpu().eval()  # a float32 CPU copy: the live model stays as it is
+    rating = scorer.rating_decoder
+    decoder = copy.deepcopy(rating).float().cpu().eval()  # a float32 CPU copy: the live model stays as it is
     s, d = scorer.memory_shape
     tok = scorer.tokenizer
     example = (torch.randn(2, s, d), torch.tensor([[tok.bos_id, 5, 6, tok.eos_id]] * 2))
     export_module(_LogLikelihood(decoder, tok.pad_id).eval(), example, folder / "scorer.onnx",
                   {"memory": {0: "n"}, "tokens": {0: "n", 1: "t"}}, {"log_likelihood": {0: "n"}}, "the scorer")
     (folder / "scorer_vocab.json").write_text(json.dumps(tok.to_dict()))
-    return {"info": scorer.info.to_dict(), "memory_shape": [s, d], "max_len": scorer.model.cfg.max_len,
+    rater = scorer.rater_info.to_dict() if scorer.rater_info is not None else None
+    return {"info": scorer.info.to_dict(), "rater": rater, "memory_shape": [s, d], "max_len": rating.cfg.max_len,
             "files": graphs(folder, "scorer.onnx", "the scorer")}

@@ -28,7 +28,8 @@ class LiteScorer(TextScorer):
             self.tokenizer = WordTokenizer.from_dict(json.loads((folder / "scorer_vocab.json").read_text()))
         except Exception as exc:  # noqa: BLE001 - a damaged export: the caller falls back to PyTorch
             raise ModelLoadError(f"cannot load the exported scorer in {folder}: {exc}") from exc
-        self.info = CaptionerInfo(**spec["info"])
+        self.info = CaptionerInfo(**spec["info"])  # the scorer whose memories are rated
+        self.rater_info = CaptionerInfo(**spec["rater"]) if spec.get("rater") else None  # what rates them
         self._shape = (int(spec["memory_shape"][0]), int(spec["memory_shape"][1]))
         self.max_len = int(spec["max_len"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,8 @@ from retrieval.images import to_tensor
 from retrieval.shipped import is_shipped, resolve_weights
 from retrieval.weights import save_payload
 from retrieval.native.towers import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, ImageTower
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CAPTIONER = "effl0-sat-v4"  # retrieval/shipped.py
 FORMAT = "pixquery-native-captioner/1"
@@ -157,6 +160,8 @@ class NativeCaptioner(GridCaptioner, TextScorer):
         self.model.to(self.device, self.dtype).eval()
         self._image_tower = image_tower
         self._scorer: tuple[CaptionDecoder, torch.dtype] | None = None  # see _scoring_model
+        self.rater: CaptionDecoder | None = None  # a shallower decoder that rates texts (see use_rater)
+        self.rater_info: CaptionerInfo | None = None
 
     @property
     def image_tower(self) -> ImageTower:
@@ -194,17 +199,40 @@ class NativeCaptioner(GridCaptioner, TextScorer):
         mem = self.model.encode(grid.to(self.device, self.dtype))  # (B, S, D)
         return mem.flatten(1).float()
 
+    def use_rater(self, spec: str) -> bool:
+        """Rate texts with the rater ``spec`` (a shipped name or a file of ``pixquery train rater``: fewer
+        decoder layers distilled from this decoder, reading the same memories) -> whether it is used. A rater
+        distilled from another scorer is left out with a warning; a file that cannot be read: ModelLoadError."""
+        path = resolve_weights(spec.removeprefix("native:"), "rater")
+        rater, tok, meta, sha = load_captioner(path)
+        fits = (isinstance(self.model, CaptionDecoder) and meta.get("scorer_sha256") == self.info.weights_sha256
+                and tok.to_dict() == self.tokenizer.to_dict() and rater.cfg.d_model == self.model.cfg.d_model)
+        if not fits:
+            log.warning("the rater %s was distilled from another scorer than %s; the scorer rates texts itself",
+                        spec, self.info.name)
+            return False
+        self.rater = rater.to(self.device, self.dtype).eval()
+        self.rater_info = CaptionerInfo(name=f"native:{is_shipped(path) or path.resolve()}", weights_sha256=sha)
+        self._scorer = None
+        return True
+
+    @property
+    def rating_decoder(self) -> CaptionDecoder:
+        """The decoder whose log-likelihoods rate texts: the rater where one is used, else this decoder."""
+        return self.rater if self.rater is not None else self.model
+
     def _scoring_model(self) -> tuple[CaptionDecoder, torch.dtype]:
-        """The decoder that scores texts and its dtype: a bfloat16 copy, made once, where bfloat16 is
-        fast (autocast would cast every weight again on every query: a third of the scoring time),
-        else the model itself."""
+        """The decoder that scores texts (:attr:`rating_decoder`) and its dtype: a bfloat16 copy, made once,
+        where bfloat16 is fast (autocast would cast every weight again on every query: a third of the
+        scoring time), else the decoder itself."""
         if self._scorer is None:
+            model = self.rating_decoder
             if self.dtype != torch.float32:  # already in half precision (a GPU)
-                self._scorer = (self.model, self.dtype)
+                self._scorer = (model, self.dtype)
             elif _fast_bf16(self.device):
-                self._scorer = (copy.deepcopy(self.model).to(torch.bfloat16).eval(), torch.bfloat16)
+                self._scorer = (copy.deepcopy(model).to(torch.bfloat16).eval(), torch.bfloat16)
             else:
-                self._scorer = (self.model, torch.float32)
+                self._scorer = (model, torch.float32)
         return self._scorer
 
     @torch.inference_mode()
@@ -218,9 +246,9 @@ class NativeCaptioner(GridCaptioner, TextScorer):
         n, texts = len(memory), self.texts_for(memory, texts)
         if not n:
             return np.zeros(0, dtype=np.float32)
-        rows, empty = self.tokenizer.scoring_rows(texts, self.model.cfg.max_len)
-        tokens = torch.tensor(rows, device=self.device)  # (N, T + 2): <bos> words <eos> <pad>...
         model, dtype = self._scoring_model()
+        rows, empty = self.tokenizer.scoring_rows(texts, model.cfg.max_len)
+        tokens = torch.tensor(rows, device=self.device)  # (N, T + 2): <bos> words <eos> <pad>...
         mem = torch.as_tensor(np.asarray(memory, dtype=np.float32), device=self.device)
         mem = mem.view(n, *self.memory_shape).to(dtype)  # (N, S, D)
         logits = model.decode(mem, tokens[:, :-1])  # (N, T + 1, V)

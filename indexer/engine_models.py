@@ -61,12 +61,15 @@ class EngineModels:
 
     @property
     def scorer(self) -> TextScorer | None:
-        """The caption decoder that rates query text against images (None: off, or the encoder has no grid)."""
+        """The caption decoder whose memories the index stores and that rates query text against images,
+        through its rater where one is configured and distilled from it (None: off, or the encoder has no grid)."""
         if self._scorer is None and self.config.scorer and isinstance(self.encoder, GridEncoder):
             scorer = self.build_captioner(self.config.scorer)
             if not isinstance(scorer, TextScorer):
                 raise InputError(f"{self.config.scorer} cannot rate text against images; the scorer must be "
                                  f"a native captioner (or none)")
+            if self.config.rater and hasattr(scorer, "use_rater"):  # may raise ModelLoadError: exit 4
+                scorer.use_rater(self.config.rater.removeprefix("native:"))
             self._scorer = scorer
         return self._scorer
 

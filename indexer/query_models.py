@@ -16,6 +16,7 @@ PyTorch models. A ``pixquery search`` process then never imports torch (1.5-2 s 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -109,7 +110,8 @@ def prepare(cache_dir: Path, encoder: JointEncoder, scorer: TextScorer | None, m
         ("text", encoder.info.weights_sha256,
          lambda d: {**export_text(encoder, d), "minilm_stamp": _stamp(_minilm_file())})]
     if isinstance(scorer, NativeCaptioner) and "+" not in scorer.info.name:
-        jobs.append(("scorer", scorer.info.weights_sha256, lambda d: export_scorer(scorer, d)))
+        rater = scorer.rater_info.weights_sha256 if scorer.rater_info is not None else None
+        jobs.append(("scorer", scorer_key(scorer.info.weights_sha256, rater), lambda d: export_scorer(scorer, d)))
     if matcher is not None:
         jobs.append(("matcher", matcher.sha256, lambda d: export_matcher(matcher, d)))
     if isinstance(tagger, ImageNetTagger):
@@ -134,6 +136,13 @@ def prepare(cache_dir: Path, encoder: JointEncoder, scorer: TextScorer | None, m
         _found[final.name] = final
         made.append(part)
     return made
+
+
+def scorer_key(scorer_sha256: str, rater_sha256: str | None) -> str:
+    """What the scorer's export is keyed by: its weights, and the rater's where one rates for it."""
+    if rater_sha256 is None:
+        return scorer_sha256
+    return hashlib.sha256(f"{scorer_sha256}|rater|{rater_sha256}".encode()).hexdigest()
 
 
 # --- loading (torch-free) -----------------------------------------------------------------------------
@@ -168,6 +177,9 @@ def load(config: EngineConfig, built: EncoderInfo | None, full: Callable[[], Joi
                 if sha is None:
                     return None
                 wanted[part] = sha
+        rater = _weights_sha(config.rater, "rater") if "scorer" in wanted else None
+        if rater is not None and _existing(config.cache_dir, "scorer", scorer_key(wanted["scorer"], rater)):
+            wanted["scorer"] = scorer_key(wanted["scorer"], rater)  # else the rater did not fit: the scorer's own
         folders = {part: _existing(config.cache_dir, part, sha) for part, sha in wanted.items()}
         if any(f is None for f in folders.values()):
             return None

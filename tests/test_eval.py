@@ -31,8 +31,8 @@ def test_eval_report_matches_contract_and_hand_count(tmp_path):
     images, caps = captioned_set(tmp_path)
     cfg = EngineConfig(index_dir=tmp_path / "unused", progress=False, captioner=None)
     report = evaluate_retrieval(images, caps, cfg, encoder=TinyEncoder())
-    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "matcher", "tagger", "weights",
-                           "pool", "rerank_depth", "text_to_image", "image_to_text"}
+    assert set(report) == {"n_images", "n_queries", "encoder", "captioner", "scorer", "rater", "matcher", "tagger",
+                           "weights", "pool", "rerank_depth", "text_to_image", "image_to_text"}
     assert (report["n_images"], report["n_queries"], report["encoder"]) == (4, 9, "test:tiny")
     assert set(report["text_to_image"]) == {"image", "caption", "keyword", "fused"}
     assert set(report["text_to_image"]["image"]) == {"R@1", "R@5", "R@10", "medr"}

@@ -15,7 +15,7 @@ from retrieval.shipped import DEFAULTS, SHIPPED, names, resolve_weights, shipped
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = {"encoder": "pixquery-native-heads/1", "captioner": "pixquery-native-captioner/1",
-           "matcher": "pixquery-native-matcher/1", "tagger": "pixquery-tagger/1",
+           "rater": "pixquery-native-captioner/1", "matcher": "pixquery-native-matcher/1", "tagger": "pixquery-tagger/1",
            "confidence": "pixquery-confidence/1"}
 
 
@@ -29,10 +29,18 @@ def test_every_shipped_file_is_there_with_its_sha256_and_loads_weights_only(entr
 
 
 def test_defaults_name_shipped_weights_of_the_right_kind():
-    kinds = {"encoder": "encoder", "captioner": "captioner", "scorer": "captioner", "matcher": "matcher",
+    kinds = {"encoder": "encoder", "captioner": "captioner", "scorer": "captioner", "rater": "rater", "matcher": "matcher",
              "tagger": "tagger", "confidence": "confidence"}
     for role, name in DEFAULTS.items():
         assert shipped(kinds[role], name.removeprefix("native:")) is not None, role
+
+
+def test_the_shipped_rater_rates_for_the_shipped_scorer():
+    from captioning.native import load_captioner
+
+    rater, _, meta, _ = load_captioner(shipped("rater", "effl0-sat-v1-rater1").path)
+    assert meta["scorer_sha256"] == shipped("captioner", DEFAULTS["scorer"].removeprefix("native:")).sha256
+    assert rater.cfg.n_layers == 1
 
 
 def test_resolve_weights_names_and_paths(tmp_path):

@@ -129,6 +129,7 @@ def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5
     else:
         warm, rounds = list(QUERIES[:3]), [{m: list(QUERIES) for m in modes}] * passes
     from indexer.lab.bench_ann import peak_rss_mb, rss_mb
+    from indexer.lab.evaluate import rater_name
 
     with Engine(cfg) as engine:
         built = None
@@ -159,7 +160,8 @@ def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5
         structures = {kind: getattr(ranker.vectors, kind).describe() for kind in ("images", "captions")}
         runtime = engine.query_runtime()
     report = {"images": n_indexed, "build_seconds": built, "k": 10, "pool": cfg.pool, "query_models": runtime,
-              "rerank_depth": cfg.rerank_depth, "likelihood": scorer is not None, "match": matcher is not None,
+              "rerank_depth": cfg.rerank_depth, "likelihood": scorer is not None,
+              "rater": rater_name(scorer), "match": matcher is not None,
               "vectors": bases.source if bases is not None else "gaussian",
               "queries": ("Flickr8k dev captions, new for every mode and pass" if bases is not None
                           else "20 fixed queries, repeated each pass"),

@@ -159,6 +159,7 @@ def evaluate_retrieval(images: Path, captions_file: Path | None, config: EngineC
             out = {"n_images": n, "n_queries": len(texts), "encoder": engine.encoder.info.name,
                    "captioner": engine.captioner.info.name if engine.captioner else None,
                    "scorer": ranker.scorer.info.name if ranker.scorer else None,
+                   "rater": rater_name(ranker.scorer),
                    "matcher": ranker.matcher.name if ranker.matcher else None,
                    "tagger": ranker.tags.tagger.info.name if ranker.tags else None,
                    "weights": weights.to_dict(), "pool": cfg.pool, "rerank_depth": cfg.rerank_depth,
@@ -261,3 +262,9 @@ def evaluate_captions(images: Path, captions_file: Path, config: EngineConfig,
         caps = captioner.caption_images([load_image(images / n).image for n in chunk], config.decode)
         hypotheses.update(zip(chunk, caps))
     return {"n_images": len(names), "captioner": captioner.info.name, **caption_scores(references, hypotheses)}
+
+
+def rater_name(scorer: object) -> str | None:
+    """The decoder that rates texts for ``scorer`` where it is not the scorer itself (a rater), else None."""
+    info = getattr(scorer, "rater_info", None)
+    return info.name if info is not None else None
