@@ -27,7 +27,7 @@ ENV_DEVICE = "PIXQUERY_DEVICE"
 ENV_CACHE = "PIXQUERY_CACHE_DIR"  # model and feature caches
 ENV_CAPTIONER = "PIXQUERY_CAPTIONER"  # "none" switches captions off
 ENV_SCORER = "PIXQUERY_SCORER"  # "none" switches the likelihood signal off
-ENV_RATER = "PIXQUERY_RATER"  # "none": the scorer rates texts itself
+ENV_RATER = "PIXQUERY_RATER"  # unset or "none": the scorer rates texts itself
 ENV_MATCHER = "PIXQUERY_MATCHER"  # "none" switches the match signal off
 ENV_TAGGER = "PIXQUERY_TAGGER"  # "none": no tags for new images, and no tags signal
 ENV_CONFIDENCE = "PIXQUERY_CONFIDENCE"  # "none": captions are not rated
@@ -78,8 +78,8 @@ class EngineConfig:
     captioner: str | None = field(default_factory=lambda: _model_from_env(ENV_CAPTIONER, DEFAULTS["captioner"]))  # None: no captions
     scorer: str | None = field(default_factory=lambda: _model_from_env(ENV_SCORER, DEFAULTS["scorer"]))  # None: off
     # a shallower decoder distilled from the scorer that rates query text from the scorer's memories, faster
-    # (pixquery train rater); None: the scorer rates texts itself
-    rater: str | None = field(default_factory=lambda: _model_from_env(ENV_RATER, DEFAULTS["rater"]))
+    # but less exact (pixquery train rater; shipped: native:effl0-sat-v1-rater1); None: the scorer itself
+    rater: str | None = field(default_factory=lambda: _model_from_env(ENV_RATER, None))
     matcher: str | None = field(default_factory=lambda: _model_from_env(ENV_MATCHER, DEFAULTS["matcher"]))  # None: off
     # tags from the native image tower's ImageNet classifier (the ``tags`` signal reads them), and the
     # model that rates each caption (captioning/confidence.py); None: off

@@ -18,6 +18,7 @@ from captioning.tokenizer import WordTokenizer
 from captioning.training.rater import student_of, sequence_log_likelihood
 from indexer.cli import main
 from retrieval.errors import InputError
+from retrieval.query import FusionWeights
 from test_matcher import _tiny_flickr
 
 WORDS = ["a photo of a dog", "a cat sits on the grass", "people playing soccer", "a surfer on a wave"]
@@ -129,3 +130,29 @@ def test_the_torch_free_scorer_exports_the_rater(trained, tmp_path):
     # the export of a scorer rated through a rater has a key of its own
     sha, rater_sha = scorer.info.weights_sha256, scorer.rater_info.weights_sha256
     assert scorer_key(sha, None) == sha and scorer_key(sha, rater_sha) not in (sha, rater_sha)
+
+
+def test_an_engine_with_a_rater_ranks_through_it_in_pytorch_and_without_torch(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from indexer import query_models
+    from indexer.config import EngineConfig
+    from indexer.engine import Engine
+    from test_matcher import _photos
+
+    scorer_file, rater_file = trained
+    cfg = EngineConfig(index_dir=tmp_path / "idx", cache_dir=tmp_path / "cache", progress=False, captioner=None,
+                       scorer=f"native:{scorer_file}", rater=str(rater_file), matcher=None, tagger=None,
+                       confidence=None)
+    query_models._found.clear()
+    with Engine(cfg) as engine:
+        engine.index(_photos(tmp_path))
+        scorer = engine.scorer
+        assert scorer.rater_info is not None and scorer._scoring_model()[0] is not scorer.model
+        hits = engine.search("a dog on the grass", k=4, mode="fused", weights=FusionWeights(1, 0, 0, 1, 0))
+        assert len(hits) == 4 and all("likelihood" in h.scores for h in hits)
+        assert engine.query_runtime() == "onnxruntime"
+        lite = engine.ranker().scorer
+        assert lite.rater_info == scorer.rater_info  # the export rates through the rater, as PyTorch does
+        key = query_models.scorer_key(scorer.info.weights_sha256, scorer.rater_info.weights_sha256)
+        assert (query_models.root(cfg.cache_dir) / query_models._name("scorer", key) / "manifest.json").is_file()
