@@ -156,16 +156,22 @@ def train_average(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def train_matcher(args: argparse.Namespace) -> int:
+def _one_decoder(spec: str, why: str):  # noqa: ANN202 - captioning.native.Member
+    """The single native decoder ``spec`` names (InputError, saying ``why``, for an ensemble)."""
     from captioning.native import load_members
     from retrieval.errors import InputError
+
+    members = load_members(spec.removeprefix("native:"))
+    if len(members) != 1:
+        raise InputError(f"{why}; {spec!r} names {len(members)}")
+    return members[0]
+
+
+def train_matcher(args: argparse.Namespace) -> int:
     from retrieval.native.training.matcher import ScorerMemories, TrainMatcherConfig, train_matcher as run
 
     features, _ = _training_setup(args)
-    members = load_members(args.scorer.removeprefix("native:"))
-    if len(members) != 1:
-        raise InputError(f"the match head reads one scorer's memories; {args.scorer!r} names {len(members)}")
-    scorer = members[0]
+    scorer = _one_decoder(args.scorer, "the match head reads one scorer's memories")
     mcfg = TrainMatcherConfig(data=Path(args.data), out=Path(args.out), cache_dir=features, steps=args.steps,
                               batch_size=args.batch_size, negatives=args.negatives, lr=args.lr, seed=args.seed,
                               progress=not args.quiet)
@@ -176,15 +182,10 @@ def train_matcher(args: argparse.Namespace) -> int:
 
 
 def train_rater(args: argparse.Namespace) -> int:
-    from captioning.native import load_members
     from captioning.training.rater import TrainRaterConfig, train_rater as run
-    from retrieval.errors import InputError
 
     features, _ = _training_setup(args)
-    members = load_members(args.scorer.removeprefix("native:"))
-    if len(members) != 1:
-        raise InputError(f"a rater is distilled from one decoder; {args.scorer!r} names {len(members)}")
-    scorer = members[0]
+    scorer = _one_decoder(args.scorer, "a rater is distilled from one decoder")
     cfg = TrainRaterConfig(data=Path(args.data), out=Path(args.out), cache_dir=features, layers=args.layers,
                            epochs=args.epochs, distill=args.distill, lr=args.lr, seed=args.seed,
                            progress=not args.quiet)
