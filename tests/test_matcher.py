@@ -256,3 +256,22 @@ def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage
         assert set(a.scores) == set(b.scores) >= {"likelihood", "match"}
         for name in a.scores:
             assert a.scores[name] == pytest.approx(b.scores[name], rel=1e-5, abs=1e-5)
+
+
+def test_a_forked_child_runs_side_work_on_threads_of_its_own():
+    """A process forked after side threads started (a reader process, say) must not hand work to its
+    parent's threads, which it does not have: it would wait forever."""
+    import multiprocessing
+
+    from indexer.search import side
+
+    assert side.beside(lambda: 7).result(timeout=10) == 7  # the parent's side threads exist now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_side_work_in_child).get(timeout=60) == 42
+
+
+def _side_work_in_child() -> int:
+    from indexer.search import side
+
+    return side.beside(lambda: 6 * 7).result(timeout=20)

@@ -23,6 +23,16 @@ _executor: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's threads: it starts its own side threads when it needs them."""
+    global _executor, _lock
+    _executor, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def cores() -> int:
     """The cores this process may run on."""
     try:
