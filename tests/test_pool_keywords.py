@@ -159,3 +159,19 @@ def test_document_frequencies_are_remembered_until_the_captions_change(tmp_path)
     finally:
         keywords.DF_ONE_BY_ONE = keywords_before
     store.close()
+
+
+def test_tokens_survive_another_thread_starting_the_remembered_pieces_afresh(monkeypatch):
+    from indexer.storage.pool_keywords import IndexTokens
+
+    tokens = IndexTokens()
+    assert tokens("a dog runs") == ["a", "dog", "run"]
+    learn = tokens._learn
+
+    def learn_then_forget(pieces):  # noqa: ANN001, ANN202 - another thread filled the memory and started afresh
+        out = learn(pieces)
+        tokens._known = {}
+        return out
+
+    monkeypatch.setattr(tokens, "_learn", learn_then_forget)
+    assert tokens("a dog sleeps on the grass") == _fts5_tokens("a dog sleeps on the grass")

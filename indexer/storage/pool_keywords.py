@@ -53,8 +53,8 @@ class IndexTokens:
             self._local.con = con
         return con
 
-    def _learn(self, pieces: Sequence[str]) -> None:
-        """Tokenize ``pieces`` (new ones) with FTS5 in one statement, and remember them."""
+    def _learn(self, pieces: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Tokenize ``pieces`` (new ones) with FTS5 in one statement, remember them -> {piece: tokens}."""
         con = self._connection()
         found: dict[int, list[tuple[int, str]]] = defaultdict(list)
         con.executemany("INSERT INTO probe(rowid, text) VALUES (?, ?)", enumerate(pieces, 1))
@@ -63,10 +63,11 @@ class IndexTokens:
                 found[int(doc)].append((int(offset), term))
         finally:
             con.execute("DELETE FROM probe")
+        learned = {piece: tuple(term for _, term in sorted(found.get(n, ()))) for n, piece in enumerate(pieces, 1)}
         if len(self._known) + len(pieces) > KNOWN_PIECES_MAX:
             self._known = {}
-        for n, piece in enumerate(pieces, 1):
-            self._known[piece] = tuple(term for _, term in sorted(found.get(n, ())))
+        self._known.update(learned)
+        return learned
 
     def pieces(self, text: str) -> list[str]:
         return [p for p in _ASCII_SEPARATORS.split(text) if p]
@@ -74,12 +75,10 @@ class IndexTokens:
     def many(self, texts: Iterable[str]) -> list[list[str]]:
         """The tokens of each text (new pieces of all of them tokenized at once)."""
         split = [self.pieces(t) for t in texts]
-        known = self._known
+        known = self._known  # this snapshot keeps its pieces even if another thread starts afresh meanwhile
         new = list(dict.fromkeys(p for pieces in split for p in pieces if p not in known))
-        if new:
-            self._learn(new)
-            known = self._known
-        return [[token for p in pieces for token in known[p]] for pieces in split]
+        learned = self._learn(new) if new else {}
+        return [[token for p in pieces for token in (learned[p] if p in learned else known[p])] for pieces in split]
 
     def __call__(self, text: str) -> list[str]:
         return self.many([text])[0]
