@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioning.model import CaptionDecoder
+from captioning.model import CaptionDecoder, sequence_log_likelihood
 from retrieval.errors import ModelLoadError
 from retrieval.native.onnx import export_module, graphs
 
@@ -27,9 +27,7 @@ class _LogLikelihood(nn.Module):
         self.decoder, self.pad_id = decoder, pad_id
 
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder.decode(memory, tokens[:, :-1])  # (N, T + 1, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]  # (N, T + 1)
-        return (logp * (tokens[:, 1:] != self.pad_id).float()).sum(1)
+        return sequence_log_likelihood(self.decoder, memory, tokens, self.pad_id)
 
 
 def export_scorer(scorer, folder: Path) -> dict:  # noqa: ANN001 - NativeCaptioner

@@ -310,3 +310,13 @@ class CaptionDecoder(nn.Module):
             self_v.append(v)  # (B, H, t+1, Dh)
         logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, V)
         return logits, KVCache(self_k, self_v, cache.cross_k, cache.cross_v)
+
+
+def sequence_log_likelihood(decoder: nn.Module, memory: torch.Tensor, tokens: torch.Tensor,
+                            pad_id: int) -> torch.Tensor:
+    """log P(tokens[1:] | memory) of each row, teacher-forced, pads left out -> (N,) float32: how a scorer
+    rates a text against an image. ``decoder``: anything with ``decode(memory, tokens) -> logits`` (a
+    :class:`CaptionDecoder` or an ensemble); tokens (N, T + 2) are ``<bos> words <eos> <pad>...``."""
+    logits = decoder.decode(memory, tokens[:, :-1])  # (N, T + 1, V)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]  # (N, T + 1)
+    return (logp * (tokens[:, 1:] != pad_id).float()).sum(1)

@@ -22,7 +22,7 @@ from PIL import Image
 from captioning.captioner import CaptionerInfo, DecodeOptions, GridCaptioner, TextScorer
 from captioning.decoding import beam_search
 from captioning.ensemble import DecoderEnsemble
-from captioning.model import CaptionDecoder, DecoderConfig
+from captioning.model import CaptionDecoder, DecoderConfig, sequence_log_likelihood
 from captioning.tokenizer import DANGLING_WORDS, WordTokenizer
 from retrieval.device import compute_dtype
 from retrieval.errors import InputError, ModelLoadError
@@ -251,10 +251,7 @@ class NativeCaptioner(GridCaptioner, TextScorer):
         tokens = torch.tensor(rows, device=self.device)  # (N, T + 2): <bos> words <eos> <pad>...
         mem = torch.as_tensor(np.asarray(memory, dtype=np.float32), device=self.device)
         mem = mem.view(n, *self.memory_shape).to(dtype)  # (N, S, D)
-        logits = model.decode(mem, tokens[:, :-1])  # (N, T + 1, V)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]  # (N, T + 1)
-        real = tokens[:, 1:] != self.tokenizer.pad_id
-        out = (logp * real).sum(1)
+        out = sequence_log_likelihood(model, mem, tokens, self.tokenizer.pad_id)
         return out.masked_fill(torch.tensor(empty, device=self.device), 0.0).cpu().numpy()
 
 

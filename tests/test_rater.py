@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.model import CaptionDecoder, DecoderConfig
+from captioning.model import CaptionDecoder, DecoderConfig, sequence_log_likelihood
 from captioning.native import NativeCaptioner, load_captioner, save_captioner
 from captioning.tokenizer import WordTokenizer
-from captioning.training.rater import student_of, sequence_log_likelihood
+from captioning.training.rater import student_of
 from indexer.cli import main
 from retrieval.errors import InputError
 from retrieval.query import FusionWeights

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from captioning.model import CaptionDecoder, DecoderConfig
+from captioning.model import CaptionDecoder, DecoderConfig, sequence_log_likelihood
 from captioning.native import save_captioner
 from captioning.tokenizer import WordTokenizer
 from captioning.training.captioner import _targets
@@ -86,13 +86,6 @@ def student_of(scorer: CaptionDecoder, layers: int, dropout: float) -> CaptionDe
     for name, p in student.named_parameters():
         p.requires_grad_(not name.startswith(MEMORY_PARTS))
     return student
-
-
-def sequence_log_likelihood(model: CaptionDecoder, memory: torch.Tensor, tokens: torch.Tensor,
-                            pad_id: int) -> torch.Tensor:
-    """log P(tokens[1:] | memory) per row, pads left out -> (N,), as the scorer rates a query."""
-    logp = torch.log_softmax(model.decode(memory, tokens[:, :-1]).float(), -1).gather(2, tokens[:, 1:, None])[..., 0]
-    return (logp * (tokens[:, 1:] != pad_id)).sum(1)
 
 
 @torch.no_grad()

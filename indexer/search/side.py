@@ -17,6 +17,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from retrieval.native.ort import usable_cores
+
 MAX_SIDE_THREADS = 4
 
 _executor: ThreadPoolExecutor | None = None
@@ -33,17 +35,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def parallel() -> bool:
     """Whether work handed to :func:`beside` runs at the same time as the caller."""
-    return cores() > 1
+    return usable_cores() > 1
 
 
 def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
@@ -59,6 +53,6 @@ def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
     global _executor
     with _lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=min(MAX_SIDE_THREADS, cores()),
+            _executor = ThreadPoolExecutor(max_workers=min(MAX_SIDE_THREADS, usable_cores()),
                                            thread_name_prefix="pixquery-side")
         return _executor.submit(fn, *args, **kwargs)

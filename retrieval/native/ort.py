@@ -55,14 +55,18 @@ def model_file(folder: Path, spec: dict, name: str, precision: str = "int8") -> 
     return folder / files.get(precision, files.get("float32", name))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def cpu_threads() -> int:
     """Intra-op threads for a query-time session: the cores this process may use, at most 4 (a query's
     graphs are small; more threads only add hand-over cost)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cores()))
 
 
 def session(path: Path, threads: int):  # noqa: ANN201 - onnxruntime.InferenceSession
