@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from indexer.storage.keywords import KEYWORD_TOKENIZER
+from indexer.storage.pool_keywords import TOKENS
 from indexer.storage.store import Store
 from retrieval.tagging import Classes, Tag, Tagger
 
@@ -37,29 +37,20 @@ class TagQuery:
 
 
 class _NameIndex:
-    """Stemmed word -> tag names containing it, over every name the tagger can give (built once)."""
+    """Stemmed word -> tag names containing it, over every name the tagger can give (built once); words
+    split and stemmed as the keyword index does it (``indexer/storage/pool_keywords.TOKENS``)."""
 
     def __init__(self, tagger: Tagger) -> None:
-        import sqlite3
-
-        con = sqlite3.connect(":memory:")
-        con.execute(f"CREATE VIRTUAL TABLE t USING fts5(x, tokenize='{KEYWORD_TOKENIZER}')")
-        con.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
         self.names = tagger.names()
         listed = list(self.names)
-        con.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((i + 1, n) for i, n in enumerate(listed)))
         self.by_token: dict[str, set[str]] = {}
-        for doc, term in con.execute("SELECT doc, term FROM v"):
-            self.by_token.setdefault(term, set()).add(listed[int(doc) - 1])
-        self._con, self._lock = con, threading.Lock()
+        for name, tokens in zip(listed, TOKENS.many(listed)):
+            for term in tokens:
+                self.by_token.setdefault(term, set()).add(name)
 
-    def tokens(self, text: str) -> list[str]:
-        with self._lock:
-            self._con.execute("INSERT INTO t(rowid, x) VALUES (0, ?)", (text,))
-            try:
-                return [t for t, in self._con.execute("SELECT term FROM v WHERE doc = 0 ORDER BY offset")]
-            finally:
-                self._con.execute("DELETE FROM t WHERE rowid = 0")
+    @staticmethod
+    def tokens(text: str) -> list[str]:
+        return TOKENS(text)
 
 
 _NAME_INDEXES: dict[str, _NameIndex] = {}
