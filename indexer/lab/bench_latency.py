@@ -146,15 +146,18 @@ def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5
                 engine.search(q, k=10, mode=mode)
         # modes interleaved query by query, so that a stall of the machine falls on every mode alike
         timed: dict[str, list[tuple[float, str]]] = {mode: [] for mode in modes}
+        cpu: dict[str, list[float]] = {mode: [] for mode in modes}  # CPU time of the process, every thread
         for queries in rounds:
             for i in range(len(QUERIES)):
                 for mode in modes:
                     q = queries[mode][i]
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     engine.search(q, k=10, mode=mode)
                     timed[mode].append(((time.perf_counter() - t0) * 1000, q))
+                    cpu[mode].append((time.process_time() - c0) * 1000)
         rss_after = rss_mb()
-        per_mode = {mode: latency_summary(timed[mode]) for mode in modes}
+        per_mode = {mode: {**latency_summary(timed[mode]), "cpu_p50_ms": round(statistics.median(cpu[mode]), 1)}
+                    for mode in modes}
         ranker = engine.ranker()
         scorer, matcher = ranker.scorer, ranker.matcher
         structures = {kind: getattr(ranker.vectors, kind).describe() for kind in ("images", "captions")}

@@ -62,7 +62,7 @@ from retrieval.query_parser import excluded_phrases, keyword_phrases, keyword_pi
 if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
     from captioning.captioner import TextScorer
     from retrieval.native.matcher import Matcher
-    from retrieval.tagging import Tagger
+    from retrieval.tagging import Classes, Tagger
 
 
 @dataclass
@@ -151,11 +151,12 @@ class Ranker:
         with PoolKeywords(self.store.catalogue_texts(ids)) as texts:
             return texts.bm25(list(weights.items()), catalogue.doc_freq, max(1, catalogue.count()))
 
-    def _texts(self, ids: list[int]) -> PoolKeywords:
-        """The captions (and tags) of ``ids``, ready for keyword scoring and exclusion tests."""
+    def _texts(self, ids: list[int], classes: dict[int, Classes] | None = None) -> PoolKeywords:
+        """The captions (and tags) of ``ids``, ready for keyword scoring and exclusion tests (``classes``: their
+        stored classes, if already read)."""
         captions = self.store.captions_by_ids(ids)
         if self.tags is not None:
-            captions = self.tags.texts(captions, ids)
+            captions = self.tags.texts(captions, ids, classes)
         return PoolKeywords(captions)
 
     def _pool_bm25(self, parsed: ParsedQuery, texts: PoolKeywords) -> dict[int, float]:
@@ -182,12 +183,21 @@ class Ranker:
         """The second-stage signals asked for and available, from one read of the stored memories:
         {"likelihood": log P(text | image), "match": the match head's logit}, each (len(ids),), NaN
         where an image has no stored memory."""
-        wanted = [name for name, on, model in zip(SECOND_STAGE, (likelihood, match), (self.scorer, self.matcher))
-                  if on and model is not None]
-        out = {name: np.full(len(ids), np.nan) for name in wanted}
+        wanted = self._wanted(likelihood, match)
         if not wanted or not len(ids):
-            return out
+            return {name: np.full(len(ids), np.nan) for name in wanted}
         have, mem = self.vectors.memories.reconstruct_present(ids)  # (m, S * D_dec)
+        return self._rate(have, mem, text, likelihood, match)
+
+    def _wanted(self, likelihood: bool, match: bool) -> list[str]:
+        return [name for name, on, model in zip(SECOND_STAGE, (likelihood, match), (self.scorer, self.matcher))
+                if on and model is not None]
+
+    def _rate(self, have: np.ndarray, mem: np.ndarray, text: str, likelihood: bool,
+              match: bool) -> dict[str, np.ndarray]:
+        """:meth:`rerank_signals` from memories already read: ``have`` (n,) which images have one, ``mem``
+        their (have.sum(), S * D_dec) memories."""
+        out = {name: np.full(len(have), np.nan) for name in self._wanted(likelihood, match)}
         if have.any():
             if "likelihood" in out:
                 out["likelihood"][have] = self.scorer.log_likelihood(mem, text)
@@ -284,7 +294,8 @@ class Ranker:
         ids = list(dict.fromkeys(i for top in found for i in top))
         if not ids:
             return np.zeros(0, dtype=np.int64), {}
-        with self._texts(ids) as texts:
+        classes = self.tags.classes(ids) if self.tags is not None else None  # read once: texts and scores
+        with self._texts(ids, classes) as texts:
             drop = self._excluded(parsed, texts)
             if w.meta and parsed is not None and parsed.negative and self.store.catalogue is not None:
                 with PoolKeywords(self.store.catalogue_texts(ids)) as meta_texts:
@@ -308,7 +319,7 @@ class Ranker:
             meta = self._meta_bm25(parsed, cand.tolist())
             signals["meta"] = np.array([meta.get(int(i), 0.0) for i in cand])
         if tq is not None and (w.tags or not weighted_only):
-            signals["tags"] = self.tags.scores(tq, cand)
+            signals["tags"] = self.tags.scores(tq, cand, classes)
         return cand, signals
 
     def _caption_cosines(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -367,8 +378,9 @@ class Ranker:
         if not parallel() or not found_image:
             return None
         ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
-        jobs = [beside(self.rerank_signals, ids, text, likelihood, False)] if likelihood else []
-        jobs += [beside(self.rerank_signals, ids, text, False, match)] if match else []
+        have, mem = self.vectors.memories.reconstruct_present(ids)  # read once, here: both models use it
+        jobs = [beside(self._rate, have, mem, text, likelihood, False)] if likelihood else []
+        jobs += [beside(self._rate, have, mem, text, False, match)] if match else []
         return ids, jobs
 
     def _second_stage(self, ids: np.ndarray, text: str, likelihood: bool, match: bool,

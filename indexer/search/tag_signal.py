@@ -78,18 +78,18 @@ class TagSignal:
     def classes(self, ids: Iterable[int]) -> dict[int, Classes]:
         return self.store.classes_by_ids(ids)
 
-    def tags(self, ids: Iterable[int]) -> dict[int, list[Tag]]:
-        """{id: its tags} for those ``ids`` that have any."""
+    def tags(self, ids: Iterable[int], classes: dict[int, Classes] | None = None) -> dict[int, list[Tag]]:
+        """{id: its tags} for those ``ids`` that have any (``classes``: their stored classes, if already read)."""
         out = {}
-        for i, cls in self.classes(ids).items():
+        for i, cls in (self.classes(ids) if classes is None else classes).items():
             tags = self.tagger.tags(cls)
             if tags:
                 out[i] = tags
         return out
 
-    def scores(self, tq: TagQuery, ids: np.ndarray) -> np.ndarray:
-        """(len(ids),) zero-shot scores; NaN for images without stored classes."""
-        found = self.classes(ids.tolist())
+    def scores(self, tq: TagQuery, ids: np.ndarray, classes: dict[int, Classes] | None = None) -> np.ndarray:
+        """(len(ids),) zero-shot scores; NaN for images without stored classes (``classes``: as in :meth:`tags`)."""
+        found = self.classes(ids.tolist()) if classes is None else classes
         return self.tagger.concept_scores(tq.vector, [found.get(int(i), []) for i in ids])
 
     def candidates(self, tq: TagQuery, n: int, allowed: np.ndarray | None, force: bool = False) -> list[int]:
@@ -124,9 +124,11 @@ class TagSignal:
         tags = self.tags(ids)
         return [i for i in ids if any(t.name in names for t in tags.get(i, ()))][:n]
 
-    def texts(self, captions: dict[int, str], ids: Iterable[int]) -> dict[int, str]:
-        """Caption and tags of each image, as keyword search reads them: ``caption | tag, tag``."""
-        tags = self.tags(ids)
+    def texts(self, captions: dict[int, str], ids: Iterable[int],
+              classes: dict[int, Classes] | None = None) -> dict[int, str]:
+        """Caption and tags of each image, as keyword search reads them: ``caption | tag, tag`` (``classes``:
+        as in :meth:`tags`)."""
+        tags = self.tags(ids, classes)
         out = dict(captions)
         for i, found in tags.items():
             words = ", ".join(t.name for t in found)

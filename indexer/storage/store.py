@@ -295,7 +295,7 @@ class Store(CatalogueRows, TagRows):
             for start in range(0, len(ids), CHUNK):
                 rows = conn.execute(select(ImageRow.id, ImageRow.caption).where(
                     ImageRow.caption.is_not(None), ImageRow.id.in_(ids[start:start + CHUNK])))
-                out.update({int(i): c for i, c in rows})
+                out.update({int(i): c for i, c in rows.all()})  # one fetch, not a call per row
         return out
 
     def get_meta(self, key: str) -> str | None:

@@ -24,7 +24,7 @@ class TagRows:
             for start in range(0, len(ids), CHUNK):
                 rows = conn.execute(select(ImageClassRow.image_id, ImageClassRow.class_index, ImageClassRow.probability)
                                     .where(ImageClassRow.image_id.in_(ids[start:start + CHUNK])))
-                for i, c, p in rows:
+                for i, c, p in rows.all():  # one fetch, not a call per row
                     out.setdefault(int(i), []).append((int(c), float(p)))
         for cls in out.values():
             cls.sort(key=lambda cp: -cp[1])
