@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from indexer import provenance
+from indexer.search.side import side_workers
 from retrieval.encoder import EncoderInfo, JointEncoder
 from retrieval.errors import ModelLoadError
 from retrieval.native import ort
@@ -199,8 +200,10 @@ def _build(folders: dict[str, Path], full: Callable[[], JointEncoder]) -> QueryM
     threads = ort.cpu_threads()
     text = LiteText(folders["text"], specs["text"], threads)
     encoder = LiteTextEncoder(text, folders["text"], specs["text"], full)
-    scorer = LiteScorer(folders["scorer"], specs["scorer"], threads) if "scorer" in folders else None
-    matcher = LiteMatcher(text, folders["matcher"], specs["matcher"], threads) if "matcher" in folders else None
+    # the second stage runs beside the side threads (indexer/search/side.py): its sessions get the cores they leave
+    second = max(1, min(threads, ort.usable_cores() - side_workers()))
+    scorer = LiteScorer(folders["scorer"], specs["scorer"], second) if "scorer" in folders else None
+    matcher = LiteMatcher(text, folders["matcher"], specs["matcher"], second) if "matcher" in folders else None
     tagger = LiteTagger(text, folders["tagger"], specs["tagger"]) if "tagger" in folders else None
     if matcher is not None and (scorer is None or not provenance.matcher_fits(matcher, scorer)):
         matcher = None

@@ -225,11 +225,11 @@ def test_train_matcher_cli_writes_a_head_for_the_shipped_scorer(tmp_path, capsys
 
 def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage(tmp_path, scorer_and_matcher,
                                                                                  monkeypatch):
-    """Fused ranking starts the scorer and the match head on a side thread for the image search's best
-    candidates; the values it then uses must be those of rating the first stage's best directly, whether
-    the early guess covered them all, some or none, and with or without a second core."""
+    """Fused ranking starts the scorer on side threads for the image search's best candidates, shared out
+    among them, and the match head later; the values it then uses must be those of rating the first
+    stage's best directly, whether the early start covered them all, some or none, however many side
+    threads shared them, and with or without a second core."""
     from indexer.search import ranker as ranker_module
-    from indexer.search.side import beside
     from retrieval.factory import DEFAULT_ENCODER, create_encoder
 
     scorer, matcher = scorer_and_matcher
@@ -241,12 +241,17 @@ def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage
         ids = np.sort(ranker.vectors.memories.ids())[::-1].copy()  # 4 images, in an order of their own
         direct = ranker.rerank_signals(ids, "a dog runs")
         assert set(direct) == {"likelihood", "match"}
-        for guessed in (ids, ids[:2], ids[[3, 0]], np.array([], dtype=np.int64), np.array([ids[1], 10**6])):
-            guess = (guessed, [beside(ranker.rerank_signals, guessed, "a dog runs", True, False),
-                               beside(ranker.rerank_signals, guessed, "a dog runs", False, True)])
-            got = ranker._second_stage(ids, "a dog runs", True, True, guess)
-            for name in direct:
-                np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5, err_msg=f"{guessed}")
+        monkeypatch.setattr(ranker_module, "parallel", lambda: True)  # an early start even on one core
+        for workers in (1, 3):
+            monkeypatch.setattr(ranker_module, "side_workers", lambda: workers)
+            for guessed in (ids, ids[:2], ids[[3, 0]], np.array([ids[1], 10**6])):
+                early = ranker._guess(dict.fromkeys(guessed.tolist(), 0.0), "a dog runs", 10, True)
+                assert len(early.jobs) == min(workers, int(early.have.sum()))
+                got = ranker._second_stage(ids, "a dog runs", True, True, early)
+                for name in direct:
+                    np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5,
+                                               err_msg=f"{guessed}, {workers} side threads")
+        monkeypatch.undo()
         weights = FusionWeights(1, 0.5, 0.5, 0.5, 0.5)
         early = engine.search("a dog runs on grass", k=4, mode="fused", weights=weights)
         monkeypatch.setattr(ranker_module, "parallel", lambda: False)  # one core: rated in order, no guess

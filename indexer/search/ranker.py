@@ -51,7 +51,7 @@ from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
-from indexer.search.side import beside, parallel
+from indexer.search.side import beside, parallel, side_workers
 from indexer.search.tag_signal import TagQuery, TagSignal
 from retrieval.fusion import (
     NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
@@ -349,7 +349,7 @@ class Ranker:
         want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
         second_stage = parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0
         found = self._searches(q, parsed, weights, allowed, pool, params, tq)
-        guess = self._guess(found[0], parsed.positive_text, depth, want_ll, want_match) if second_stage else None
+        guess = self._guess(found[0], parsed.positive_text, depth, want_ll) if second_stage else None
         cand, signals = self._signals(found, q, parsed, weights, feedback, tq, weighted_only=True)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
@@ -369,35 +369,55 @@ class Ranker:
         shown = self._shown_only(cand[order], q, tq, {name: s[order] for name, s in signals.items()})
         return Ranked(cand[order], fused[order], shown, {name: p[order] for name, p in parts.items()})
 
-    def _guess(self, found_image: dict[int, float], text: str, depth: int, likelihood: bool,
-               match: bool) -> tuple[np.ndarray, list[Future]] | None:
-        """The second stage started early, on side threads (the scorer and the match head each on its
-        own), for the image search's best ``depth``: the first stage's best are mostly among them, and the
-        main thread computes the pool's signals meanwhile. None on a single core, where it would only add
-        work."""
-        if not parallel() or not found_image:
+    def _guess(self, found_image: dict[int, float], text: str, depth: int, likelihood: bool) -> _Early | None:
+        """The scorer started early for the image search's best ``depth`` (the first stage's best are mostly
+        among them), its candidates shared out among the side threads, while the main thread computes the
+        pool's signals (and then runs the match head, a third of the scorer's work: :meth:`_second_stage`).
+        None on a single core, where it would only add work, or when no likelihood is wanted."""
+        if not parallel() or not found_image or not likelihood:
             return None
         ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
-        have, mem = self.vectors.memories.reconstruct_present(ids)  # read once, here: both models use it
-        jobs = [beside(self._rate, have, mem, text, likelihood, False)] if likelihood else []
-        jobs += [beside(self._rate, have, mem, text, False, match)] if match else []
-        return ids, jobs
+        have, mem = self.vectors.memories.reconstruct_present(ids)  # read once: the scorer now, the match head later
+        shares = [rows for rows in np.array_split(np.arange(len(mem)), min(side_workers(), len(mem))) if len(rows)]
+        jobs = [(rows, beside(self.scorer.log_likelihood, mem[rows], text)) for rows in shares]
+        return _Early(ids, have, mem, jobs)
 
     def _second_stage(self, ids: np.ndarray, text: str, likelihood: bool, match: bool,
-                      guess: tuple[np.ndarray, list[Future]] | None) -> dict[str, np.ndarray]:
-        """:meth:`rerank_signals` of ``ids``: the early ``guess``'s values where it rated the image, the rest
-        rated now."""
-        if guess is None:
+                      early: _Early | None) -> dict[str, np.ndarray]:
+        """:meth:`rerank_signals` of ``ids``, using what the ``early`` start read and rated: the match head
+        rates ``ids`` here while the side threads finish the scorer, and rate the candidates the early start
+        did not have."""
+        if early is None:
             return self.rerank_signals(ids, text, likelihood, match)
-        guessed, early = guess[0].tolist(), {}
-        for job in guess[1]:
-            early.update(job.result())
-        known = set(guessed)
-        rest = np.array([i for i in ids.tolist() if i not in known], dtype=np.int64)
-        late = self.rerank_signals(rest, text, likelihood, match)
-        where = {i: (early, n) for n, i in enumerate(guessed)} | {i: (late, n) for n, i in enumerate(rest.tolist())}
-        return {name: np.array([where[i][0][name][where[i][1]] for i in ids.tolist()], dtype=np.float64)
-                for name in late}
+        row_of = dict(zip(early.ids[early.have].tolist(), range(len(early.mem))))  # id -> row of early.mem
+        started = set(early.ids.tolist())
+        rest = np.array([i for i in ids.tolist() if i not in started], dtype=np.int64)
+        have_rest, mem_rest = self.vectors.memories.reconstruct_present(rest)
+        row_of |= dict(zip(rest[have_rest].tolist(), range(len(early.mem), len(early.mem) + len(mem_rest))))
+        mem = np.concatenate([early.mem, mem_rest]) if len(mem_rest) else early.mem
+        have = np.array([i in row_of for i in ids.tolist()], dtype=bool)
+        rows = np.array([row_of[i] for i in ids[have].tolist()], dtype=np.int64)
+        late = [(np.arange(len(early.mem), len(mem)), beside(self.scorer.log_likelihood, mem_rest, text))] \
+            if len(mem_rest) else []
+        out = self._rate(have, mem[rows], text, False, match)  # the match head, on this thread, meanwhile
+        values = np.full(len(mem), np.nan)  # the scorer's (an early start means it was asked for)
+        for share, job in early.jobs + late:
+            values[share] = job.result()
+        out["likelihood"] = np.full(len(ids), np.nan)
+        out["likelihood"][have] = values[rows]
+        return out
+
+
+@dataclass
+class _Early:
+    """What :meth:`Ranker._guess` started: the image search's best ``ids``, which of them have a memory
+    (``have``), those memories (``mem``, a row each), and the scorer's jobs, each (its rows of ``mem``,
+    the Future of their log-likelihoods)."""
+
+    ids: np.ndarray
+    have: np.ndarray
+    mem: np.ndarray
+    jobs: list[tuple[np.ndarray, Future]]
 
 
 def meta_phrases(parsed: ParsedQuery) -> list[str]:

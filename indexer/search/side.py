@@ -1,10 +1,10 @@
 """Side threads: parts of one query that need nothing from each other run at once, on a second core.
 
 Fused ranking (indexer/search/ranker.py) runs two things beside its main thread: the caption vector
-search, while the image vector search runs, and the second stage (scorer and match head) on the
-candidates the image search put first, while the main thread reads the pool's captions, keyword,
-vector and tag signals. Both are native code that releases the GIL (FAISS, onnxruntime, PyTorch), so
-the threads really run at the same time.
+search, while the image vector search runs, and the scorer on the candidates the image search put first,
+shared out among the side threads, while the main thread reads the pool's captions, keyword, vector and
+tag signals and then runs the match head. Both are native code that releases the GIL (FAISS,
+onnxruntime, PyTorch), so the threads really run at the same time.
 
 A process limited to one core runs nothing beside: :func:`parallel` is False, and callers then do the
 work in order in their own thread (speculating there would only add work).
@@ -40,6 +40,11 @@ def parallel() -> bool:
     return usable_cores() > 1
 
 
+def side_workers() -> int:
+    """How many side threads :func:`beside` runs work on at once (1: none, the work runs in the caller)."""
+    return min(MAX_SIDE_THREADS, usable_cores()) if parallel() else 1
+
+
 def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
     """``fn(*args, **kwargs)`` on a side thread -> its Future. Without a second core it runs here, now,
     and the Future is already done (its result, or the exception it raised)."""
@@ -53,6 +58,6 @@ def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
     global _executor
     with _lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=min(MAX_SIDE_THREADS, usable_cores()),
+            _executor = ThreadPoolExecutor(max_workers=side_workers(),
                                            thread_name_prefix="pixquery-side")
         return _executor.submit(fn, *args, **kwargs)
