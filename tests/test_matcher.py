@@ -244,9 +244,9 @@ def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage
         monkeypatch.setattr(ranker_module, "parallel", lambda: True)  # an early start even on one core
         for workers in (1, 3):
             monkeypatch.setattr(ranker_module, "side_workers", lambda: workers)
-            for guessed in (ids, ids[:2], ids[[3, 0]], np.array([ids[1], 10**6])):
+            for guessed in (ids, ids[:2], ids[[3, 0]], np.array([ids[1], 10**6]), np.array([10**6])):
                 early = ranker._guess(dict.fromkeys(guessed.tolist(), 0.0), "a dog runs", 10, True)
-                assert len(early.jobs) == min(workers, int(early.have.sum()))
+                assert len(early.jobs) == min(workers, int(early.have.sum()))  # none: no memory to rate
                 got = ranker._second_stage(ids, "a dog runs", True, True, early)
                 for name in direct:
                     np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5,

@@ -378,7 +378,8 @@ class Ranker:
             return None
         ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
         have, mem = self.vectors.memories.reconstruct_present(ids)  # read once: the scorer now, the match head later
-        shares = [rows for rows in np.array_split(np.arange(len(mem)), min(side_workers(), len(mem))) if len(rows)]
+        parts = max(1, min(side_workers(), len(mem)))
+        shares = [rows for rows in np.array_split(np.arange(len(mem)), parts) if len(rows)]
         jobs = [(rows, beside(self.scorer.log_likelihood, mem[rows], text)) for rows in shares]
         return _Early(ids, have, mem, jobs)
 
