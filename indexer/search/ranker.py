@@ -372,12 +372,12 @@ class Ranker:
     def _guess(self, found_image: dict[int, float], text: str, depth: int, likelihood: bool) -> _Early | None:
         """The scorer started early for the image search's best ``depth`` (the first stage's best are mostly
         among them), its candidates shared out among the side threads, while the main thread computes the
-        pool's signals (and then runs the match head, a third of the scorer's work: :meth:`_second_stage`).
+        pool's signals (and then runs the match head, under half the scorer's work: :meth:`_second_stage`).
         None on a single core, where it would only add work, or when no likelihood is wanted."""
         if not parallel() or not found_image or not likelihood:
             return None
         ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
-        have, mem = self.vectors.memories.reconstruct_present(ids)  # read once: the scorer now, the match head later
+        have, mem = self.vectors.memories.reconstruct_present(ids)  # read once: scorer now, match head later
         parts = max(1, min(side_workers(), len(mem)))
         shares = [rows for rows in np.array_split(np.arange(len(mem)), parts) if len(rows)]
         jobs = [(rows, beside(self.scorer.log_likelihood, mem[rows], text)) for rows in shares]
@@ -385,9 +385,9 @@ class Ranker:
 
     def _second_stage(self, ids: np.ndarray, text: str, likelihood: bool, match: bool,
                       early: _Early | None) -> dict[str, np.ndarray]:
-        """:meth:`rerank_signals` of ``ids``, using what the ``early`` start read and rated: the match head
-        rates ``ids`` here while the side threads finish the scorer, and rate the candidates the early start
-        did not have."""
+        """:meth:`rerank_signals` of ``ids``, using what the ``early`` start read and rated: the match head rates
+        ``ids`` here while the side threads finish the scorer and score the candidates the early start did
+        not have."""
         if early is None:
             return self.rerank_signals(ids, text, likelihood, match)
         row_of = dict(zip(early.ids[early.have].tolist(), range(len(early.mem))))  # id -> row of early.mem
