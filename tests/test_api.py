@@ -314,3 +314,20 @@ def test_no_index_yet_is_a_clear_status(tmp_path):
                                                     "indexing": None}
         r = client.post("/api/search", json={"query": "red"})
         assert r.status_code == 409 and "pixquery index" in r.json()["detail"]
+
+
+def test_the_server_reads_the_keyword_statistics_before_the_first_request(server, indexed):
+    """A search never waits for the whole vocabulary's document frequencies (0.27 s at a million captions)
+    nor counts them one by one: the server read them when it started."""
+    from indexer.storage.keywords import DF_WHOLE
+
+    keywords = indexed.store().keywords
+    assert keywords._df_state == DF_WHOLE and keywords._df  # read at start-up, before any request
+    counted = []
+    original = keywords._count_docs
+    keywords._count_docs = lambda conn, tokens: counted.append(tokens) or original(conn, tokens)
+    try:
+        assert server.post("/api/search", json={"query": "a red picture", "k": 3}).status_code == 200
+    finally:
+        keywords._count_docs = original
+    assert counted == []

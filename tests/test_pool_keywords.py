@@ -154,8 +154,18 @@ def test_document_frequencies_are_remembered_until_the_captions_change(tmp_path)
             assert kw.doc_freq(["dog", "park", "snow"]) == {"dog": 1, "park": 3, "snow": 1}
             assert kw._df_state == keywords.DF_TOO_MANY and calls[-1] == ["dog", "park", "snow"]
             assert kw.doc_freq(["bench", "ball"]) == {"bench": 2, "ball": 0} and calls[-1] == ["bench", "ball"]
+            assert kw._df_state == keywords.DF_TOO_MANY  # and stays so: never a whole read that cannot be held
+            kw.warm()
+            assert kw._df_state == keywords.DF_TOO_MANY
+            assert kw.doc_freq(["sofa"]) == {"sofa": 0} and calls[-1] == ["sofa"]
         finally:
             keywords.DF_REMEMBERED = keywords_remembered
+        # warming up reads the whole vocabulary at once: no search counts one by one after it
+        store.write(WriteBatch(deletes=[3]))
+        kw.warm()
+        assert kw._df_state == keywords.DF_WHOLE
+        calls.clear()
+        assert kw.doc_freq(["dog", "park", "zebra"]) == {"dog": 1, "park": 2, "zebra": 0} and calls == []
     finally:
         keywords.DF_ONE_BY_ONE = keywords_before
     store.close()

@@ -301,3 +301,18 @@ def test_duplicates_view(env, photo_dir):
     page = texts(at)
     assert "2 files, exact copies" in page and "red-copy.png" in page and "red.png" in page
 
+
+
+def test_warm_up_reads_the_keyword_statistics(tmp_path, photo_dir):
+    """The app's warm-up leaves nothing for the first search to read: vectors, encoder, keyword statistics."""
+    from indexer.storage.keywords import DF_WHOLE
+    from ui.resources import warm_up
+
+    config = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner="test")
+    with Engine(config, encoder=TinyEncoder(), captioner=TinyCaptioner()) as engine:
+        assert warm_up(engine) is None  # no index yet: nothing to warm, no error
+        engine.index(photo_dir)
+    with Engine(config, encoder=TinyEncoder(), captioner=TinyCaptioner()) as engine:
+        assert warm_up(engine) is None
+        keywords = engine.store().keywords
+        assert keywords._df_state == DF_WHOLE and keywords.doc_freq(["red"])["red"] >= 1

@@ -55,12 +55,14 @@ def _loaded(generation: int) -> Loaded:
 
 
 def warm_up(engine: Engine) -> PixqueryError | None:
-    """Load the encoder and the vectors now rather than on the first search; a problem is kept, not raised."""
+    """Load the encoder, the vectors and the keyword statistics now rather than on the first search; a
+    problem is kept, not raised."""
     if not engine.exists:
         return None
     try:
         engine.image_vectors([])  # opens the store, checks the encoder, loads the vector files
         engine.encoder.encode_texts(["warm up"])
+        engine.warm_keywords()
     except PixqueryError as exc:
         return exc
     return None

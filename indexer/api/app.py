@@ -135,13 +135,14 @@ class ApiState:
         return self.engine
 
     def warm_up(self) -> None:
-        """Load the encoder and the vectors before the first request (a problem is logged, then reported
-        by each request that needs them)."""
+        """Load the encoder, the vectors and the keyword statistics before the first request (a problem is
+        logged, then reported by each request that needs them)."""
         try:
             if self.engine.exists:
                 self.current()
                 self.engine.encoder.encode_texts(["warm up"])
                 self.engine.ranker()  # builds the scorer and the match head once, not in racing requests
+                self.engine.warm_keywords()
         except PixqueryError as exc:
             log.warning("the index cannot be searched yet: %s", exc)
 

@@ -139,6 +139,7 @@ def bench_latency(index_dir: Path, n: int, config: EngineConfig, passes: int = 5
             built = round(time.perf_counter() - t0, 1)
             engine.close()  # search as a fresh process would: the committed index, opened from its files
         engine.prepare_fast_queries()  # what indexing leaves behind: the torch-free query models, where possible
+        engine.warm_keywords()  # what the API and the app do when they start
         rss_before = rss_mb()
         n_indexed = engine.stats()["images"]
         for q in warm:  # warm up: models, FAISS, SQLite pages
