@@ -171,6 +171,29 @@ def test_document_frequencies_are_remembered_until_the_captions_change(tmp_path)
     store.close()
 
 
+def test_a_database_that_cannot_answer_the_warm_up_is_only_logged(tmp_path, monkeypatch, caplog):
+    from datetime import datetime
+
+    from sqlalchemy.exc import OperationalError
+
+    from indexer.lab.bench_latency import synthetic_columns
+    from indexer.storage.store import Store, WriteBatch
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.write(WriteBatch(inserts=[synthetic_columns(i, c, "enc", datetime(2026, 1, 1))
+                                    for i, c in CAPTIONS.items() if c]))
+    kw = store.keywords
+
+    def busy(conn):
+        raise OperationalError("SELECT term, doc", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(kw, "_all_docs", busy)
+    kw.warm()  # no exception: searches count the statistics themselves
+    assert "not read ahead" in caplog.text and "database is locked" in caplog.text
+    assert kw._df_state == 0 and kw.doc_freq(["dog"]) == {"dog": 3}
+    store.close()
+
+
 def test_tokens_survive_another_thread_starting_the_remembered_pieces_afresh(monkeypatch):
     from indexer.storage.pool_keywords import IndexTokens
 

@@ -17,12 +17,15 @@ and FTS5's BM25 computed in SQL, so both databases find and rank the same captio
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+
+log = logging.getLogger(__name__)
 
 KEYWORD_TABLE = "captions_fts"
 KEYWORD_TOKENIZER = "porter unicode61"  # FTS5 tokenizer of the keyword index (and of pool_keywords.py)
@@ -207,20 +210,25 @@ class SqliteKeywords(KeywordIndex):
     def warm(self) -> None:
         """Read every token's document frequency now (0.27 s for a million captions), which a search would
         otherwise do after :data:`DF_ONE_BY_ONE` tokens, itself waiting for it, having counted those one by
-        one (45 ms for five common words over a million captions)."""
-        with self.engine.connect() as conn:
-            version = self._version(conn)
-            with self._df_lock:
-                if self._df_version == version and self._df_state in (DF_WHOLE, DF_TOO_MANY):
-                    return
-            found = self._all_docs(conn)
-            with self._df_lock:
-                if found is not None:
-                    self._df, self._df_version, self._df_state = found, version, DF_WHOLE
-                elif self._df_version != version:  # too many to hold: counted one by one
-                    self._df, self._df_version, self._df_state = {}, version, DF_TOO_MANY
-                else:
-                    self._df_state = DF_TOO_MANY
+        one (45 ms for five common words over a million captions). A database that cannot answer now (busy,
+        say) is only logged: searches then count as they would have."""
+        try:
+            with self.engine.connect() as conn:
+                version = self._version(conn)
+                with self._df_lock:
+                    if self._df_version == version and self._df_state in (DF_WHOLE, DF_TOO_MANY):
+                        return
+                found = self._all_docs(conn)
+        except DBAPIError as exc:
+            log.warning("keyword statistics not read ahead: %s", exc)
+            return
+        with self._df_lock:
+            if found is not None:
+                self._df, self._df_version, self._df_state = found, version, DF_WHOLE
+            elif self._df_version != version:  # too many to hold: counted one by one
+                self._df, self._df_version, self._df_state = {}, version, DF_TOO_MANY
+            else:
+                self._df_state = DF_TOO_MANY
 
     @staticmethod
     def _vocab(conn: Connection) -> None:
