@@ -241,17 +241,17 @@ def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage
         ids = np.sort(ranker.vectors.memories.ids())[::-1].copy()  # 4 images, in an order of their own
         direct = ranker.rerank_signals(ids, "a dog runs")
         assert set(direct) == {"likelihood", "match"}
-        monkeypatch.setattr(ranker_module, "parallel", lambda: True)  # an early start even on one core
-        for workers in (1, 3):
-            monkeypatch.setattr(ranker_module, "side_workers", lambda: workers)
-            for guessed in (ids, ids[:2], ids[[3, 0]], np.array([ids[1], 10**6]), np.array([10**6])):
-                early = ranker._guess(dict.fromkeys(guessed.tolist(), 0.0), "a dog runs", 10, True)
-                assert len(early.jobs) == min(workers, int(early.have.sum()))  # none: no memory to rate
-                got = ranker._second_stage(ids, "a dog runs", True, True, early)
-                for name in direct:
-                    np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5,
-                                               err_msg=f"{guessed}, {workers} side threads")
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:  # only these patches end with the block (not the fixtures')
+            patch.setattr(ranker_module, "parallel", lambda: True)  # an early start even on one core
+            for workers in (1, 3):
+                patch.setattr(ranker_module, "side_workers", lambda: workers)
+                for guessed in (ids, ids[:2], ids[[3, 0]], np.array([ids[1], 10**6]), np.array([10**6])):
+                    early = ranker._guess(dict.fromkeys(guessed.tolist(), 0.0), "a dog runs", 10, True)
+                    assert len(early.jobs) == min(workers, int(early.have.sum()))  # none: no memory to rate
+                    got = ranker._second_stage(ids, "a dog runs", True, True, early)
+                    for name in direct:
+                        np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5,
+                                                   err_msg=f"{guessed}, {workers} side threads")
         weights = FusionWeights(1, 0.5, 0.5, 0.5, 0.5)
         early = engine.search("a dog runs on grass", k=4, mode="fused", weights=weights)
         monkeypatch.setattr(ranker_module, "parallel", lambda: False)  # one core: rated in order, no guess
