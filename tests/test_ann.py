@@ -104,6 +104,43 @@ def test_grows_from_exact_to_approximate_without_being_asked(tmp_path):
     assert stats["kind"] == "ivf-pq" and stats["nprobe"] == entry["nprobe"] and stats["recall_at_10"] == entry["recall_at_10"]
 
 
+def test_rows_a_search_reads_serve_the_same_querys_reconstruct(tmp_path):
+    """Fused ranking takes its pool's image vectors from the rows the image search re-ranked: the same stored
+    rows, and ids the search did not read (the exact part's, or others) are read as before."""
+    from indexer.storage.vectors import RowsRead
+
+    vecs = clustered(3000, 5)
+    store, bundle = open_bundle(tmp_path)
+    fill(bundle, store, vecs)
+    images = bundle.images
+    changed = clustered(1, 6)[0]
+    images.put(np.array([11]), changed[None])  # pending: searched in the exact part, not re-ranked from rows
+    q = np.stack([changed, clustered(1, 7)[0]])
+    for query, params in ((q[:1], None), (q[1:], None), (q[1:], SearchParams(exact=True))):
+        read = RowsRead()
+        _, got = images.search(query, 100, params=params, read=read)
+        assert (np.diff(read.ids) > 0).all() and len(read.rows) == len(read.ids)  # the rows re-ranked, by id
+        assert set(got[0].tolist()) - {11} <= set(read.ids.tolist())  # all but the exact part's come from them
+        want = np.concatenate([got[0], [1, 2, 3]])  # the results, and ids the search may not have read
+        np.testing.assert_array_equal(images.reconstruct(want, read), images.reconstruct(want))
+    assert got[0][0] != 11 and 11 in images.search(q[:1], 1, read=RowsRead())[1][0]
+    asked = []
+    get = images.records.get
+    images.records.get = lambda ids: (asked.append(np.asarray(ids).tolist()), get(ids))[1]
+    images.reconstruct(got[0][:20], read)
+    assert asked == []  # served from the rows the search read, no second read
+    images.reconstruct(np.array([got[0][0], 11]), read)
+    assert asked == [[11]]  # only what the search did not read
+    images.records.get = get
+    np.testing.assert_array_equal(images.reconstruct(np.array([11]), read), changed[None])
+    # a filtered search reads the allowed ids' rows itself: they serve too
+    read = RowsRead()
+    allowed = np.arange(100, 160)
+    _, got = images.search(q[1:], 5, ids=allowed, read=read)
+    assert set(read.ids.tolist()) <= set(allowed.tolist()) and set(got[0].tolist()) <= set(read.ids.tolist())
+    np.testing.assert_array_equal(images.reconstruct(got[0], read), vecs[got[0] - 1])
+
+
 def test_more_cells_visited_never_lowers_recall(tmp_path):
     vecs = clustered(3000, 1)
     store, bundle = open_bundle(tmp_path)

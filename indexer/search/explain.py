@@ -43,7 +43,7 @@ def _words_in(texts: dict[int, str], words: list[str]) -> dict[int, list[str]]:
         return {}
     with PoolKeywords(texts) as pool:
         stems = {w: pool.tokens(w) for w in words}
-        return {i: [w for w in words if stems[w] and all(s in pool.positions.get(i, {}) for s in stems[w])]
+        return {i: [w for w in words if stems[w] and all(s in pool.doc_tokens.get(i, ()) for s in stems[w])]
                 for i in texts}
 
 

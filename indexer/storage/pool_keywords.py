@@ -92,14 +92,23 @@ class PoolKeywords:
 
     def __init__(self, captions: Mapping[int, str]) -> None:
         items = [(int(i), c) for i, c in captions.items() if c]
-        self.positions: dict[int, dict[str, list[int]]] = {}
-        for (doc, _), tokens in zip(items, TOKENS.many(c for _, c in items)):
-            if tokens:
+        # {id: its caption's tokens, in order}: scoring counts them in place (no per-token Python step)
+        self.doc_tokens: dict[int, tuple[str, ...]] = {
+            doc: tuple(tokens) for (doc, _), tokens in zip(items, TOKENS.many(c for _, c in items)) if tokens}
+        self.lengths = {doc: len(tokens) for doc, tokens in self.doc_tokens.items()}
+        self._positions: dict[int, dict[str, list[int]]] | None = None
+
+    @property
+    def positions(self) -> dict[int, dict[str, list[int]]]:
+        """{id: {token: its offsets in the caption}} (made on first use: scoring needs only the tokens)."""
+        if self._positions is None:
+            self._positions = {}
+            for doc, tokens in self.doc_tokens.items():
                 where: dict[str, list[int]] = defaultdict(list)
                 for offset, term in enumerate(tokens):
                     where[term].append(offset)
-                self.positions[doc] = where
-        self.lengths = {doc: sum(map(len, terms.values())) for doc, terms in self.positions.items()}
+                self._positions[doc] = where
+        return self._positions
 
     @staticmethod
     def tokens(text: str) -> list[str]:
@@ -108,12 +117,13 @@ class PoolKeywords:
 
     def _count(self, doc: int, phrase: Sequence[str]) -> int:
         """How often the token sequence ``phrase`` occurs in caption ``doc``."""
-        where = self.positions.get(doc, {})
-        first = where.get(phrase[0], ())
+        tokens = self.doc_tokens.get(doc, ())
         if len(phrase) == 1:
-            return len(first)
-        rest = [set(where.get(t, ())) for t in phrase[1:]]
-        return sum(all(o + k + 1 in rest[k] for k in range(len(rest))) for o in first)
+            return tokens.count(phrase[0])
+        first, n, phrase = phrase[0], len(phrase), tuple(phrase)
+        if first not in tokens:
+            return 0
+        return sum(1 for o, term in enumerate(tokens) if term == first and tokens[o:o + n] == phrase)
 
     def bm25(self, phrases: Sequence[tuple[str, float]],
              doc_freq: Callable[[Sequence[str]], Mapping[str, int]], n_docs: int) -> dict[int, float]:
@@ -144,7 +154,7 @@ class PoolKeywords:
         """Ids of the candidates whose caption contains any of ``phrases`` (runs of words, matched as the
         index's tokenizer splits and stems them: FTS5's phrase query)."""
         wanted = [t for t in TOKENS.many(phrases) if t]
-        return {doc for doc in self.positions if any(self._count(doc, phrase) for phrase in wanted)}
+        return {doc for doc in self.doc_tokens if any(self._count(doc, phrase) for phrase in wanted)}
 
     def close(self) -> None:
         """Nothing to release (kept so that callers can use ``with``)."""

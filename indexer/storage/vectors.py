@@ -26,6 +26,7 @@ numpy, bit-identical to FAISS's ``QT_8bit_uniform`` scalar quantizer that wrote 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from indexer.storage.segments import SegmentLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INDEX_TYPES", "DENSE_FILTER_MAX", "MemoryStore", "SearchParams", "VectorIndex", "memory_codec"]
+__all__ = ["INDEX_TYPES", "DENSE_FILTER_MAX", "MemoryStore", "RowsRead", "SearchParams", "VectorIndex", "memory_codec"]
 
 # filtered search: up to this many allowed ids, reading their vectors and one matmul beats a FAISS scan with
 # an IDSelectorBatch (measured on 100k x 256-d, one query: 1,000 ids 4 ms vs 11 ms; 10,000 ids 74 ms vs 16 ms)
@@ -45,6 +46,33 @@ DENSE_FILTER_MAX = 1024
 
 def _flat(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+class RowsRead:
+    """The stored rows one search read to re-rank its short list (sorted ids, their rows), kept for the same
+    query's later steps: :meth:`VectorIndex.reconstruct` takes them from here instead of reading them again
+    (fused ranking reads its pool's image vectors right after the image search re-ranked them)."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, np.int64)
+        self.rows = np.zeros((0, 0), np.float32)
+
+    def reader(self, rows_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+               ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """``rows_of`` (sorted ids -> (mask, rows)) that also keeps what it returns (the last call's)."""
+        def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            mask, rows = rows_of(ids)
+            self.ids, self.rows = np.asarray(ids, np.int64)[mask], rows
+            return mask, rows
+        return read
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) ids -> (mask (n,) of those read, positions in :attr:`rows` of the ids read)."""
+        if not len(self.ids) or not len(ids):
+            return np.zeros(len(ids), bool), np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        hit = self.ids[pos] == ids
+        return hit, pos[hit]
 
 
 class VectorIndex:
@@ -149,8 +177,18 @@ class VectorIndex:
         self._gpu_index = None
 
     # --- reading ------------------------------------------------------------------------------
-    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """(n,) ids -> (n, dim) stored vectors (every id must have one)."""
+    def reconstruct(self, ids: np.ndarray, read: RowsRead | None = None) -> np.ndarray:
+        """(n,) ids -> (n, dim) stored vectors (every id must have one); ``read``: rows a search of this index
+        has just read, used where they hold an id."""
+        ids = np.asarray(ids, np.int64)
+        if read is not None:
+            hit, pos = read.find(ids)
+            if hit.any():
+                out = np.empty((len(ids), self.dim), np.float32)
+                out[hit] = read.rows[pos]
+                if not hit.all():
+                    out[~hit] = self.reconstruct(ids[~hit])
+                return out
         mask, rows = self.records.get(ids)
         if not mask.all():
             missing = np.asarray(ids)[~mask][:5].tolist()
@@ -161,6 +199,10 @@ class VectorIndex:
         """(n,) ids -> (mask (n,) of the ids that have a vector, their (mask.sum(), dim) vectors)."""
         return self.records.get(ids)
 
+    def _reader(self, read: RowsRead | None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """What re-ranking reads rows with: the records, through ``read`` where the caller keeps them."""
+        return self.records.get if read is None else read.reader(self.records.get)
+
     def _searcher(self) -> faiss.Index:
         if len(self) == 0 or not self.use_gpu or self.index.ntotal == 0:
             return self.index
@@ -169,17 +211,18 @@ class VectorIndex:
         return self._gpu_index
 
     def search(self, queries: np.ndarray, k: int, ids: np.ndarray | None = None,
-               params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+               params: SearchParams | None = None, read: RowsRead | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q, dim) queries -> (scores, ids), each (Q, k'), k' = min(k, len); no ``-1`` ids; scores are
         exact cosines whatever the structure.
 
         ``ids``: search only these ids (a filter), so k results come back whenever k of them are indexed.
         ``params``: per-query knobs of the approximate structure (ignored by exact search).
+        ``read``: keeps the rows the search reads to re-rank (see :class:`RowsRead`).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         params = params or SearchParams()
         if ids is not None:
-            return self._search_among(queries, k, np.unique(np.asarray(ids, dtype=np.int64)), params)
+            return self._search_among(queries, k, np.unique(np.asarray(ids, dtype=np.int64)), params, read)
         k = min(int(k), len(self))
         if k <= 0:
             return _empty(len(queries))
@@ -187,16 +230,17 @@ class VectorIndex:
             scores, found = self._searcher().search(queries, k)
             return _drop_missing(scores, found)
         if params.exact:
-            return self._brute_force(queries, k, None)
-        return self._search_both(queries, k, None, params, want=k)
+            return self._brute_force(queries, k, None, read)
+        return self._search_both(queries, k, None, params, k, read)
 
     def _search_among(self, queries: np.ndarray, k: int, allowed: np.ndarray,
-                      params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+                      params: SearchParams, read: RowsRead | None) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), len(allowed), len(self))
         if k <= 0:
             return _empty(len(queries))
         if len(allowed) <= DENSE_FILTER_MAX:
-            mask, rows = self.reconstruct_present(allowed)  # allowed ids without a vector drop out
+            mask, rows = self._reader(read)(allowed)
+            # (allowed ids without a vector drop out)
             present = allowed[mask]
             k = min(k, len(present))
             if k <= 0:
@@ -211,12 +255,12 @@ class VectorIndex:
             scores, found = self.index.search(queries, k, params=sel)
             return _drop_missing(scores, found)
         if params.exact:
-            return self._brute_force(queries, k, allowed)
+            return self._brute_force(queries, k, allowed, read)
         # k come back whenever k allowed ids are indexed (the search widens until they do)
         want = min(k, int(self.records.present(allowed).sum()))
         if want <= 0:
             return _empty(len(queries))
-        return self._search_both(queries, want, allowed, params, want)
+        return self._search_both(queries, want, allowed, params, want, read)
 
     def _stale_selector(self) -> faiss.IDSelector | None:
         if not self._stale:
@@ -227,7 +271,7 @@ class VectorIndex:
         return self._stale_sel
 
     def _search_both(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, params: SearchParams,
-                     want: int) -> tuple[np.ndarray, np.ndarray]:
+                     want: int, read: RowsRead | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The approximate part's short list (stale ids and, with ``allowed``, other ids filtered out)
         re-ranked exactly, merged with the exact part's best; cells visited widen (x4) until every query
         has ``want`` results or every cell was visited."""
@@ -247,7 +291,7 @@ class VectorIndex:
             exact = self.index.search(queries, min(k, int(self.index.ntotal)), params=ex_params)
         while True:
             _, cand = self.base.search(queries, n, nprobe, sel)
-            ranked = rerank(queries, cand, self.records.get, k)
+            ranked = rerank(queries, cand, self._reader(read), k)
             results = [_union(r, exact, i, k) for i, r in enumerate(ranked)]
             if min(len(r[1]) for r in results) >= want or nprobe >= info.nlist:
                 break
@@ -257,7 +301,7 @@ class VectorIndex:
         return (np.stack([r[0][:width] for r in results]).astype(np.float32),
                 np.stack([r[1][:width] for r in results]).astype(np.int64))
 
-    def _brute_force(self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+    def _brute_force(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, read: RowsRead | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Exact search over every live row (read in chunks): the oracle, and ``SearchParams(exact=True)``."""
         from indexer.storage.ann import exact_top
@@ -277,7 +321,7 @@ class VectorIndex:
                 yield ids[keep], rows[keep]
 
         top = exact_top(queries, chunks(), k)
-        ranked = rerank(queries, top, self.records.get, k)
+        ranked = rerank(queries, top, self._reader(read), k)
         width = min(len(r[1]) for r in ranked)
         return (np.stack([r[0][:width] for r in ranked]).astype(np.float32),
                 np.stack([r[1][:width] for r in ranked]).astype(np.int64))
