@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "query-onnx-2"  # part of every folder's name: change it when an export changes (2: 8-bit scorer and match head)
+# a part whose export changed on its own, so that only its folder is made again (matcher 3: its attention's
+# projections quantised too, retrieval/native/query_export.py)
+PART_FORMATS = {"matcher": "query-onnx-3"}
 _found: dict[str, Path] = {}  # folder name -> where this process exported or found it (any cache folder)
 
 
@@ -60,7 +63,11 @@ def root(cache_dir: Path) -> Path:
 
 
 def _name(part: str, sha256: str) -> str:
-    return f"{part}-{FORMAT}-{sha256[:16]}"
+    return f"{part}-{part_format(part)}-{sha256[:16]}"
+
+
+def part_format(part: str) -> str:
+    return PART_FORMATS.get(part, FORMAT)
 
 
 def _existing(cache_dir: Path, part: str, sha256: str) -> Path | None:
@@ -126,7 +133,7 @@ def prepare(cache_dir: Path, encoder: JointEncoder, scorer: TextScorer | None, m
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            manifest = {"format": FORMAT, "part": part, **export(tmp)}
+            manifest = {"format": part_format(part), "part": part, **export(tmp)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             tmp.rename(final)  # another process may have made it meanwhile: then theirs stays
         except OSError:

@@ -12,7 +12,7 @@ image) and the match head's logit for the best few candidates, each relative to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -32,6 +32,9 @@ class Ranked:
     scores: np.ndarray  # (n,) final score of each
     signals: dict[str, np.ndarray]  # per signal, (n,) aligned with ids (NaN: not measured for that image)
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # fused: what each signal added to the score
+    # the stored classes the ranking read for (at least) these ids, so that showing their tags needs no second read
+    classes: dict[int, Any] | None = None
+    rows: dict[int, Any] | None = None  # the same for the ranked ids' metadata rows, where the ranking read them
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

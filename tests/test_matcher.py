@@ -229,7 +229,7 @@ def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage
     among them, and the match head later; the values it then uses must be those of rating the first
     stage's best directly, whether the early start covered them all, some or none, however many side
     threads shared them, and with or without a second core."""
-    from indexer.search import ranker as ranker_module
+    from indexer.search import second_stage as stage_module
     from retrieval.factory import DEFAULT_ENCODER, create_encoder
 
     scorer, matcher = scorer_and_matcher
@@ -242,25 +242,61 @@ def test_the_second_stage_started_early_rates_like_the_one_after_the_first_stage
         direct = ranker.rerank_signals(ids, "a dog runs")
         assert set(direct) == {"likelihood", "match"}
         with monkeypatch.context() as patch:  # only these patches end with the block (not the fixtures')
-            patch.setattr(ranker_module, "parallel", lambda: True)  # an early start even on one core
+            patch.setattr(stage_module, "parallel", lambda: True)  # an early start even on one core
             for workers in (1, 3):
-                patch.setattr(ranker_module, "side_workers", lambda: workers)
+                patch.setattr(stage_module, "side_workers", lambda: workers)
                 for guessed in (ids, ids[:2], ids[[3, 0]], np.array([ids[1], 10**6]), np.array([10**6])):
-                    early = ranker._guess(dict.fromkeys(guessed.tolist(), 0.0), "a dog runs", 10, True)
-                    assert len(early.jobs) == min(workers, int(early.have.sum()))  # none: no memory to rate
-                    got = ranker._second_stage(ids, "a dog runs", True, True, early)
+                    early = ranker.second.start(dict.fromkeys(guessed.tolist(), 0.0), "a dog runs", 10, True)
+                    assert len(early.jobs) == min(workers, len(guessed))  # each reads its share's memories
+                    ahead = []
+                    got = ranker.second.finish(ids, "a dog runs", True, True, early, lambda: ahead.append(1))
+                    assert ahead == [1]
                     for name in direct:
                         np.testing.assert_allclose(got[name], direct[name], rtol=1e-5, atol=1e-5,
                                                    err_msg=f"{guessed}, {workers} side threads")
         weights = FusionWeights(1, 0.5, 0.5, 0.5, 0.5)
         early = engine.search("a dog runs on grass", k=4, mode="fused", weights=weights)
-        monkeypatch.setattr(ranker_module, "parallel", lambda: False)  # one core: rated in order, no guess
+        monkeypatch.setattr(stage_module, "parallel", lambda: False)  # one core: rated in order, no guess
         late = engine.search("a dog runs on grass", k=4, mode="fused", weights=weights)
     assert [h.id for h in early] == [h.id for h in late]
     for a, b in zip(early, late):
         assert set(a.scores) == set(b.scores) >= {"likelihood", "match"}
         for name in a.scores:
             assert a.scores[name] == pytest.approx(b.scores[name], rel=1e-5, abs=1e-5)
+
+
+def test_what_showing_the_results_needs_is_read_while_the_scorer_finishes(tmp_path, scorer_and_matcher):
+    """With k at most the second stage's depth the results are the first stage's best in a new order, so their
+    rows and caption cosines are read before the scorer's results are collected: the same as reading them
+    afterwards, and the hits need no second read."""
+    from indexer.search.searcher import Searcher
+    from retrieval.factory import DEFAULT_ENCODER, create_encoder
+    from retrieval.query_parser import parse_query
+
+    scorer, matcher = scorer_and_matcher
+    cfg = EngineConfig(index_dir=tmp_path / "idx", progress=False, captioner=None, scorer=f"native:{scorer}",
+                       matcher=f"native:{matcher}")
+    with Engine(cfg, encoder=create_encoder(DEFAULT_ENCODER)) as engine:
+        engine.index(_photos(tmp_path))
+        ranker, searcher = engine.ranker(), engine.searcher()
+        parsed = parse_query("a dog runs on grass")
+        q = searcher.query(parsed, None)
+        for k, ahead in ((3, True), (10, True), (11, False)):
+            ranked = ranker.rank("fused", q, parsed, k, FusionWeights(), depth=10)
+            assert len(ranked.ids) == min(k, 4)
+            assert (ranked.rows is not None) == ahead
+            if ahead:
+                assert {i: ranked.rows[i].path for i in ranked.ids.tolist()} == \
+                    {i: r.path for i, r in ranker.store.images_by_ids(ranked.ids.tolist()).items()}
+            np.testing.assert_allclose(ranked.signals["caption"], ranker._caption_cosines(ranked.ids, q))
+        reads = []
+        real = ranker.store.images_by_ids
+        ranker.store.images_by_ids = lambda ids: (reads.append(list(ids)), real(ids))[1]
+        try:
+            hits = Searcher(ranker, searcher.encoder).search("a dog runs on grass", k=3)
+        finally:
+            ranker.store.images_by_ids = real
+        assert len(hits) == 3 and len(reads) == 1 and set(reads[0]) >= {h.id for h in hits}
 
 
 def test_a_forked_child_runs_side_work_on_threads_of_its_own():

@@ -41,17 +41,18 @@ every candidate whose image is a near copy of one (``retrieval.fusion.near_bad``
 from __future__ import annotations
 
 import copy
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
+from indexer.storage.vectors import RowsRead
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
-from indexer.search.side import beside, parallel, side_workers
+from indexer.search.second_stage import SecondStage
+from indexer.search.side import beside
 from indexer.search.tag_signal import TagQuery, TagSignal
 from retrieval.fusion import (
     NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
@@ -99,13 +100,14 @@ class Ranker:
         self.store, self.vectors = store, vectors
         self.scorer = scorer if vectors.memories is not None and len(vectors.memories) else None
         self.matcher = matcher if self.scorer is not None else None
+        self.second = SecondStage(vectors.memories, self.scorer, self.matcher)
         self.tags = TagSignal(store, tagger) if tagger is not None else None
 
     # --- single signals ------------------------------------------------------------------------
     def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None,
-                    params: SearchParams | None = None) -> dict[int, float]:
+                    params: SearchParams | None = None, read: RowsRead | None = None) -> dict[int, float]:
         index = self.vectors.images if which == "image" else self.vectors.captions
-        scores, ids = index.search(q[None], n, ids=allowed, params=params)
+        scores, ids = index.search(q[None], n, ids=allowed, params=params, read=read)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
 
     def _keyword_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
@@ -180,30 +182,8 @@ class Ranker:
 
     def rerank_signals(self, ids: np.ndarray, text: str, likelihood: bool = True,
                        match: bool = True) -> dict[str, np.ndarray]:
-        """The second-stage signals asked for and available, from one read of the stored memories:
-        {"likelihood": log P(text | image), "match": the match head's logit}, each (len(ids),), NaN
-        where an image has no stored memory."""
-        wanted = self._wanted(likelihood, match)
-        if not wanted or not len(ids):
-            return {name: np.full(len(ids), np.nan) for name in wanted}
-        have, mem = self.vectors.memories.reconstruct_present(ids)  # (m, S * D_dec)
-        return self._rate(have, mem, text, likelihood, match)
-
-    def _wanted(self, likelihood: bool, match: bool) -> list[str]:
-        return [name for name, on, model in zip(SECOND_STAGE, (likelihood, match), (self.scorer, self.matcher))
-                if on and model is not None]
-
-    def _rate(self, have: np.ndarray, mem: np.ndarray, text: str, likelihood: bool,
-              match: bool) -> dict[str, np.ndarray]:
-        """:meth:`rerank_signals` from memories already read: ``have`` (n,) which images have one, ``mem``
-        their (have.sum(), S * D_dec) memories."""
-        out = {name: np.full(len(have), np.nan) for name in self._wanted(likelihood, match)}
-        if have.any():
-            if "likelihood" in out:
-                out["likelihood"][have] = self.scorer.log_likelihood(mem, text)
-            if "match" in out:
-                out["match"][have] = self.matcher.score(mem, text)
-        return out
+        """The second-stage signals of ``ids`` (see :meth:`SecondStage.signals`)."""
+        return self.second.signals(ids, text, likelihood, match)
 
     # --- modes --------------------------------------------------------------------------------
     def rank(self, mode: str, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
@@ -263,19 +243,22 @@ class Ranker:
         """Fused mode's candidates (the union of each signal's best ``pool``, exclusions and feedback's
         rejects dropped) and their image, caption, keyword, tags (and meta) signals -> (ids (n,),
         {signal: (n,)}). ``weights``: as :meth:`effective` made them for ``tq``."""
-        found = self._searches(q, parsed, weights, allowed, pool, params, tq)
-        return self._signals(found, q, parsed, weights, feedback, tq)
+        reads = _Reads()
+        found = self._searches(q, parsed, weights, allowed, pool, params, tq, reads)
+        return self._signals(found, q, parsed, weights, feedback, tq, reads=reads)
 
     def _searches(self, q: np.ndarray, parsed: ParsedQuery | None, w: FusionWeights, allowed: np.ndarray | None,
-                  pool: int, params: SearchParams | None, tq: TagQuery | None) -> list[dict[int, float]]:
+                  pool: int, params: SearchParams | None, tq: TagQuery | None, reads: _Reads | None = None
+                  ) -> list[dict[int, float]]:
         """Each signal's best ``pool`` ({id: score}, best first; the image search's first), the caption
-        vector search on a side thread while the image search runs."""
+        vector search on a side thread while the image search runs (``reads``: keeps the image rows read)."""
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
         captions = (beside(self._vector_top, "caption", q, pool, allowed, params)
                     if w.caption and w.caption >= w.image / 2 else None)
-        found_i = self._vector_top("image", q, pool, allowed, params) if w.image or w.likelihood else {}
+        found_i = (self._vector_top("image", q, pool, allowed, params, reads.rows if reads is not None else None)
+                   if w.image or w.likelihood else {})
         found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
         found_m = self._meta_top(parsed, pool, allowed) if w.meta and parsed is not None else {}
@@ -287,14 +270,17 @@ class Ranker:
         return [found_i, found_c, found_k, found_m, found_t]
 
     def _signals(self, found: list[dict[int, float]], q: np.ndarray, parsed: ParsedQuery | None,
-                 w: FusionWeights, feedback: Feedback | None, tq: TagQuery | None, weighted_only: bool = False
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 w: FusionWeights, feedback: Feedback | None, tq: TagQuery | None, weighted_only: bool = False,
+                 reads: _Reads | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The candidates of :meth:`_searches` and their signals (see :meth:`pool`); ``weighted_only``: not the
-        caption and tags signals when their weight is 0 (they could not change the order)."""
+        caption and tags signals when their weight is 0 (they could not change the order); ``reads``: what
+        the searches read (the image rows), and where the pool's classes are kept for the query's later steps."""
         ids = list(dict.fromkeys(i for top in found for i in top))
         if not ids:
             return np.zeros(0, dtype=np.int64), {}
         classes = self.tags.classes(ids) if self.tags is not None else None  # read once: texts and scores
+        if reads is not None:
+            reads.classes = classes
         with self._texts(ids, classes) as texts:
             drop = self._excluded(parsed, texts)
             if w.meta and parsed is not None and parsed.negative and self.store.catalogue is not None:
@@ -304,7 +290,7 @@ class Ranker:
             keyword = self._pool_bm25(parsed, texts) if parsed is not None else None
         if not len(cand):
             return cand, {}
-        vecs = self.vectors.images.reconstruct(cand)  # (n, D)
+        vecs = self.vectors.images.reconstruct(cand, reads.rows if reads is not None else None)  # (n, D)
         if feedback is not None:
             keep = ~feedback.drops(cand, vecs)
             cand, vecs = cand[keep], vecs[keep]
@@ -330,14 +316,18 @@ class Ranker:
         return caption
 
     def _shown_only(self, ids: np.ndarray, q: np.ndarray, tq: TagQuery | None,
-                    signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                    signals: dict[str, np.ndarray], reads: _Reads | None = None) -> dict[str, np.ndarray]:
         """``signals`` of the results ``ids`` with the signals left out of ranking for want of weight (the
         caption cosine, the tags of a query that names no concept) filled in, so every result still
-        shows them."""
+        shows them (``reads``: what the query read already: classes, caption cosines)."""
+        reads = reads or _Reads()
+        classes = reads.classes
         if "caption" not in signals:
-            signals["caption"] = self._caption_cosines(ids, q)
+            ahead = reads.caption_cosines
+            signals["caption"] = (np.array([ahead[i] for i in ids.tolist()]) if all(i in ahead for i in ids.tolist())
+                                  else self._caption_cosines(ids, q))
         if tq is not None and "tags" not in signals:
-            signals["tags"] = self.tags.scores(tq, ids)
+            signals["tags"] = self.tags.scores(tq, ids, classes)
         order = [*FIRST_STAGE, *SECOND_STAGE]  # the order every mode shows them in
         return dict(sorted(signals.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
@@ -348,16 +338,20 @@ class Ranker:
         weights = self.effective(weights, tq)
         want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
         second_stage = parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0
-        found = self._searches(q, parsed, weights, allowed, pool, params, tq)
-        guess = self._guess(found[0], parsed.positive_text, depth, want_ll) if second_stage else None
-        cand, signals = self._signals(found, q, parsed, weights, feedback, tq, weighted_only=True)
+        reads = _Reads()
+        found = self._searches(q, parsed, weights, allowed, pool, params, tq, reads)
+        early = self.second.start(found[0], parsed.positive_text, depth, want_ll) if second_stage else None
+        cand, signals = self._signals(found, q, parsed, weights, feedback, tq, weighted_only=True, reads=reads)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})
         fused = first_stage(signals, weights)
         parts = first_stage_parts(signals, weights)
         if second_stage:
             top = np.argsort(-fused, kind="stable")[:depth]
-            second = self._second_stage(cand[top], parsed.positive_text, want_ll, want_match, guess)
+            # the results are the first stage's best ``depth`` in a new order (the second stage adds least to the
+            # others), so what showing them needs is read while the scorer finishes
+            ahead = (lambda: self._read_ahead(cand[top], q, signals, reads)) if k <= depth else None
+            second = self.second.finish(cand[top], parsed.positive_text, want_ll, want_match, early, ahead)
             total = stage_total(signals, weights)
             for name, values in second.items():  # both from the first stage's order, so neither depends on the other
                 added = relative_part(len(cand), top, values, getattr(weights, name), total)
@@ -366,59 +360,28 @@ class Ranker:
                 signals[name] = np.full(len(cand), np.nan)
                 signals[name][top] = values
         order = np.argsort(-fused, kind="stable")[:k]
-        shown = self._shown_only(cand[order], q, tq, {name: s[order] for name, s in signals.items()})
-        return Ranked(cand[order], fused[order], shown, {name: p[order] for name, p in parts.items()})
+        shown = self._shown_only(cand[order], q, tq, {name: s[order] for name, s in signals.items()}, reads)
+        return Ranked(cand[order], fused[order], shown, {name: p[order] for name, p in parts.items()},
+                      reads.classes, reads.images)
 
-    def _guess(self, found_image: dict[int, float], text: str, depth: int, likelihood: bool) -> _Early | None:
-        """The scorer started early for the image search's best ``depth`` (the first stage's best are mostly
-        among them), its candidates shared out among the side threads, while the main thread computes the
-        pool's signals (and then runs the match head, under half the scorer's work: :meth:`_second_stage`).
-        None on a single core, where it would only add work, or when no likelihood is wanted."""
-        if not parallel() or not found_image or not likelihood:
-            return None
-        ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
-        have, mem = self.vectors.memories.reconstruct_present(ids)  # read once: scorer now, match head later
-        parts = max(1, min(side_workers(), len(mem)))
-        shares = [rows for rows in np.array_split(np.arange(len(mem)), parts) if len(rows)]
-        jobs = [(rows, beside(self.scorer.log_likelihood, mem[rows], text)) for rows in shares]
-        return _Early(ids, have, mem, jobs)
-
-    def _second_stage(self, ids: np.ndarray, text: str, likelihood: bool, match: bool,
-                      early: _Early | None) -> dict[str, np.ndarray]:
-        """:meth:`rerank_signals` of ``ids``, using what the ``early`` start read and rated: the match head rates
-        ``ids`` here while the side threads finish the scorer and score the candidates the early start did
-        not have."""
-        if early is None:
-            return self.rerank_signals(ids, text, likelihood, match)
-        row_of = dict(zip(early.ids[early.have].tolist(), range(len(early.mem))))  # id -> row of early.mem
-        started = set(early.ids.tolist())
-        rest = np.array([i for i in ids.tolist() if i not in started], dtype=np.int64)
-        have_rest, mem_rest = self.vectors.memories.reconstruct_present(rest)
-        row_of |= dict(zip(rest[have_rest].tolist(), range(len(early.mem), len(early.mem) + len(mem_rest))))
-        mem = np.concatenate([early.mem, mem_rest]) if len(mem_rest) else early.mem
-        have = np.array([i in row_of for i in ids.tolist()], dtype=bool)
-        rows = np.array([row_of[i] for i in ids[have].tolist()], dtype=np.int64)
-        late = [(np.arange(len(early.mem), len(mem)), beside(self.scorer.log_likelihood, mem_rest, text))] \
-            if len(mem_rest) else []
-        out = self._rate(have, mem[rows], text, False, match)  # the match head, on this thread, meanwhile
-        values = np.full(len(mem), np.nan)  # the scorer's (an early start means it was asked for)
-        for share, job in early.jobs + late:
-            values[share] = job.result()
-        out["likelihood"] = np.full(len(ids), np.nan)
-        out["likelihood"][have] = values[rows]
-        return out
+    def _read_ahead(self, ids: np.ndarray, q: np.ndarray, signals: dict[str, np.ndarray], reads: _Reads) -> None:
+        """Into ``reads``: the caption cosines (when ranking left them out) and the rows of ``ids``, the likely
+        results."""
+        if "caption" not in signals:
+            reads.caption_cosines = dict(zip(ids.tolist(), self._caption_cosines(ids, q).tolist()))
+        reads.images = self.store.images_by_ids(ids.tolist())
 
 
 @dataclass
-class _Early:
-    """What :meth:`Ranker._guess` started: the image search's best ``ids``, which of them have a memory
-    (``have``), those memories (``mem``, a row each), and the scorer's jobs, each (its rows of ``mem``,
-    the Future of their log-likelihoods)."""
+class _Reads:
+    """What one query has read, kept for its later steps: the rows its image search re-ranked (the pool's image
+    vectors are among them), the pool's stored classes (the results' tags; None: no tags), and what showing
+    the likely results needs, read while the scorer finishes (their caption cosines and metadata rows)."""
 
-    ids: np.ndarray
-    have: np.ndarray
-    mem: np.ndarray
-    jobs: list[tuple[np.ndarray, Future]]
+    rows: RowsRead = field(default_factory=RowsRead)
+    classes: dict[int, Classes] | None = None
+    caption_cosines: dict[int, float] = field(default_factory=dict)
+    images: dict[int, Any] | None = None  # {id: ImageRow}
 
 
 def meta_phrases(parsed: ParsedQuery) -> list[str]:

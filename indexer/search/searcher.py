@@ -24,7 +24,7 @@ from retrieval.encoder import JointEncoder
 from retrieval.fusion import feedback_vector, query_vector
 from retrieval.query import MODES, FusionWeights, ParsedQuery
 from retrieval.query_parser import parse_query
-from retrieval.tagging import Tag
+from retrieval.tagging import Classes, Tag
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,17 @@ class Searcher:
         self.store, self.vectors = ranker.store, ranker.vectors
         self.threshold = confidence_threshold
 
-    def hits(self, found: list[tuple[int, float, dict[str, float], dict[str, float]]]) -> list[SearchHit]:
+    def hits(self, found: list[tuple[int, float, dict[str, float], dict[str, float]]],
+             classes: dict[int, Classes] | None = None, rows: dict[int, ImageRow] | None = None) -> list[SearchHit]:
         """Rows, tags and caption confidence of ``(id, score, signals, contributions)`` results, in order
-        (ids no longer in the index are left out)."""
+        (ids no longer in the index are left out; ``classes`` and ``rows``: stored classes and rows of at
+        least these ids, if the ranking read them)."""
         ids = [f[0] for f in found]
-        rows = self.store.images_by_ids(ids)
-        tags = self.ranker.tags.tags(ids) if self.ranker.tags is not None else {}
+        if rows is None or not all(i in rows for i in ids):
+            rows = self.store.images_by_ids(ids)
+        if classes is not None:
+            classes = {i: classes[i] for i in ids if i in classes}
+        tags = self.ranker.tags.tags(ids, classes) if self.ranker.tags is not None else {}
         return [SearchHit.of(rows[i], s, sig, parts, tags.get(i), self.threshold)
                 for i, s, sig, parts in found if i in rows]
 
@@ -178,7 +183,7 @@ class Searcher:
             found.append((i, float(score), {name: float(v[n]) for name, v in ranked.signals.items()
                                             if not np.isnan(v[n])},
                           {name: float(v[n]) for name, v in ranked.parts.items()}))
-        return self.hits(found)
+        return self.hits(found, ranked.classes, ranked.rows)
 
     def more_like_this(self, image: int | str | Path, k: int = 10, filters: Filters | None = None) -> list[SearchHit]:
         """The ``k`` indexed images most like indexed ``image`` (an id or a path), itself left out, best first."""
