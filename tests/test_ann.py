@@ -107,7 +107,7 @@ def test_grows_from_exact_to_approximate_without_being_asked(tmp_path):
 def test_rows_a_search_reads_serve_the_same_querys_reconstruct(tmp_path):
     """Fused ranking takes its pool's image vectors from the rows the image search re-ranked: the same stored
     rows, and ids the search did not read (the exact part's, or others) are read as before."""
-    from indexer.storage.vectors import RowsRead
+    from indexer.storage.search_reads import RowsRead
 
     vecs = clustered(3000, 5)
     store, bundle = open_bundle(tmp_path)
@@ -139,6 +139,34 @@ def test_rows_a_search_reads_serve_the_same_querys_reconstruct(tmp_path):
     _, got = images.search(q[1:], 5, ids=allowed, read=read)
     assert set(read.ids.tolist()) <= set(allowed.tolist()) and set(got[0].tolist()) <= set(read.ids.tolist())
     np.testing.assert_array_equal(images.reconstruct(got[0], read), vecs[got[0] - 1])
+
+
+def test_a_preview_hands_out_the_best_few_early_and_changes_no_result(tmp_path):
+    """A long short list is re-ranked in two parts, the best few handed out in between (fused ranking starts
+    its second stage there): those are what a search for that few answers, and the results, scores and rows
+    read are exactly those of a search without a preview."""
+    from indexer.storage.search_reads import Preview, RowsRead
+
+    vecs = clustered(3000, 8)
+    store, bundle = open_bundle(tmp_path)
+    fill(bundle, store, vecs)
+    images = bundle.images
+    images.put(np.array([12]), clustered(1, 9))  # pending: from the exact part, in the preview too
+    for seed in range(6):
+        q = clustered(1, 20 + seed) if seed else clustered(1, 9)
+        seen, plain_read, read = [], RowsRead(), RowsRead()
+        plain = images.search(q, 100, read=plain_read)
+        got = images.search(q, 100, read=read, preview=Preview(10, seen.append))
+        np.testing.assert_array_equal(got[1], plain[1])
+        np.testing.assert_array_equal(got[0], plain[0])  # the same float32 scores, bit for bit
+        np.testing.assert_array_equal(read.ids, plain_read.ids)
+        np.testing.assert_array_equal(read.rows, plain_read.rows)
+        assert len(seen) == 1
+        np.testing.assert_array_equal(seen[0], images.search(q, 10)[1][0])
+        assert (12 in seen[0]) == (seed == 0)
+    seen = []
+    images.search(q, 10, preview=Preview(10, seen.append))  # nothing left to re-rank after the few: no preview
+    assert seen == []
 
 
 def test_more_cells_visited_never_lowers_recall(tmp_path):

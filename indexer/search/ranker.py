@@ -48,7 +48,7 @@ import numpy as np
 
 from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
-from indexer.storage.vectors import RowsRead
+from indexer.storage.search_reads import Preview, RowsRead
 from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.store import Store
 from indexer.search.second_stage import SecondStage
@@ -105,9 +105,10 @@ class Ranker:
 
     # --- single signals ------------------------------------------------------------------------
     def _vector_top(self, which: str, q: np.ndarray, n: int, allowed: np.ndarray | None,
-                    params: SearchParams | None = None, read: RowsRead | None = None) -> dict[int, float]:
+                    params: SearchParams | None = None, read: RowsRead | None = None,
+                    preview: Preview | None = None) -> dict[int, float]:
         index = self.vectors.images if which == "image" else self.vectors.captions
-        scores, ids = index.search(q[None], n, ids=allowed, params=params, read=read)
+        scores, ids = index.search(q[None], n, ids=allowed, params=params, read=read, preview=preview)
         return {int(i): float(s) for s, i in zip(scores[0], ids[0])}
 
     def _keyword_top(self, parsed: ParsedQuery | None, n: int, allowed: np.ndarray | None) -> dict[int, float]:
@@ -248,17 +249,18 @@ class Ranker:
         return self._signals(found, q, parsed, weights, feedback, tq, reads=reads)
 
     def _searches(self, q: np.ndarray, parsed: ParsedQuery | None, w: FusionWeights, allowed: np.ndarray | None,
-                  pool: int, params: SearchParams | None, tq: TagQuery | None, reads: _Reads | None = None
-                  ) -> list[dict[int, float]]:
+                  pool: int, params: SearchParams | None, tq: TagQuery | None, reads: _Reads | None = None,
+                  preview: Preview | None = None) -> list[dict[int, float]]:
         """Each signal's best ``pool`` ({id: score}, best first; the image search's first), the caption
-        vector search on a side thread while the image search runs (``reads``: keeps the image rows read)."""
+        vector search on a side thread while the image search runs (``reads``: keeps the image rows read;
+        ``preview``: the image search's, see :class:`~indexer.storage.vectors.Preview`)."""
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
         captions = (beside(self._vector_top, "caption", q, pool, allowed, params)
                     if w.caption and w.caption >= w.image / 2 else None)
-        found_i = (self._vector_top("image", q, pool, allowed, params, reads.rows if reads is not None else None)
-                   if w.image or w.likelihood else {})
+        found_i = (self._vector_top("image", q, pool, allowed, params, reads.rows if reads is not None else None,
+                                    preview) if w.image or w.likelihood else {})
         found_k = (self._keyword_top(parsed, pool, allowed)
                    if w.keyword and w.keyword >= w.image / 2 and parsed is not None else {})
         found_m = self._meta_top(parsed, pool, allowed) if w.meta and parsed is not None else {}
@@ -338,9 +340,14 @@ class Ranker:
         weights = self.effective(weights, tq)
         want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
         second_stage = parsed is not None and (want_ll or want_match) and self.scorer is not None and depth > 0
-        reads = _Reads()
-        found = self._searches(q, parsed, weights, allowed, pool, params, tq, reads)
-        early = self.second.start(found[0], parsed.positive_text, depth, want_ll) if second_stage else None
+        reads, started = _Reads(), []
+        # the second stage starts as soon as the image search knows its best ``depth``, before it has re-ranked
+        # the rest of the pool's short list (a search too small for that: once it has answered)
+        preview = Preview(depth, lambda ids: started.append(self.second.start(ids, parsed.positive_text, depth,
+                                                                              want_ll))) if second_stage else None
+        found = self._searches(q, parsed, weights, allowed, pool, params, tq, reads, preview)
+        early = (started[0] if started else self.second.start(list(found[0]), parsed.positive_text, depth, want_ll)) \
+            if second_stage else None
         cand, signals = self._signals(found, q, parsed, weights, feedback, tq, weighted_only=True, reads=reads)
         if not len(cand):
             return Ranked(cand, np.zeros(0), {})

@@ -1,10 +1,11 @@
 """Fused ranking's second stage: the scorer's log-likelihood of the query and the match head's logit, for the
 few best candidates of the first stage, read off the stored decoder memories.
 
-On more than one core it starts early (:meth:`SecondStage.start`): as soon as the image search has answered,
-its best ``depth`` candidates (the first stage's best are mostly among them) are shared out among the side
-threads (indexer/search/side.py), each reading its share's memories and scoring them, while the main
-thread computes the pool's signals. :meth:`SecondStage.finish` then runs, on the main thread, the match head
+On more than one core it starts early (:meth:`SecondStage.start`): as soon as the image search knows its
+best ``depth`` candidates (before it re-ranks the rest of the pool's short list), those (the first stage's
+best are mostly among them) are shared out among the side threads (indexer/search/side.py), each reading
+its share's memories and scoring them, while the main thread finishes the search and computes the pool's
+signals. :meth:`SecondStage.finish` then runs, on the main thread, the match head
 for the first stage's best (from the memories the side threads read), the scorer for the candidates the
 early start missed (the side threads are still busy with theirs), and the caller's ``meanwhile`` work,
 and then collects the side threads' results. On one core everything runs in order on the caller's thread.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -59,12 +60,13 @@ class SecondStage:
                 out["match"][have] = self.matcher.score(mem, text)
         return out
 
-    def start(self, found_image: dict[int, float], text: str, depth: int, likelihood: bool) -> Early | None:
-        """The scorer started early for the image search's best ``depth``, shared out among the side threads
-        (see module doc). None on a single core, where it would only add work, or when no likelihood is wanted."""
-        if not parallel() or not found_image or not likelihood:
+    def start(self, best: Sequence[int] | np.ndarray, text: str, depth: int, likelihood: bool) -> Early | None:
+        """The scorer started early for the image search's ``best`` ids (best first; the first ``depth``), shared
+        out among the side threads (see module doc). None on a single core, where it would only add work, when
+        no likelihood is wanted, or without candidates."""
+        if not parallel() or not len(best) or not likelihood:
             return None
-        ids = np.fromiter(list(found_image)[:depth], dtype=np.int64)
+        ids = np.asarray(list(best)[:depth], dtype=np.int64)
         shares = [share for share in np.array_split(ids, max(1, min(side_workers(), len(ids)))) if len(share)]
         read: list[Future] = [Future() for _ in shares]  # each share's memories, read on its side thread
         jobs = [beside(self._score_share, share, text, ready) for share, ready in zip(shares, read)]

@@ -34,10 +34,11 @@ from indexer.errors import IndexCorruptError
 from indexer.storage.ann import INDEX_TYPES, AnnIndex, SearchParams, rerank, shortlist
 from indexer.storage.faiss_lazy import faiss, gpu_count
 from indexer.storage.segments import SegmentLog
+from indexer.storage.search_reads import Preview, RowsRead
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INDEX_TYPES", "DENSE_FILTER_MAX", "MemoryStore", "RowsRead", "SearchParams", "VectorIndex", "memory_codec"]
+__all__ = ["INDEX_TYPES", "DENSE_FILTER_MAX", "MemoryStore", "Preview", "RowsRead", "SearchParams", "VectorIndex", "memory_codec"]
 
 # filtered search: up to this many allowed ids, reading their vectors and one matmul beats a FAISS scan with
 # an IDSelectorBatch (measured on 100k x 256-d, one query: 1,000 ids 4 ms vs 11 ms; 10,000 ids 74 ms vs 16 ms)
@@ -46,33 +47,6 @@ DENSE_FILTER_MAX = 1024
 
 def _flat(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-class RowsRead:
-    """The stored rows one search read to re-rank its short list (sorted ids, their rows), kept for the same
-    query's later steps: :meth:`VectorIndex.reconstruct` takes them from here instead of reading them again
-    (fused ranking reads its pool's image vectors right after the image search re-ranked them)."""
-
-    def __init__(self) -> None:
-        self.ids = np.zeros(0, np.int64)
-        self.rows = np.zeros((0, 0), np.float32)
-
-    def reader(self, rows_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-               ) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """``rows_of`` (sorted ids -> (mask, rows)) that also keeps what it returns (the last call's)."""
-        def read(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            mask, rows = rows_of(ids)
-            self.ids, self.rows = np.asarray(ids, np.int64)[mask], rows
-            return mask, rows
-        return read
-
-    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n,) ids -> (mask (n,) of those read, positions in :attr:`rows` of the ids read)."""
-        if not len(self.ids) or not len(ids):
-            return np.zeros(len(ids), bool), np.zeros(0, np.int64)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        hit = self.ids[pos] == ids
-        return hit, pos[hit]
 
 
 class VectorIndex:
@@ -211,18 +185,20 @@ class VectorIndex:
         return self._gpu_index
 
     def search(self, queries: np.ndarray, k: int, ids: np.ndarray | None = None,
-               params: SearchParams | None = None, read: RowsRead | None = None) -> tuple[np.ndarray, np.ndarray]:
+               params: SearchParams | None = None, read: RowsRead | None = None,
+               preview: Preview | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q, dim) queries -> (scores, ids), each (Q, k'), k' = min(k, len); no ``-1`` ids; scores are
         exact cosines whatever the structure.
 
         ``ids``: search only these ids (a filter), so k results come back whenever k of them are indexed.
         ``params``: per-query knobs of the approximate structure (ignored by exact search).
-        ``read``: keeps the rows the search reads to re-rank (see :class:`RowsRead`).
+        ``read``: keeps the rows the search reads to re-rank (see :class:`RowsRead`); ``preview``: hands out the
+        best few early (see :class:`Preview`; a single query through the approximate structure only).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         params = params or SearchParams()
         if ids is not None:
-            return self._search_among(queries, k, np.unique(np.asarray(ids, dtype=np.int64)), params, read)
+            return self._search_among(queries, k, np.unique(np.asarray(ids, dtype=np.int64)), params, read, preview)
         k = min(int(k), len(self))
         if k <= 0:
             return _empty(len(queries))
@@ -231,10 +207,11 @@ class VectorIndex:
             return _drop_missing(scores, found)
         if params.exact:
             return self._brute_force(queries, k, None, read)
-        return self._search_both(queries, k, None, params, k, read)
+        return self._search_both(queries, k, None, params, k, read, preview)
 
     def _search_among(self, queries: np.ndarray, k: int, allowed: np.ndarray,
-                      params: SearchParams, read: RowsRead | None) -> tuple[np.ndarray, np.ndarray]:
+                      params: SearchParams, read: RowsRead | None, preview: Preview | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), len(allowed), len(self))
         if k <= 0:
             return _empty(len(queries))
@@ -260,7 +237,7 @@ class VectorIndex:
         want = min(k, int(self.records.present(allowed).sum()))
         if want <= 0:
             return _empty(len(queries))
-        return self._search_both(queries, want, allowed, params, want, read)
+        return self._search_both(queries, want, allowed, params, want, read, preview)
 
     def _stale_selector(self) -> faiss.IDSelector | None:
         if not self._stale:
@@ -271,7 +248,8 @@ class VectorIndex:
         return self._stale_sel
 
     def _search_both(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, params: SearchParams,
-                     want: int, read: RowsRead | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     want: int, read: RowsRead | None = None, preview: Preview | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """The approximate part's short list (stale ids and, with ``allowed``, other ids filtered out)
         re-ranked exactly, merged with the exact part's best; cells visited widen (x4) until every query
         has ``want`` results or every cell was visited."""
@@ -279,7 +257,8 @@ class VectorIndex:
         nprobe = params.nprobe or info.nprobe
         if allowed is not None:  # a filter keeping a share f of the vectors: visit ~1/f times the cells
             nprobe = min(info.nlist, int(np.ceil(nprobe * max(1.0, info.n / max(1, len(allowed))))))
-        n = shortlist(k, params.refine or info.refine)
+        refine = params.refine or info.refine
+        n = shortlist(k, refine)
         keep = [faiss.IDSelectorBatch(allowed)] if allowed is not None else []  # selectors must outlive the search
         stale = self._stale_selector()
         sel = keep[0] if keep else None
@@ -289,9 +268,15 @@ class VectorIndex:
         if self.index.ntotal:
             ex_params = faiss.SearchParameters(sel=keep[0]) if keep else None
             exact = self.index.search(queries, min(k, int(self.index.ntotal)), params=ex_params)
+        head = shortlist(preview.k, refine) if preview is not None and len(queries) == 1 else n
         while True:
             _, cand = self.base.search(queries, n, nprobe, sel)
-            ranked = rerank(queries, cand, self._reader(read), k)
+            ranked = rerank(queries, cand[:, :head], self._reader(read), k)  # the base's order: the likeliest first
+            if head < n:
+                preview.callback(_union(ranked[0], exact, 0, preview.k)[1])
+                rest = rerank(queries, cand[:, head:], self._reader(read), k)
+                ranked = [_union(ranked[0], (rest[0][0][None], rest[0][1][None]), 0, k)]
+                head = n  # once: a wider search (a filter) re-ranks its whole short list
             results = [_union(r, exact, i, k) for i, r in enumerate(ranked)]
             if min(len(r[1]) for r in results) >= want or nprobe >= info.nlist:
                 break
