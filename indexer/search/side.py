@@ -1,9 +1,10 @@
 """Side threads: parts of one query that need nothing from each other run at once, on a second core.
 
 Fused ranking (indexer/search/ranker.py) runs two things beside its main thread: the caption vector
-search, while the image vector search runs, and the scorer on the candidates the image search put first,
-shared out among the side threads, while the main thread reads the pool's captions, keyword, vector and
-tag signals and then runs the match head. Both are native code that releases the GIL (FAISS,
+search, while the image vector search runs, and the scorer (indexer/search/second_stage.py) on the
+candidates the image search puts first, shared out among the side threads as soon as the search knows
+them, while the main thread finishes the search, reads the pool's captions, keyword, vector and tag
+signals and then runs the match head. Both are native code that releases the GIL (FAISS,
 onnxruntime, PyTorch), so the threads really run at the same time.
 
 A process limited to one core runs nothing beside: :func:`parallel` is False, and callers then do the
