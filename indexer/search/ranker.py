@@ -48,11 +48,11 @@ import numpy as np
 
 from indexer.storage.ann import SearchParams
 from indexer.storage.bundle import VectorBundle
-from indexer.storage.search_reads import Preview, RowsRead
 from indexer.storage.pool_keywords import PoolKeywords
+from indexer.storage.search_reads import Preview, RowsRead
 from indexer.storage.store import Store
 from indexer.search.second_stage import SecondStage
-from indexer.search.side import beside
+from indexer.search.side import beside, parallel
 from indexer.search.tag_signal import TagQuery, TagSignal
 from retrieval.fusion import (
     NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
@@ -253,7 +253,7 @@ class Ranker:
                   preview: Preview | None = None) -> list[dict[int, float]]:
         """Each signal's best ``pool`` ({id: score}, best first; the image search's first), the caption
         vector search on a side thread while the image search runs (``reads``: keeps the image rows read;
-        ``preview``: the image search's, see :class:`~indexer.storage.vectors.Preview`)."""
+        ``preview``: the image search's, see :class:`~indexer.storage.search_reads.Preview`)."""
         # each signal that carries real weight brings its own candidates; a light caption or keyword weight
         # only re-scores the others' (it could not lift an image from outside the pool into the top k, and
         # a second full scan, of the caption index or of every caption sharing a word, would double the cost)
@@ -344,7 +344,8 @@ class Ranker:
         # the second stage starts as soon as the image search knows its best ``depth``, before it has re-ranked
         # the rest of the pool's short list (a search too small for that: once it has answered)
         preview = Preview(depth, lambda ids: started.append(self.second.start(ids, parsed.positive_text, depth,
-                                                                              want_ll))) if second_stage else None
+                                                                              want_ll))) \
+            if second_stage and want_ll and parallel() else None
         found = self._searches(q, parsed, weights, allowed, pool, params, tq, reads, preview)
         early = (started[0] if started else self.second.start(list(found[0]), parsed.positive_text, depth, want_ll)) \
             if second_stage else None

@@ -38,7 +38,8 @@ from indexer.storage.search_reads import Preview, RowsRead
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INDEX_TYPES", "DENSE_FILTER_MAX", "MemoryStore", "Preview", "RowsRead", "SearchParams", "VectorIndex", "memory_codec"]
+__all__ = ["INDEX_TYPES", "DENSE_FILTER_MAX", "MemoryStore", "Preview", "RowsRead", "SearchParams", "VectorIndex",
+           "memory_codec"]
 
 # filtered search: up to this many allowed ids, reading their vectors and one matmul beats a FAISS scan with
 # an IDSelectorBatch (measured on 100k x 256-d, one query: 1,000 ids 4 ms vs 11 ms; 10,000 ids 74 ms vs 16 ms)
@@ -216,8 +217,7 @@ class VectorIndex:
         if k <= 0:
             return _empty(len(queries))
         if len(allowed) <= DENSE_FILTER_MAX:
-            mask, rows = self._reader(read)(allowed)
-            # (allowed ids without a vector drop out)
+            mask, rows = self._reader(read)(allowed)  # allowed ids without a vector drop out
             present = allowed[mask]
             k = min(k, len(present))
             if k <= 0:
