@@ -282,13 +282,14 @@ def test_what_showing_the_results_needs_is_read_while_the_scorer_finishes(tmp_pa
         parsed = parse_query("a dog runs on grass")
         q = searcher.query(parsed, None)
         for k, ahead in ((3, True), (10, True), (11, False)):
-            ranked = ranker.rank("fused", q, parsed, k, FusionWeights(), depth=10)
+            ranked = ranker.rank("fused", q, parsed, k, FusionWeights(), depth=10, rows=True)
             assert len(ranked.ids) == min(k, 4)
             assert (ranked.rows is not None) == ahead
             if ahead:
                 assert {i: ranked.rows[i].path for i in ranked.ids.tolist()} == \
                     {i: r.path for i, r in ranker.store.images_by_ids(ranked.ids.tolist()).items()}
             np.testing.assert_allclose(ranked.signals["caption"], ranker._caption_cosines(ranked.ids, q))
+        assert ranker.rank("fused", q, parsed, 3, FusionWeights(), depth=10).rows is None  # no caller to show them
         reads = []
         real = ranker.store.images_by_ids
         ranker.store.images_by_ids = lambda ids: (reads.append(list(ids)), real(ids))[1]

@@ -52,7 +52,7 @@ from indexer.storage.pool_keywords import PoolKeywords
 from indexer.storage.search_reads import Preview, RowsRead
 from indexer.storage.store import Store
 from indexer.search.second_stage import SecondStage
-from indexer.search.side import beside, parallel
+from indexer.search.side import beside
 from indexer.search.tag_signal import TagQuery, TagSignal
 from retrieval.fusion import (
     NEAR_BAD, Ranked, first_stage, first_stage_parts, near_bad, relative_part, stage_total,
@@ -189,11 +189,13 @@ class Ranker:
     # --- modes --------------------------------------------------------------------------------
     def rank(self, mode: str, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
              allowed: np.ndarray | None = None, pool: int = 100, depth: int = 10,
-             feedback: Feedback | None = None, params: SearchParams | None = None) -> Ranked:
+             feedback: Feedback | None = None, params: SearchParams | None = None, rows: bool = False) -> Ranked:
         """The best ``k`` images for query vector ``q`` (and its parsed text, None for an image-only query).
-        ``params``: the vector searches' knobs (nprobe, refine, exact) for large, approximate indexes."""
+        ``params``: the vector searches' knobs (nprobe, refine, exact) for large, approximate indexes;
+        ``rows``: the caller shows the results, so fused mode reads their metadata rows while its scorer
+        finishes (``Ranked.rows``)."""
         if mode == "fused":
-            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth, feedback, params)
+            return self._fused(q, parsed, k, weights, allowed, max(pool, 4 * k), depth, feedback, params, rows)
         if mode == "tags" and (parsed is None or self.tags is None):
             return Ranked(np.zeros(0, dtype=np.int64), np.zeros(0), {})
         tq = self.tags.query(parsed.positive_text) if mode == "tags" else None
@@ -335,7 +337,7 @@ class Ranker:
 
     def _fused(self, q: np.ndarray, parsed: ParsedQuery | None, k: int, weights: FusionWeights,
                allowed: np.ndarray | None, pool: int, depth: int, feedback: Feedback | None = None,
-               params: SearchParams | None = None) -> Ranked:
+               params: SearchParams | None = None, rows: bool = False) -> Ranked:
         tq = self.tag_query(parsed) if weights.tags > 0 else None
         weights = self.effective(weights, tq)
         want_ll, want_match = weights.likelihood > 0, weights.match > 0 and self.matcher is not None
@@ -345,7 +347,7 @@ class Ranker:
         # the rest of the pool's short list (a search too small for that: once it has answered)
         preview = Preview(depth, lambda ids: started.append(self.second.start(ids, parsed.positive_text, depth,
                                                                               want_ll))) \
-            if second_stage and want_ll and parallel() else None
+            if second_stage and self.second.starts_early(want_ll) else None
         found = self._searches(q, parsed, weights, allowed, pool, params, tq, reads, preview)
         early = (started[0] if started else self.second.start(list(found[0]), parsed.positive_text, depth, want_ll)) \
             if second_stage else None
@@ -358,7 +360,7 @@ class Ranker:
             top = np.argsort(-fused, kind="stable")[:depth]
             # the results are the first stage's best ``depth`` in a new order (the second stage adds least to the
             # others), so what showing them needs is read while the scorer finishes
-            ahead = (lambda: self._read_ahead(cand[top], q, signals, reads)) if k <= depth else None
+            ahead = (lambda: self._read_ahead(cand[top], q, signals, reads, rows)) if k <= depth else None
             second = self.second.finish(cand[top], parsed.positive_text, want_ll, want_match, early, ahead)
             total = stage_total(signals, weights)
             for name, values in second.items():  # both from the first stage's order, so neither depends on the other
@@ -372,12 +374,14 @@ class Ranker:
         return Ranked(cand[order], fused[order], shown, {name: p[order] for name, p in parts.items()},
                       reads.classes, reads.images)
 
-    def _read_ahead(self, ids: np.ndarray, q: np.ndarray, signals: dict[str, np.ndarray], reads: _Reads) -> None:
-        """Into ``reads``: the caption cosines (when ranking left them out) and the rows of ``ids``, the likely
-        results."""
+    def _read_ahead(self, ids: np.ndarray, q: np.ndarray, signals: dict[str, np.ndarray], reads: _Reads,
+                    rows: bool) -> None:
+        """Into ``reads``: the caption cosines (when ranking left them out) and, with ``rows``, the metadata rows
+        of ``ids``, the likely results."""
         if "caption" not in signals:
             reads.caption_cosines = dict(zip(ids.tolist(), self._caption_cosines(ids, q).tolist()))
-        reads.images = self.store.images_by_ids(ids.tolist())
+        if rows:
+            reads.images = self.store.images_by_ids(ids.tolist())
 
 
 @dataclass

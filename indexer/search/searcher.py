@@ -175,7 +175,7 @@ class Searcher:
         if allowed is not None and not len(allowed):
             return []
         ranked = self.ranker.rank(mode, q, parsed, int(k), weights, allowed,
-                                  pool=self.pool, depth=self.depth, feedback=feedback, params=params)
+                                  pool=self.pool, depth=self.depth, feedback=feedback, params=params, rows=True)
         found = []
         for n, (i, score) in enumerate(zip(ranked.ids.tolist(), ranked.scores.tolist())):
             if threshold is not None and score < threshold:

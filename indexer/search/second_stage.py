@@ -64,13 +64,18 @@ class SecondStage:
         """The scorer started early for the image search's ``best`` ids (best first; the first ``depth``), shared
         out among the side threads (see module doc). None on a single core, where it would only add work, when
         no likelihood is wanted, or without candidates."""
-        if not parallel() or not len(best) or not likelihood:
+        if not self.starts_early(likelihood) or not len(best):
             return None
         ids = np.asarray(list(best)[:depth], dtype=np.int64)
         shares = [share for share in np.array_split(ids, max(1, min(side_workers(), len(ids)))) if len(share)]
         read: list[Future] = [Future() for _ in shares]  # each share's memories, read on its side thread
         jobs = [beside(self._score_share, share, text, ready) for share, ready in zip(shares, read)]
         return Early(ids, read, jobs)
+
+    @staticmethod
+    def starts_early(likelihood: bool) -> bool:
+        """Whether :meth:`start` starts anything: on more than one core, when the likelihood is wanted."""
+        return likelihood and parallel()
 
     def _score_share(self, ids: np.ndarray, text: str, read: Future) -> np.ndarray:
         """The scorer's log-likelihoods of ``text`` for those of ``ids`` that have a memory; the memories

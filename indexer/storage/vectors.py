@@ -275,7 +275,7 @@ class VectorIndex:
             if head < n:
                 preview.callback(_union(ranked[0], exact, 0, preview.k)[1])
                 rest = rerank(queries, cand[:, head:], self._reader(read), k)
-                ranked = [_union(ranked[0], (rest[0][0][None], rest[0][1][None]), 0, k)]
+                ranked = [_union(ranked[0], (rest[0][0][None], rest[0][1][None]), 0, k)]  # both parts' best k
                 head = n  # once: a wider search (a filter) re-ranks its whole short list
             results = [_union(r, exact, i, k) for i, r in enumerate(ranked)]
             if min(len(r[1]) for r in results) >= want or nprobe >= info.nlist:
