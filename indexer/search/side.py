@@ -42,8 +42,11 @@ def parallel() -> bool:
 
 
 def side_workers() -> int:
-    """How many side threads :func:`beside` runs work on at once (1: none, the work runs in the caller)."""
-    return min(MAX_SIDE_THREADS, usable_cores()) if parallel() else 1
+    """How many side threads :func:`beside` runs work on at once (1 without a second core: none, the work runs
+    in the caller). The caller keeps a core of its own: one more thread than there are cores only takes turns
+    with the others (on 2 cores, the scorer shared by two side threads made fused queries slower:
+    docs/BENCHMARKS.md)."""
+    return min(MAX_SIDE_THREADS, usable_cores() - 1) if parallel() else 1
 
 
 def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
