@@ -5,10 +5,10 @@ On more than one core it starts early (:meth:`SecondStage.start`): as soon as th
 best ``depth`` candidates (before it re-ranks the rest of the pool's short list), those (the first stage's
 best are mostly among them) are shared out among the side threads (indexer/search/side.py), each reading
 its share's memories and scoring them, while the main thread finishes the search and computes the pool's
-signals. :meth:`SecondStage.finish` then runs, on the main thread, the match head
-for the first stage's best (from the memories the side threads read), the scorer for the candidates the
-early start missed (the side threads are still busy with theirs), and the caller's ``meanwhile`` work,
-and then collects the side threads' results. On one core everything runs in order on the caller's thread.
+signals. :meth:`SecondStage.finish` then hands the candidates the early start missed to the side threads
+too, runs, on the main thread, the match head for the first stage's best (from the memories the side
+threads read) and the caller's ``meanwhile`` work, and then collects the side threads' results. On one
+core everything runs in order on the caller's thread.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ class SecondStage:
     def finish(self, ids: np.ndarray, text: str, likelihood: bool, match: bool, early: Early | None,
                meanwhile: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
         """:meth:`signals` of ``ids``, using what the ``early`` start read and rated: the match head rates
-        ``ids`` here while the side threads finish the scorer, and the scorer rates here the candidates the early
-        start did not have; then ``meanwhile()`` runs here before the side threads' results are collected."""
+        ``ids`` here while the side threads finish the scorer and then rate the candidates the early start did
+        not have; then ``meanwhile()`` runs here before the side threads' results are collected."""
         if early is None:
             out = self.signals(ids, text, likelihood, match)
             if meanwhile is not None:
@@ -107,14 +107,17 @@ class SecondStage:
         mem = np.concatenate([early_mem, mem_rest]) if len(mem_rest) else early_mem
         have = np.array([i in row_of for i in ids.tolist()], dtype=bool)
         rows = np.array([row_of[i] for i in ids[have].tolist()], dtype=np.int64)
+        # the candidates the early start missed go to a side thread too (behind the early shares where every
+        # side thread is busy): this thread keeps the match head and ``meanwhile``
+        late = beside(self.scorer.log_likelihood, mem_rest, text) if len(mem_rest) else None
         out = self.rate(have, mem[rows], text, False, match)  # the match head, on this thread
-        values = np.full(len(mem), np.nan)  # the scorer's (an early start means it was asked for)
-        if len(mem_rest):
-            values[len(early_mem):] = self.scorer.log_likelihood(mem_rest, text)
         if meanwhile is not None:
             meanwhile()
+        values = np.full(len(mem), np.nan)  # the scorer's (an early start means it was asked for)
         for share, job in early_jobs:
             values[share] = job.result()
+        if late is not None:
+            values[len(early_mem):] = late.result()
         out["likelihood"] = np.full(len(ids), np.nan)
         out["likelihood"][have] = values[rows]
         return out

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from indexer.storage.schema import ImageClassRow, ImageRow
 
 CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit
+# built once: a query reads the pool's classes for every fused search, and building the statement each time
+# cost more than running it (0.25 against 0.11 ms for 100 ids without classes, SQLite)
+_CLASSES_OF = select(ImageClassRow.image_id, ImageClassRow.class_index, ImageClassRow.probability).where(
+    ImageClassRow.image_id.in_(bindparam("ids", expanding=True)))
 
 
 class TagRows:
@@ -22,8 +26,7 @@ class TagRows:
         out: dict[int, list[tuple[int, float]]] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(ids), CHUNK):
-                rows = conn.execute(select(ImageClassRow.image_id, ImageClassRow.class_index, ImageClassRow.probability)
-                                    .where(ImageClassRow.image_id.in_(ids[start:start + CHUNK])))
+                rows = conn.execute(_CLASSES_OF, {"ids": ids[start:start + CHUNK]})
                 for i, c, p in rows.all():  # one fetch, not a call per row
                     out.setdefault(int(i), []).append((int(c), float(p)))
         for cls in out.values():
