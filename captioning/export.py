@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioning.model import Block, CaptionDecoder
+from captioning.model import Block, CaptionDecoder, sequence_log_likelihood
 from retrieval.errors import ModelLoadError
 from retrieval.native.onnx import export_module, graphs
 
@@ -88,16 +88,17 @@ class _LogLikelihood(nn.Module):
         self.blocks = nn.ModuleList(_ScoringBlock(block) for block in decoder.blocks)
         self.pad_id = pad_id
 
-    def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        given, wanted = tokens[:, :-1], tokens[:, 1:]  # position t predicts token t + 1
-        t = given.shape[1]
-        x = self.tok_emb(given) + self.pos_emb(torch.arange(t))  # (n, T, D)
+    def decode(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`CaptionDecoder.decode`: memory (N, S, D), tokens (N or 1, T) -> logits (N, T, V)."""
+        t = tokens.shape[1]
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t))  # (n, T, D)
         causal = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)  # (T, T): no looking ahead
         for block in self.blocks:
             x = block(x, memory, causal)  # (N, T, D) from the first block on
-        logp = torch.log_softmax(self.lm_head(self.ln_f(x)), dim=-1)  # (N, T, V)
-        wanted = wanted.expand(memory.shape[0], t)
-        return (logp.gather(2, wanted[:, :, None])[..., 0] * (wanted != self.pad_id).float()).sum(1)
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return sequence_log_likelihood(self, memory, tokens, self.pad_id)
 
 
 def export_scorer(scorer, folder: Path) -> dict:  # noqa: ANN001 - NativeCaptioner

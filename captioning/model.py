@@ -316,7 +316,9 @@ def sequence_log_likelihood(decoder: nn.Module, memory: torch.Tensor, tokens: to
                             pad_id: int) -> torch.Tensor:
     """log P(tokens[1:] | memory) of each row, teacher-forced, pads left out -> (N,) float32: how a scorer
     rates a text against an image. ``decoder``: anything with ``decode(memory, tokens) -> logits`` (a
-    :class:`CaptionDecoder` or an ensemble); tokens (N, T + 2) are ``<bos> words <eos> <pad>...``."""
+    :class:`CaptionDecoder` or an ensemble); tokens (N, T + 2) are ``<bos> words <eos> <pad>...`` (or one
+    row, rated against every memory, where the decoder takes one: the exported scorer's)."""
     logits = decoder.decode(memory, tokens[:, :-1])  # (N, T + 1, V)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, tokens[:, 1:, None])[..., 0]  # (N, T + 1)
-    return (logp * (tokens[:, 1:] != pad_id).float()).sum(1)
+    wanted = tokens[:, 1:].expand(logits.shape[0], -1)  # (N, T + 1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, wanted[:, :, None])[..., 0]  # (N, T + 1)
+    return (logp * (wanted != pad_id).float()).sum(1)
