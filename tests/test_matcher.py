@@ -317,3 +317,50 @@ def _side_work_in_child() -> int:
     from indexer.search import side
 
     return side.beside(lambda: 6 * 7).result(timeout=20)
+
+
+def test_an_offer_runs_once_on_a_free_side_thread_or_else_on_the_caller(monkeypatch):
+    """Work offered to the side threads runs on one that is free; when every side thread is busy, the caller
+    takes the job back and runs it itself (it never waits behind the side threads' queue); either way it runs
+    once, and its exception reaches the caller."""
+    import threading
+
+    from indexer.search import side
+
+    cores = max(2, side.usable_cores())
+    monkeypatch.setattr(side, "usable_cores", lambda: cores)  # side threads even on one core
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    ran: list[str] = []
+    started = threading.Event()
+
+    def recorded() -> str:
+        started.set()
+        ran.append(where())
+        return where()
+
+    offer = side.Offer(recorded)
+    assert started.wait(timeout=20)  # the side threads are idle: one takes it
+    assert offer.result() == ran[0] != where() and ran[0].startswith("pixquery-side")
+
+    release, busy = threading.Event(), []
+    for _ in range(side.side_workers()):  # every side thread busy until released
+        up = threading.Event()
+        busy.append(side.beside(lambda up=up: (up.set(), release.wait(timeout=60))))
+        assert up.wait(timeout=20)
+    try:
+        ran.clear()
+        assert side.Offer(recorded).result() == where() and ran == [where()]  # taken back, run here
+        with pytest.raises(ZeroDivisionError):
+            side.Offer(lambda: 1 / 0).result()
+    finally:
+        release.set()
+    for job in busy:
+        job.result(timeout=20)
+    assert ran == [where()]  # the job taken back was not run again by a side thread once it came free
+
+    monkeypatch.setattr(side, "parallel", lambda: False)  # one core: it runs at once, here
+    ran.clear()
+    assert side.Offer(recorded).result() == where() and ran == [where()]

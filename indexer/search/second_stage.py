@@ -7,8 +7,9 @@ best are mostly among them) are shared out among the side threads (indexer/searc
 its share's memories and scoring them, while the main thread finishes the search and computes the pool's
 signals. :meth:`SecondStage.finish` then hands the candidates the early start missed to the side threads
 too, runs, on the main thread, the match head for the first stage's best (from the memories the side
-threads read) and the caller's ``meanwhile`` work, and then collects the side threads' results. On one
-core everything runs in order on the caller's thread.
+threads read), and offers the caller's ``meanwhile`` work to the side threads (one that is done with the
+scorer runs it; otherwise the main thread does, after the match head); then it collects the side threads'
+results. On one core everything runs in order on the caller's thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from indexer.search.side import beside, parallel, side_workers
+from indexer.search.side import Offer, beside, parallel, side_workers
 from retrieval.query import SECOND_STAGE
 
 if TYPE_CHECKING:  # models are built by the Engine; ranking only calls them
@@ -92,7 +93,8 @@ class SecondStage:
                meanwhile: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
         """:meth:`signals` of ``ids``, using what the ``early`` start read and rated: the match head rates
         ``ids`` here while the side threads finish the scorer and then rate the candidates the early start did
-        not have; then ``meanwhile()`` runs here before the side threads' results are collected."""
+        not have; ``meanwhile()`` runs on a side thread that is free before the match head is done, or else
+        here after it, and before the side threads' results are collected."""
         if early is None:
             out = self.signals(ids, text, likelihood, match)
             if meanwhile is not None:
@@ -110,9 +112,12 @@ class SecondStage:
         # the candidates the early start missed go to a side thread too (behind the early shares where every
         # side thread is busy): this thread keeps the match head and ``meanwhile``
         late = beside(self.scorer.log_likelihood, mem_rest, text) if len(mem_rest) else None
+        # ``meanwhile`` is offered to the side threads behind the scorer: one that is done with it runs it while
+        # this thread runs the match head; if none is free by then, this thread takes it back and runs it
+        offered = Offer(meanwhile) if meanwhile is not None else None
         out = self.rate(have, mem[rows], text, False, match)  # the match head, on this thread
-        if meanwhile is not None:
-            meanwhile()
+        if offered is not None:
+            offered.result()
         values = np.full(len(mem), np.nan)  # the scorer's (an early start means it was asked for)
         for share, job in early_jobs:
             values[share] = job.result()

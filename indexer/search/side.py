@@ -5,7 +5,9 @@ search, while the image vector search runs, and the scorer (indexer/search/secon
 candidates the image search puts first, shared out among the side threads as soon as the search knows
 them, while the main thread finishes the search, reads the pool's captions, keyword, vector and tag
 signals and then runs the match head. Both are native code that releases the GIL (FAISS,
-onnxruntime, PyTorch), so the threads really run at the same time.
+onnxruntime, PyTorch), so the threads really run at the same time. Reading what showing the results
+needs is an :class:`Offer`: a side thread done with the scorer takes it while the main thread runs the
+match head (native code too), or else the main thread runs it itself afterwards.
 
 A process limited to one core runs nothing beside: :func:`parallel` is False, and callers then do the
 work in order in their own thread (speculating there would only add work).
@@ -65,3 +67,19 @@ def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
             _executor = ThreadPoolExecutor(max_workers=side_workers(),
                                            thread_name_prefix="pixquery-side")
         return _executor.submit(fn, *args, **kwargs)
+
+
+class Offer:
+    """``fn(*args)`` run once, by whichever thread gets to it first: a side thread that comes free before the
+    caller needs the result, or else the caller itself (:meth:`result` takes back a job no side thread has
+    started). For small work that can fill a side thread's idle time but must never wait behind its queue."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn, self._args = fn, args
+        self._job = beside(fn, *args)
+
+    def result(self) -> Any:
+        """The result (the exception ``fn`` raised, raised again), computed here if no side thread started it."""
+        if self._job.cancel():  # still queued: nobody will run it now but this thread
+            return self._fn(*self._args)
+        return self._job.result()
