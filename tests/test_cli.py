@@ -40,6 +40,21 @@ def test_user_errors_are_messages_with_exit_codes(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+def test_a_file_error_no_command_foresaw_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """The last net under every command: an OSError that reaches the command line (a full disk, a folder made
+    unreadable meanwhile) prints its message, naming the file, and exits 1."""
+    from indexer.cli import everyday
+
+    def unreadable(args):  # noqa: ANN001, ANN202 - stands in for a command whose file went away
+        raise PermissionError(13, "Permission denied", str(tmp_path / "idx" / "images.faiss"))
+
+    monkeypatch.setattr(everyday, "cmd_stats", unreadable)
+    assert main(["stats", "--db", str(tmp_path / "idx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pixquery: error: [Errno 13] Permission denied") and "images.faiss" in err
+    assert "Traceback" not in err
+
+
 def test_index_search_stats_end_to_end_with_native_encoder(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

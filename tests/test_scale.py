@@ -139,6 +139,19 @@ def test_bench_ann_reports_build_memory_latency_and_recall(tmp_path, capsys):
     assert report["index"]["kind"] == "flat" and report["recall_at_10"] == 1.0
 
 
+def test_bench_ann_makes_its_work_folder_or_says_why_it_cannot(tmp_path, capsys):
+    """``--workdir`` that does not exist yet is made; one that cannot be (a file stands in the way) is a clear
+    error with exit code 2, not a traceback."""
+    args = ["bench", "ann", "--n", "300", "--dim", "16", "--gaussian", "--queries", "10", "--json"]
+    assert main([*args, "--workdir", str(tmp_path / "new" / "work")]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 300
+    assert (tmp_path / "new" / "work").is_dir() and list((tmp_path / "new" / "work").iterdir()) == []
+    (tmp_path / "file").write_text("not a folder")
+    assert main([*args, "--workdir", str(tmp_path / "file" / "work")]) == 2
+    err = capsys.readouterr().err
+    assert "pixquery: error: cannot write the benchmark's vectors in" in err and "Traceback" not in err
+
+
 def test_bench_ann_without_data_says_what_to_give(capsys, monkeypatch):
     monkeypatch.delenv("PIXQUERY_FLICKR8K", raising=False)
     assert main(["bench", "ann", "--n", "100"]) == 2

@@ -6,7 +6,8 @@ that measure and train (``lab.py``: eval, bench, train).
 Only this package (and the app) turns :class:`PixqueryError` into messages and exit codes. Heavy
 libraries (torch, faiss, transformers) are imported inside the commands, never at start-up.
 
-Exit codes: 0 success; 1 runtime error; 2 bad usage or input (missing folder, empty query,
+Exit codes: 0 success; 1 runtime error (a file error the commands did not foresee included: its message,
+never a traceback); 2 bad usage or input (missing folder, empty query,
 unreadable query image); 3 no index here, or the index was built with another encoder;
 4 a model could not be loaded; 5 another process is writing the index (``--wait`` waits for it);
 130 interrupted (Ctrl-C: an indexing run stops after the batch in flight and keeps what it did).
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pixquery: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a file or folder the library did not expect to fail (full disk, permissions...)
+        logging.getLogger("pixquery").info("file error", exc_info=True)  # the traceback, with --verbose
+        print(f"pixquery: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

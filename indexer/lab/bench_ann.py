@@ -28,6 +28,7 @@ from indexer.storage import ann_build
 from indexer.storage.ann import AnnIndex, AnnPolicy, choose_plan, exact_top, recall_at
 from indexer.storage.segments import SegmentLog
 from indexer.storage.vectors import VectorIndex
+from retrieval.errors import InputError
 
 SEGMENT_ROWS = 250_000  # rows per segment file written by the bench (an index's merged segments are this big)
 TUNE_QUERIES = 200
@@ -64,6 +65,17 @@ def write_rows(folder: Path, bases: Bases, n: int, seed: int = 0) -> SegmentLog:
     return records
 
 
+def _scratch_dir(workdir: Path | None) -> Path:
+    """A new folder for the benchmark's vectors, in ``workdir`` (made if missing; None: the system's temp)."""
+    try:
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="pixquery-bench-ann-", dir=workdir))
+    except OSError as exc:
+        raise InputError(f"cannot write the benchmark's vectors in {workdir or tempfile.gettempdir()}: "
+                         f"{exc.strerror or exc}") from exc
+
+
 def bench_ann(n: int, bases: Bases, dim: int | None = None, policy: AnnPolicy | None = None,
               queries: int = 500, workdir: Path | None = None, seed: int = 0) -> dict:
     """Build and time the search structure for ``n`` vectors made from ``bases`` (see module doc)."""
@@ -73,7 +85,7 @@ def bench_ann(n: int, bases: Bases, dim: int | None = None, policy: AnnPolicy | 
     all_queries, _ = bases.query_vectors(TUNE_QUERIES + queries, seed=seed + 1)
     tune_q, eval_q = all_queries[:TUNE_QUERIES], all_queries[TUNE_QUERIES:]
     plan = choose_plan(n, dim, policy)
-    tmp = Path(tempfile.mkdtemp(prefix="pixquery-bench-ann-", dir=workdir))
+    tmp = _scratch_dir(workdir)
     try:
         t0 = time.perf_counter()
         records = write_rows(tmp, bases, n, seed)
