@@ -359,6 +359,7 @@ def test_an_offer_runs_once_on_a_free_side_thread_or_else_on_the_caller(monkeypa
         release.set()
     for job in busy:
         job.result(timeout=20)
+    side.beside(lambda: None).result(timeout=20)  # queued after the jobs taken back: they have been passed over
     assert ran == [where()]  # the job taken back was not run again by a side thread once it came free
 
     monkeypatch.setattr(side, "parallel", lambda: False)  # one core: it runs at once, here
