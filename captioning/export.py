@@ -22,15 +22,7 @@ from torch import nn
 
 from captioning.model import Block, CaptionDecoder, sequence_log_likelihood
 from retrieval.errors import ModelLoadError
-from retrieval.native.onnx import export_module, graphs
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor, scale: float = 1.0) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(weight * scale)
-        layer.bias.copy_(bias * scale)
-    return layer
+from retrieval.native.onnx import export_module, graphs, linear_of
 
 
 class _ScoringBlock(nn.Module):
@@ -46,11 +38,11 @@ class _ScoringBlock(nn.Module):
         self.heads = own.n_heads
         scale = 1.0 / math.sqrt(d // self.heads)
         w, b = own.qkv.weight.detach(), own.qkv.bias.detach()
-        self.q, self.k, self.v = (_linear(w[i * d:(i + 1) * d], b[i * d:(i + 1) * d], scale if i == 0 else 1.0)
+        self.q, self.k, self.v = (linear_of(w[i * d:(i + 1) * d], b[i * d:(i + 1) * d], scale if i == 0 else 1.0)
                                   for i in range(3))
         w, b = cross.kv.weight.detach(), cross.kv.bias.detach()
-        self.cross_q = _linear(cross.q.weight.detach(), cross.q.bias.detach(), scale)
-        self.cross_k, self.cross_v = _linear(w[:d], b[:d]), _linear(w[d:], b[d:])
+        self.cross_q = linear_of(cross.q.weight.detach(), cross.q.bias.detach(), scale)
+        self.cross_k, self.cross_v = linear_of(w[:d], b[:d]), linear_of(w[d:], b[d:])
         self.proj, self.cross_proj = copy.deepcopy(own.proj), copy.deepcopy(cross.proj)
         self.ln_self, self.ln_cross, self.ln_mlp, self.mlp = (copy.deepcopy(m) for m in (
             block.ln_self, block.ln_cross, block.ln_mlp, block.mlp))

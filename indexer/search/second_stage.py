@@ -110,7 +110,7 @@ class SecondStage:
         have = np.array([i in row_of for i in ids.tolist()], dtype=bool)
         rows = np.array([row_of[i] for i in ids[have].tolist()], dtype=np.int64)
         # the candidates the early start missed go to a side thread too (behind the early shares where every
-        # side thread is busy): this thread keeps the match head and ``meanwhile``
+        # side thread is busy): this thread keeps the match head
         late = beside(self.scorer.log_likelihood, mem_rest, text) if len(mem_rest) else None
         # ``meanwhile`` is offered to the side threads behind the scorer: one that is done with it runs it while
         # this thread runs the match head; if none is free by then, this thread takes it back and runs it

@@ -23,7 +23,8 @@ import torch
 from retrieval.errors import ModelLoadError
 from retrieval.native.ort import available, default_cache, file_sha256, session
 
-__all__ = ["FORMAT", "OnnxTower", "available", "default_cache", "export_tower", "graphs", "quantize_int8", "session"]
+__all__ = ["FORMAT", "OnnxTower", "available", "default_cache", "export_tower", "graphs", "linear_of", "quantize_int8",
+           "session"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, inputs: dict
     except Exception as exc:  # noqa: BLE001 - any export failure means: run in PyTorch
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(f"could not export {what} to ONNX: {exc}") from exc
+
+
+def linear_of(weight: torch.Tensor, bias: torch.Tensor, scale: float = 1.0) -> torch.nn.Linear:
+    """A ``Linear`` computing ``scale * (x @ weight.T + bias)``: one slice of a packed projection as a layer of its
+    own, for an export (a packed one exports as slices of one weight, which the 8-bit graph leaves in float32)."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(weight * scale)
+        layer.bias.copy_(bias * scale)
+    return layer
 
 
 def quantize_int8(src: Path, dst: Path, what: str) -> None:

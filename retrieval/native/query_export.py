@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.native.onnx import export_module, graphs
+from retrieval.native.onnx import export_module, graphs, linear_of
 from retrieval.native.towers import TEXT_MAX_LENGTH, minilm_path
 
 
@@ -55,12 +55,8 @@ class _SplitAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
         d, self.heads = mha.embed_dim, mha.num_heads
-        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), copy.deepcopy(mha.out_proj)
-        with torch.no_grad():
-            self.q.weight.copy_(mha.in_proj_weight[:d])
-            self.q.bias.copy_(mha.in_proj_bias[:d])
-            self.kv.weight.copy_(mha.in_proj_weight[d:])
-            self.kv.bias.copy_(mha.in_proj_bias[d:])
+        w, b = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+        self.q, self.kv, self.out = linear_of(w[:d], b[:d]), linear_of(w[d:], b[d:]), copy.deepcopy(mha.out_proj)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, _value: torch.Tensor, need_weights: bool = False
                 ) -> tuple[torch.Tensor, None]:
